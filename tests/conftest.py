@@ -1,18 +1,10 @@
-"""Shared test fixtures.
-
-Multi-rank tests run a worker script under `torch.distributed.run` (gloo on CPU) in a subprocess with
-a hard timeout: a hung collective must fail the test, not the CI run.
-"""
-
-import os
-import subprocess
-import sys
-from pathlib import Path
+"""Shared fixtures; helpers live in tests/mopd_testing.py (a unique module name, so test directories
+with their own conftest.py can import them)."""
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from mopd_testing import REPO_ROOT, run_ranks  # noqa: F401  (re-exported for `from conftest import`)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,29 +14,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-def run_ranks(script: Path, nproc: int, *args: str, timeout: float = 300.0, env: dict | None = None) -> str:
-    """Run `script` on `nproc` gloo ranks with torchrun; return its stdout, raise with the logs on failure."""
-    run_env = dict(os.environ)
-    run_env.setdefault("OMP_NUM_THREADS", "1")
-    run_env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), run_env.get("PYTHONPATH", "")])
-    if env:
-        run_env.update(env)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        str(script), *args,
-    ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"{script.name} x{nproc} timed out after {timeout}s\n{exc.stdout}\n{exc.stderr}")
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{script.name} x{nproc} failed (exit {proc.returncode})\nSTDOUT:\n{proc.stdout[-6000:]}"
-            f"\nSTDERR:\n{proc.stderr[-6000:]}"
-        )
-    return proc.stdout
 
 
 @pytest.fixture

@@ -97,6 +97,8 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, precision: Pre
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=False,
+        # Our losses are normalised by global token counts already (models/forward.py).
+        calculate_per_token_loss=True,
     )
     if spec.is_moe:
         kwargs.update(

@@ -205,7 +205,8 @@ class ModelSpec:
         )
         if arch == "qwen3_moe":
             fields.update(
-                num_experts=hf_config["num_experts"],
+                # transformers 5 writes `num_local_experts`; older configs `num_experts`.
+                num_experts=hf_config.get("num_experts") or hf_config["num_local_experts"],
                 moe_ffn_hidden_size=hf_config["moe_intermediate_size"],
                 moe_router_topk=hf_config["num_experts_per_tok"],
                 moe_norm_topk_prob=bool(hf_config.get("norm_topk_prob", True)),

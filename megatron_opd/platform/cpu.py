@@ -161,7 +161,14 @@ def activate() -> bool:
 
     fused_softmax.get_default_causal_mask = get_default_causal_mask  # imported by name there
 
-    # 4. Entry points with `device="cuda"` literals / `.cuda()` / `.type()` checks: run them inside
+    # 4. MoE router: moe_utils only binds `te_general_gemm` when Transformer Engine imports, then
+    #    tests it for None -> NameError without TE. None selects the plain matmul path.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    # 5. Entry points with `device="cuda"` literals / `.cuda()` / `.type()` checks: run them inside
     #    the rewriting mode. These are called once per step, not per layer.
     from megatron.core.optimizer import clip_grads, optimizer as mc_optimizer, grad_scaler
     from megatron.core.pipeline_parallel import schedules
@@ -178,6 +185,10 @@ def activate() -> bool:
         for name in names:
             if name in vars(owner):
                 _patch_attr(owner, name)
+    # Tied embeddings under PP: the last stage's output-layer copy is synced with `.cuda()` tensors.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    _patch_attr(LanguageModule, "setup_embeddings_and_output_layer")
     for name in ("clip_grad_by_total_norm_fp32", "get_grad_norm_fp32", "count_zeros_fp32"):
         _patch_attr(clip_grads, name)
     # The optimizer module imported these by name.

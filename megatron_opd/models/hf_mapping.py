@@ -1,0 +1,509 @@
+"""Hugging Face <-> Megatron-Core weight mapping for Qwen3 (dense) and Qwen3-MoE, with TP/PP/EP slicing.
+
+One mapping serves three users: loading HF checkpoints into sharded Megatron models, the conversion
+tools, and the live vLLM refit (which streams HF-named tensors into the engine).
+
+Layout facts this module encodes (megatron-core 0.16, local and TE layer specs):
+- `linear_qkv` rows are grouped per KV group g: [q heads of g | k_g | v_g]; TP splits whole groups.
+- `linear_fc1` on each TP rank is [gate shard | up shard] (gated MLP), so gate/up are sliced first and
+  concatenated per rank.
+- Column-parallel weights (qkv, fc1, embedding, output layer) split dim 0; row-parallel (proj, fc2)
+  split dim 1; norms and the MoE router are replicated.
+- The vocabulary is padded to `spec.padded_vocab_size(tp)`; padded rows are zero on load and dropped
+  on export.
+- MoE experts: local expert j on EP rank e is global expert e * (E / ep) + j; expert weights are
+  TP-split over the expert-tensor-parallel group.
+
+We own this mapping instead of building on mbridge: mbridge 0.15 needs five workarounds here (TE spec
+assumptions, transformers-5 config names, norm renames, CUDA calls) and does not stream bounded
+buckets for refit; the mapping itself is this one table.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.models.spec import ModelSpec
+
+
+# -------------------------------------------------------------------------------------------------
+# HF checkpoint access (lazy, safetensors)
+# -------------------------------------------------------------------------------------------------
+class HFCheckpoint:
+    """Read-only view of a HF safetensors checkpoint directory (single file or sharded index)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"HF checkpoint directory {self.path} does not exist")
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors files in {self.path}")
+            weight_map = {}
+            for f in files:
+                with safe_open(str(f), "pt") as h:
+                    weight_map.update({k: f.name for k in h.keys()})
+        self._weight_map = weight_map
+        self._handles = {}
+        self._safe_open = safe_open
+
+    def keys(self) -> list[str]:
+        return list(self._weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._weight_map
+
+    def _handle(self, name: str):
+        fname = self._weight_map[name]
+        if fname not in self._handles:
+            self._handles[fname] = self._safe_open(str(self.path / fname), "pt")
+        return self._handles[fname]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._weight_map:
+            raise KeyError(f"tensor {name!r} missing from HF checkpoint {self.path}")
+        return self._handle(name).get_tensor(name)
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_hf_config(self.path)
+
+
+# -------------------------------------------------------------------------------------------------
+# The mapping table
+# -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamRule:
+    """How one Megatron parameter corresponds to one or more HF tensors."""
+
+    megatron: str
+    """Megatron name template; `{layer}` is the *global* layer index, `{expert}` the global expert."""
+
+    hf: tuple[str, ...]
+    """HF name templates, in the order `kind` fuses them."""
+
+    kind: str
+    """"replicated", "column" (TP dim 0), "row" (TP dim 1), "vocab" (dim 0, padded), "qkv", "gate_up"."""
+
+    per_layer: bool = True
+    per_expert: bool = False
+
+
+_ATTN = [
+    ParamRule("decoder.layers.{layer}.input_layernorm.weight",
+              ("model.layers.{layer}.input_layernorm.weight",), "replicated"),
+    ParamRule("decoder.layers.{layer}.self_attention.linear_qkv.weight",
+              ("model.layers.{layer}.self_attn.q_proj.weight",
+               "model.layers.{layer}.self_attn.k_proj.weight",
+               "model.layers.{layer}.self_attn.v_proj.weight"), "qkv"),
+    ParamRule("decoder.layers.{layer}.self_attention.q_layernorm.weight",
+              ("model.layers.{layer}.self_attn.q_norm.weight",), "replicated"),
+    ParamRule("decoder.layers.{layer}.self_attention.k_layernorm.weight",
+              ("model.layers.{layer}.self_attn.k_norm.weight",), "replicated"),
+    ParamRule("decoder.layers.{layer}.self_attention.linear_proj.weight",
+              ("model.layers.{layer}.self_attn.o_proj.weight",), "row"),
+    ParamRule("decoder.layers.{layer}.pre_mlp_layernorm.weight",
+              ("model.layers.{layer}.post_attention_layernorm.weight",), "replicated"),
+]
+_DENSE_MLP = [
+    ParamRule("decoder.layers.{layer}.mlp.linear_fc1.weight",
+              ("model.layers.{layer}.mlp.gate_proj.weight",
+               "model.layers.{layer}.mlp.up_proj.weight"), "gate_up"),
+    ParamRule("decoder.layers.{layer}.mlp.linear_fc2.weight",
+              ("model.layers.{layer}.mlp.down_proj.weight",), "row"),
+]
+_MOE_MLP = [
+    ParamRule("decoder.layers.{layer}.mlp.router.weight",
+              ("model.layers.{layer}.mlp.gate.weight",), "replicated"),
+    ParamRule("decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc1.weight",
+              ("model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
+               "model.layers.{layer}.mlp.experts.{expert}.up_proj.weight"), "gate_up", per_expert=True),
+    ParamRule("decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc2.weight",
+              ("model.layers.{layer}.mlp.experts.{expert}.down_proj.weight",), "row", per_expert=True),
+]
+_EMBEDDING = ParamRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab",
+                       per_layer=False)
+_FINAL_NORM = ParamRule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated",
+                        per_layer=False)
+_OUTPUT = ParamRule("output_layer.weight", ("lm_head.weight",), "vocab", per_layer=False)
+
+# Transformer Engine's layer spec fuses the pre-attention / pre-MLP norms into the next linear.
+_TE_RENAMES = {
+    ".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
+    ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def layer_rules(spec: ModelSpec) -> list[ParamRule]:
+    return _ATTN + (_MOE_MLP if spec.is_moe else _DENSE_MLP)
+
+
+def hf_tensor_names(spec: ModelSpec) -> list[str]:
+    """Every tensor name a HF checkpoint of `spec` holds (checkpoint format, per-expert names)."""
+    names = list(_EMBEDDING.hf)
+    for layer in range(spec.num_layers):
+        for rule in layer_rules(spec):
+            experts = range(spec.num_experts) if rule.per_expert else [None]
+            for e in experts:
+                names += [h.format(layer=layer, expert=e) for h in rule.hf]
+    names += list(_FINAL_NORM.hf)
+    if not spec.tie_word_embeddings:
+        names += list(_OUTPUT.hf)
+    return names
+
+
+def hf_tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every HF tensor of `spec` (used to validate checkpoints and refits)."""
+    h, d = spec.hidden_size, spec.head_dim
+    shapes = {}
+    for name in hf_tensor_names(spec):
+        suffix = name.split(".")[-2]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            shape = (spec.vocab_size, h)
+        elif suffix in ("input_layernorm", "post_attention_layernorm", "norm"):
+            shape = (h,)
+        elif suffix in ("q_norm", "k_norm"):
+            shape = (d,)
+        elif suffix == "q_proj":
+            shape = (spec.num_attention_heads * d, h)
+        elif suffix in ("k_proj", "v_proj"):
+            shape = (spec.num_query_groups * d, h)
+        elif suffix == "o_proj":
+            shape = (h, spec.num_attention_heads * d)
+        elif suffix == "gate" and spec.is_moe:
+            shape = (spec.num_experts, h)
+        else:
+            ffn = spec.moe_ffn_hidden_size if ".experts." in name else spec.ffn_hidden_size
+            shape = (h, ffn) if suffix == "down_proj" else (ffn, h)
+        shapes[name] = shape
+    return shapes
+
+
+# -------------------------------------------------------------------------------------------------
+# Pure tensor transforms (no communication): full HF tensors <-> one rank's Megatron shard
+# -------------------------------------------------------------------------------------------------
+def _qkv_fuse(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[nq*d, H], [ng*d, H], [ng*d, H] -> Megatron's per-group interleaved [(nq + 2 ng) * d, H]."""
+    ng, d = spec.num_query_groups, spec.head_dim
+    per_group = spec.num_attention_heads // ng
+    h = q.shape[-1]
+    q = q.reshape(ng, per_group * d, h)
+    k = k.reshape(ng, d, h)
+    v = v.reshape(ng, d, h)
+    return torch.cat([q, k, v], dim=1).reshape(-1, h)
+
+
+def _qkv_split(spec: ModelSpec, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ng, d = spec.num_query_groups, spec.head_dim
+    per_group = spec.num_attention_heads // ng
+    h = qkv.shape[-1]
+    grouped = qkv.reshape(ng, (per_group + 2) * d, h)
+    q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
+    return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
+
+
+def hf_to_megatron_shard(
+    spec: ModelSpec, rule: ParamRule, hf: list[torch.Tensor], tp_rank: int, tp_size: int
+) -> torch.Tensor:
+    """Build one Megatron parameter's TP shard from its full HF tensors."""
+    if rule.kind == "replicated":
+        return hf[0]
+    if rule.kind == "vocab":
+        full = hf[0]
+        padded = spec.padded_vocab_size(tp_size)
+        if padded > full.shape[0]:
+            full = torch.cat([full, full.new_zeros(padded - full.shape[0], full.shape[1])])
+        return full.chunk(tp_size, dim=0)[tp_rank]
+    if rule.kind == "column":
+        return hf[0].chunk(tp_size, dim=0)[tp_rank]
+    if rule.kind == "row":
+        return hf[0].chunk(tp_size, dim=1)[tp_rank]
+    if rule.kind == "qkv":
+        return _qkv_fuse(spec, *hf).chunk(tp_size, dim=0)[tp_rank]
+    if rule.kind == "gate_up":
+        gate, up = hf
+        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
+    raise AssertionError(rule.kind)
+
+
+def megatron_shards_to_hf(
+    spec: ModelSpec, rule: ParamRule, shards: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Inverse of `hf_to_megatron_shard`: all TP shards of one parameter -> its full HF tensors."""
+    if rule.kind == "replicated":
+        return [shards[0]]
+    if rule.kind == "vocab":
+        return [torch.cat(shards, dim=0)[: spec.vocab_size]]
+    if rule.kind == "column":
+        return [torch.cat(shards, dim=0)]
+    if rule.kind == "row":
+        return [torch.cat(shards, dim=1)]
+    if rule.kind == "qkv":
+        return list(_qkv_split(spec, torch.cat(shards, dim=0)))
+    if rule.kind == "gate_up":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])]
+    raise AssertionError(rule.kind)
+
+
+# -------------------------------------------------------------------------------------------------
+# Rank-local view of a built Megatron model
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class LocalParam:
+    """A Megatron parameter held by this rank, with its place in the global model."""
+
+    rule: ParamRule
+    local_name: str
+    layer: Optional[int]  # global layer index
+    expert: Optional[int]  # global expert index
+    param: torch.Tensor
+
+    def hf_names(self) -> list[str]:
+        return [h.format(layer=self.layer, expert=self.expert) for h in self.rule.hf]
+
+
+def _layout():
+    """(tp_rank, tp_size, pp_rank, pp_size, ep_rank, ep_size, etp_rank, etp_size) of this rank."""
+    from megatron.core import parallel_state as ps
+
+    return (
+        ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
+        ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
+    )
+
+
+def local_params(model: torch.nn.Module, spec: ModelSpec) -> list[LocalParam]:
+    """Match every parameter of this rank's model chunk to its rule and global indices.
+
+    Raises:
+        ValueError: a parameter no rule maps (an architecture this mapping does not know).
+    """
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    _, _, _, _, ep_rank, ep_size, _, _ = _layout()
+    offset = get_transformer_layer_offset(model.config)
+    experts_per_rank = spec.num_experts // ep_size if spec.is_moe else 0
+    patterns = []
+    for rule in layer_rules(spec) + [_EMBEDDING, _FINAL_NORM, _OUTPUT]:
+        regex = re.escape(rule.megatron).replace(r"\{layer\}", r"(?P<layer>\d+)")
+        regex = regex.replace(r"\{expert\}", r"(?P<expert>\d+)")
+        patterns.append((re.compile(regex + "$"), rule))
+    te_back = {v: k for k, v in _TE_RENAMES.items()}
+    out = []
+    for name, param in model.named_parameters():
+        canonical = name
+        for te, local in te_back.items():
+            canonical = canonical.replace(te, local)
+        for regex, rule in patterns:
+            m = regex.match(canonical)
+            if m:
+                layer = int(m.group("layer")) + offset if "layer" in m.groupdict() else None
+                expert = None
+                if "expert" in m.groupdict():
+                    expert = ep_rank * experts_per_rank + int(m.group("expert"))
+                out.append(LocalParam(rule, name, layer, expert, param))
+                break
+        else:
+            raise ValueError(
+                f"parameter {name!r} has no HF mapping for architecture {spec.architecture!r}; "
+                "megatron_opd.models.hf_mapping knows Qwen3 and Qwen3-MoE only"
+            )
+    return out
+
+
+def _rule_tp(rule: ParamRule, tp_rank, tp_size, etp_rank, etp_size) -> tuple[int, int]:
+    return (etp_rank, etp_size) if rule.per_expert else (tp_rank, tp_size)
+
+
+# -------------------------------------------------------------------------------------------------
+# Load: HF checkpoint -> sharded Megatron model (no communication: each rank reads its slice)
+# -------------------------------------------------------------------------------------------------
+def check_checkpoint_matches(spec: ModelSpec, ckpt: HFCheckpoint, what: str = "checkpoint") -> None:
+    """Refuse a checkpoint whose config or tensors disagree with `spec`, before loading anything."""
+    ck_spec = ckpt.spec()
+    for field in ("architecture", "vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                  "num_query_groups", "head_dim", "ffn_hidden_size", "tie_word_embeddings",
+                  "num_experts", "moe_ffn_hidden_size", "moe_router_topk"):
+        a, b = getattr(spec, field), getattr(ck_spec, field)
+        if a != b and not (field == "ffn_hidden_size" and spec.is_moe):
+            raise ValueError(
+                f"{what} {ckpt.path}: config {field}={b} but the model spec {spec.name!r} has "
+                f"{field}={a}; use the matching model spec (configs/models/) or checkpoint"
+            )
+    expected = hf_tensor_shapes(spec)
+    present = set(ckpt.keys())
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise ValueError(f"{what} {ckpt.path}: missing tensors {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    extra = sorted(present - set(expected) - {"lm_head.weight"})
+    if extra:
+        raise ValueError(f"{what} {ckpt.path}: unexpected tensors {extra[:5]} for {spec.name!r}")
+    for name, shape in expected.items():
+        got = ckpt.shape(name)
+        if got != shape:
+            raise ValueError(
+                f"{what} {ckpt.path}: tensor {name} has shape {got}, model spec {spec.name!r} "
+                f"expects {shape}"
+            )
+
+
+@torch.no_grad()
+def load_hf_into_megatron(model: torch.nn.Module, spec: ModelSpec, ckpt: HFCheckpoint | str | Path) -> None:
+    """Copy a HF checkpoint into this rank's shard of a Megatron model (validates first)."""
+    if not isinstance(ckpt, HFCheckpoint):
+        ckpt = HFCheckpoint(ckpt)
+    check_checkpoint_matches(spec, ckpt)
+    tp_rank, tp_size, _, _, _, _, etp_rank, etp_size = _layout()
+    for lp in local_params(model, spec):
+        names = lp.hf_names()
+        if lp.rule is _OUTPUT and spec.tie_word_embeddings:
+            names = list(_EMBEDDING.hf)  # tied: the last PP stage keeps a copy of the embedding
+        hf = [ckpt.get(n) for n in names]
+        r, s = _rule_tp(lp.rule, tp_rank, tp_size, etp_rank, etp_size)
+        shard = hf_to_megatron_shard(spec, lp.rule, hf, r, s)
+        if tuple(shard.shape) != tuple(lp.param.shape):
+            raise ValueError(
+                f"{lp.local_name}: checkpoint shard {tuple(shard.shape)} != model "
+                f"{tuple(lp.param.shape)} (is the parallel layout consistent with the spec?)"
+            )
+        lp.param.copy_(shard.to(lp.param.dtype))
+
+
+# -------------------------------------------------------------------------------------------------
+# Export: sharded Megatron model -> HF tensors on global rank 0, in bounded buckets
+# -------------------------------------------------------------------------------------------------
+def _all_gather(t: torch.Tensor, group, size: int) -> list[torch.Tensor]:
+    if size == 1:
+        return [t]
+    out = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def _global_order(spec: ModelSpec, pp_size: int) -> list[tuple[ParamRule, Optional[int], Optional[int], int]]:
+    """Every Megatron parameter of the model as (rule, layer, expert, owning pp stage), in HF order."""
+    layers_per_stage = spec.num_layers // pp_size
+    order = [(_EMBEDDING, None, None, 0)]
+    for layer in range(spec.num_layers):
+        stage = layer // layers_per_stage
+        for rule in layer_rules(spec):
+            if rule.per_expert:
+                order += [(rule, layer, e, stage) for e in range(spec.num_experts)]
+            else:
+                order.append((rule, layer, None, stage))
+    order.append((_FINAL_NORM, None, None, pp_size - 1))
+    if not spec.tie_word_embeddings:
+        order.append((_OUTPUT, None, None, pp_size - 1))
+    return order
+
+
+@torch.no_grad()
+def export_hf_weights(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    bucket_bytes: int = 512 * 2**20,
+    dtype: Optional[torch.dtype] = None,
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Stream the model's weights as HF-named full tensors, in buckets of about `bucket_bytes`.
+
+    Collective: every rank must iterate the generator to the end. Only global rank 0 receives
+    non-empty buckets; the others yield nothing. Buckets end at Megatron-parameter boundaries, so
+    fused groups (q/k/v, gate/up) always travel together.
+    """
+    from megatron.core import parallel_state as ps
+
+    tp_rank, tp_size, pp_rank, pp_size, ep_rank, ep_size, etp_rank, etp_size = _layout()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = {(lp.rule.megatron, lp.layer, lp.expert): lp for lp in local_params(model, spec)}
+    pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()) if pp_size > 1 else [rank]
+    in_rank0_pipeline = 0 in pp_ranks
+    experts_per_rank = spec.num_experts // ep_size if spec.is_moe else 0
+    ep_group = ps.get_expert_model_parallel_group() if ep_size > 1 else None
+
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for rule, layer, expert, stage in _global_order(spec, pp_size):
+        tensors: Optional[list[torch.Tensor]] = None
+        if stage == pp_rank:
+            if rule.per_expert:
+                # The owner EP rank of this expert broadcasts its TP-gathered shards to the EP group.
+                owner, local_idx = divmod(expert, experts_per_rank)
+                lp = mine.get((rule.megatron, layer, ep_rank * experts_per_rank + local_idx))
+                shards = _all_gather(lp.param.detach(), ps.get_expert_tensor_parallel_group(), etp_size)
+                tensors = megatron_shards_to_hf(spec, rule, shards)
+                if ep_size > 1:
+                    src = dist.get_process_group_ranks(ep_group)[owner]
+                    for t in tensors:
+                        dist.broadcast(t, src=src, group=ep_group)
+            else:
+                lp = mine[(rule.megatron, layer, None)]
+                shards = _all_gather(lp.param.detach(), ps.get_tensor_model_parallel_group(), tp_size)
+                tensors = megatron_shards_to_hf(spec, rule, shards)
+        if pp_size > 1 and in_rank0_pipeline:
+            src = pp_ranks[stage]
+            shapes = [hf_tensor_shapes(spec)[n] for n in _names(rule, layer, expert)]
+            if rank == 0 and src != 0:
+                tensors = [torch.empty(s, dtype=next(iter(mine.values())).param.dtype) for s in shapes]
+                for t in tensors:
+                    dist.recv(t, src=src)
+            elif rank == src and rank != 0:
+                for t in tensors:
+                    dist.send(t.contiguous(), dst=0)
+        if rank == 0:
+            for name, t in zip(_names(rule, layer, expert), tensors):
+                t = t.to(dtype) if dtype is not None else t
+                bucket.append((name, t))
+                size += t.numel() * t.element_size()
+            if size >= bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+    if rank == 0 and bucket:
+        yield bucket
+
+
+def _names(rule: ParamRule, layer, expert) -> list[str]:
+    return [h.format(layer=layer, expert=expert) for h in rule.hf]
+
+
+def save_hf_checkpoint(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    out_dir: str | Path,
+    dtype: Optional[torch.dtype] = None,
+    extra_files: Optional[dict[str, str]] = None,
+) -> None:
+    """Export a sharded Megatron model to a HF safetensors directory (collective; rank 0 writes)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for bucket in export_hf_weights(model, spec, dtype=dtype):
+        tensors.update({n: t.contiguous().clone() for n, t in bucket})
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = spec.to_hf_config()
+    cfg["torch_dtype"] = str(dtype or next(iter(tensors.values())).dtype).replace("torch.", "")
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name, text in (extra_files or {}).items():
+        (out_dir / name).write_text(text)

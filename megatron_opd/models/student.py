@@ -1,0 +1,111 @@
+"""The trainable student: Megatron DDP wrapper, Megatron optimizer and LR scheduler.
+
+Teacher and reference never pass through here, so they hold no grad buffers or optimizer state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class OptimConfig:
+    """Megatron optimizer and learning-rate schedule of the student."""
+
+    lr: float = 1e-5
+    """Peak learning rate (the papers use 1e-5 for 1.7B-4B students)."""
+
+    min_lr: float = 0.0
+    """Floor of the decay schedule."""
+
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps."""
+
+    lr_decay_style: str = "constant"
+    """"constant", "linear" or "cosine" decay to min_lr over the run."""
+
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(
+                f"optim.lr_decay_style={self.lr_decay_style!r}: use constant, linear or cosine"
+            )
+        if self.lr_warmup_steps < 0:
+            raise ValueError("optim.lr_warmup_steps must be >= 0")
+        if self.clip_grad < 0:
+            raise ValueError("optim.clip_grad must be >= 0 (0 disables clipping)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name} must be in [0, 1)")
+
+
+def wrap_ddp(model: torch.nn.Module):
+    """Wrap the student in megatron's DistributedDataParallel (grad buffers in fp32)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_opd.models.forward import prepare_for_training
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
+    wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    wrapped.spec = model.spec
+    prepare_for_training(wrapped)
+    return wrapped
+
+
+def build_optimizer(model, config: OptimConfig, total_steps: int):
+    """Megatron optimizer (AdamW, fp32 master weights when the model is bf16) and its scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    mc = model.config
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=config.lr,
+        min_lr=config.min_lr,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        adam_eps=config.adam_eps,
+        clip_grad=config.clip_grad,
+        bf16=mc.bf16,
+        fp16=mc.fp16,
+        params_dtype=mc.params_dtype,
+        use_distributed_optimizer=False,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=False)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if config.lr_warmup_steps else config.lr,
+        max_lr=config.lr,
+        min_lr=config.min_lr,
+        lr_warmup_steps=config.lr_warmup_steps,
+        lr_decay_steps=max(total_steps, 1),
+        lr_decay_style=config.lr_decay_style,
+        start_wd=config.weight_decay,
+        end_wd=config.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
