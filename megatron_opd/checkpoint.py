@@ -1,0 +1,160 @@
+"""Student checkpoints: Megatron dist_checkpointing (model + optimizer, layout-independent), plus the
+scheduler, RNG states, data position and step.
+
+Atomic: a checkpoint is written to `step_<n>.tmp/` and renamed to `step_<n>/` only once every rank has
+finished and the metadata is on disk; `latest` is replaced atomically afterwards. A crash while saving
+leaves at most a `.tmp` directory, which is ignored and cleaned up; the previous checkpoint is never
+touched until the new one is complete (keep-last-k deletes only after the rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_LATEST = "latest"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DDP wrapper -> GPTModel (its keys carry no "module.")
+
+
+def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+    model_sd = _unwrap(model).sharded_state_dict()
+    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint under `root`, or None."""
+    root = Path(root)
+    pointer = root / _LATEST
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "meta.json").is_file():
+            return path
+    # Fall back to scanning (e.g. a crash between the rename and the pointer update).
+    done = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+         and (p / "meta.json").is_file()),
+        key=lambda p: int(p.name.split("_")[1]),
+    )
+    return done[-1] if done else None
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    extra: Optional[dict[str, Any]] = None,
+    keep_last: int = 2,
+) -> Path:
+    """Collective: save the student at `step` under `root/step_<step>/`, atomically.
+
+    Args:
+        extra: JSON-serialisable run state (data position, counters) stored in meta.json.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / f"step_{step}"
+    tmp = root / f"step_{step}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # leftover of an interrupted save of the same step
+        tmp.mkdir()
+    _barrier()
+    dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(tmp))
+    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        meta = {"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
+                **(extra or {})}
+        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, default=_json_default))
+        if final.exists():  # re-saving a step (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / _LATEST, final.name)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
+    """Collective: restore model, optimizer, scheduler and this rank's RNG; return meta.json."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
+    _unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and meta.get("scheduler"):
+        scheduler.load_state_dict(meta["scheduler"])
+    rng_file = path / f"rng_rank{_rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return meta
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
+        key=lambda p: int(p.name.split("_")[1]),
+    )
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj)}")

@@ -1,0 +1,52 @@
+"""Command line: `megatron-opd train --config <recipe.yaml> key=value ...` and `megatron-opd demo`.
+
+Run it directly for one process, or under torchrun for TP/PP/EP:
+    torchrun --nproc_per_node 2 -m megatron_opd.cli train --config configs/recipes/tiny_opd.yaml \
+        parallel.tensor_model_parallel_size=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args) -> int:
+    from megatron_opd.config import load_config
+    from megatron_opd.trainer import OPDTrainer
+
+    cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before compute
+    trainer = OPDTrainer(cfg)
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    return 0
+
+
+def _demo(args) -> int:
+    from megatron_opd.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.from_overrides(args.overrides, out_dir=args.out_dir)
+    run_demo(cfg)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-opd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="run an on-policy distillation recipe")
+    p_train.add_argument("--config", required=True, help="recipe YAML (configs/recipes/)")
+    p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+    p_train.set_defaults(func=_train)
+    p_demo = sub.add_parser("demo", help="the embedded demo: build a teacher, distil a student on CPU")
+    p_demo.add_argument("--out-dir", default="runs/demo", help="run directory (teacher cache inside)")
+    p_demo.add_argument("overrides", nargs="*", help="key=value overrides of DemoConfig fields")
+    p_demo.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

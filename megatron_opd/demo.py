@@ -1,0 +1,214 @@
+"""The embedded demo (README's first command): a complete distillation on a 2-core CPU in minutes.
+
+No weights can be downloaded on these machines, so the demo builds its own models:
+  1. a tokenizer trained locally, and a synthetic verifiable task (multi-digit addition, \\boxed{} answer);
+  2. a teacher: a small Qwen3 trained by SFT until it is accurate (cached after the first run);
+  3. a weaker student: a smaller Qwen3 with a short SFT (cached too);
+  4. OPD (lambda = 1) and ExOPD (lambda = 1.25, reference = the student's initial weights), each a real
+     `megatron-opd train` run (Megatron-Core student/teacher/reference, vLLM rollouts with refit);
+  5. held-out avg@k of teacher, student before, and student after each run; printed as `name: value`
+     lines, written to <out_dir>/demo_results.json and plotted to <out_dir>/demo.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from megatron_opd.models.spec import ModelSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = REPO_ROOT / "configs" / "recipes" / "demo.yaml"
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and budgets of the demo (override with `make demo ARGS="key=value"` or the CLI)."""
+
+    out_dir: str = "runs/demo"
+    """Run directory; models are cached in <out_dir>/cache and reused by later runs."""
+
+    digits: int = 2
+    """Operand digits of the addition task."""
+
+    teacher_hidden: int = 128
+    """Teacher width (4 layers): ~0.8M parameters."""
+
+    student_hidden: int = 64
+    """Student width (4 layers): ~0.2M parameters, the 'weak' model of strong-to-weak OPD."""
+
+    teacher_sft_steps: int = 1500
+    """SFT steps that make the teacher accurate."""
+
+    student_sft_steps: int = 250
+    """SFT steps of the student: enough to follow the format, not to be accurate."""
+
+    sft_batch_size: int = 64
+    """SFT sequences per step."""
+
+    opd_steps: int = 40
+    """Optimizer steps of each distillation run."""
+
+    opd_overrides: tuple = ()
+    """Extra `key=value` overrides passed to both distillation runs."""
+
+    def __post_init__(self):
+        if self.digits < 1 or self.digits > 6:
+            raise ValueError("demo.digits must be in [1, 6]")
+        for name in ("teacher_sft_steps", "student_sft_steps", "opd_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"demo.{name} must be >= 1")
+
+    @classmethod
+    def from_overrides(cls, overrides: list[str], out_dir: Optional[str] = None) -> "DemoConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {"out_dir": out_dir} if out_dir else {}
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep or key not in known:
+                raise ValueError(f"demo override {item!r}: use key=value with key in {sorted(known)}")
+            typ = type(getattr(cls, key, "")) if not isinstance(getattr(cls, key, None), tuple) else tuple
+            kwargs[key] = tuple(value.split(",")) if typ is tuple else typ(value)
+        return cls(**kwargs)
+
+
+def demo_spec(name: str, hidden: int, vocab_size: int) -> ModelSpec:
+    """A small Qwen3: 4 layers, 4 query heads in 2 KV groups (divisible by TP = 2)."""
+    return ModelSpec(
+        name=name, architecture="qwen3", vocab_size=vocab_size, hidden_size=hidden, num_layers=4,
+        num_attention_heads=4, num_query_groups=2, head_dim=hidden // 4, ffn_hidden_size=3 * hidden,
+        rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+
+
+def build_sft_model(spec: ModelSpec, tokenizer_dir: Path, out: Path, steps: int, batch_size: int,
+                    digits: int, seed: int) -> Path:
+    """SFT a randomly initialised model on worked solutions; save it as a HF checkpoint (cached)."""
+    if (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoTokenizer
+
+    from megatron_opd import parallel
+    from megatron_opd.data.synthetic import ArithmeticTask
+    from megatron_opd.models.builder import build_gpt_model
+    from megatron_opd.models.hf_mapping import load_hf_into_megatron, save_hf_checkpoint
+    from megatron_opd.models.hf_tiny import save_tiny_checkpoint
+    from megatron_opd.models.student import OptimConfig, build_optimizer, wrap_ddp
+    from megatron_opd.sft import SFTConfig, run_sft, tokenize_pairs
+
+    tmp = out.with_name(out.name + ".init")
+    save_tiny_checkpoint(spec, tmp, seed=seed, tokenizer_dir=tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    task = ArithmeticTask(digits=digits)
+    pairs = [(s["prompt"], task.solution(s)) for s in task.samples(20_000, seed=seed)]
+    examples = tokenize_pairs(tokenizer, pairs, max_len=spec.max_position_embeddings)
+
+    pcfg = parallel.ParallelConfig()
+    parallel.initialize(pcfg, seed=seed)
+    model = build_gpt_model(spec, pcfg, role="student")
+    load_hf_into_megatron(model, spec, tmp)
+    model = wrap_ddp(model)
+    optim = OptimConfig(lr=3e-3, min_lr=3e-4, lr_warmup_steps=20, lr_decay_style="cosine", clip_grad=1.0)
+    optimizer, scheduler = build_optimizer(model, optim, steps)
+    sft = SFTConfig(steps=steps, batch_size=batch_size, micro_batch_size=batch_size, seed=seed)
+    t0 = time.time()
+
+    def log(step, loss):
+        if step % 100 == 0 or step == steps - 1:
+            print(f"[demo] sft {spec.name} step {step}/{steps} loss {loss:.4f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+
+    run_sft(model, optimizer, scheduler, examples, sft, pad_id=tokenizer.pad_token_id,
+            vocab_size=spec.vocab_size, on_step=log)
+    save_hf_checkpoint(model.module, spec, out)
+    tokenizer.save_pretrained(str(out))
+    parallel.destroy()
+    return out
+
+
+def _run(cmd: list[str], log_path: Path) -> None:
+    """Run one demo stage as its own process (each stage owns its process groups and vLLM engine)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    print(f"[demo] $ {' '.join(cmd)}", flush=True)
+    with log_path.open("w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-4000:]
+        raise RuntimeError(f"demo stage failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from megatron_opd.data.tokenizer import train_tokenizer
+
+    out = Path(cfg.out_dir).resolve()
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    tok_dir = cache / "tokenizer"
+    tokenizer = train_tokenizer(tok_dir)
+    vocab = ((len(tokenizer) + 63) // 64) * 64
+    teacher = build_sft_model(demo_spec("demo-teacher", cfg.teacher_hidden, vocab), tok_dir,
+                              cache / "teacher", cfg.teacher_sft_steps, cfg.sft_batch_size, cfg.digits, 1)
+    student = build_sft_model(demo_spec("demo-student", cfg.student_hidden, vocab), tok_dir,
+                              cache / "student_base", cfg.student_sft_steps, cfg.sft_batch_size,
+                              cfg.digits, 2)
+    print(f"[demo] models ready ({time.time() - t0:.0f}s)", flush=True)
+
+    py = sys.executable
+    common = [f"student.checkpoint={student}", f"teachers=[{{checkpoint: {teacher}}}]",
+              f"train.steps={cfg.opd_steps}", f"data.synthetic_digits={cfg.digits}", *cfg.opd_overrides]
+    teacher_eval = out / "teacher_eval.json"
+    _run([py, "-m", "megatron_opd.cli", "eval", "--config", str(DEMO_RECIPE), "--checkpoint", str(teacher),
+          "--output", str(teacher_eval), *common], out / "teacher_eval.log")
+    results = {"teacher_acc": json.loads(teacher_eval.read_text())["eval/accuracy"]}
+    runs = {"opd": ["objective.lam=1.0"], "exopd": ["objective.lam=1.25"]}
+    curves = {}
+    for name, extra in runs.items():
+        run_dir = out / name
+        _run([py, "-m", "megatron_opd.cli", "train", "--config", str(DEMO_RECIPE),
+              f"train.out_dir={run_dir}", "train.resume=false", *common, *extra], out / f"{name}.log")
+        from megatron_opd.metrics import read_metrics
+
+        rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("eval/accuracy") is not None]
+        curves[name] = [(r["step"], r["eval/accuracy"]) for r in rows]
+        results.setdefault("student_acc_before", rows[0]["eval/accuracy"])
+        results[f"student_acc_after_{name}"] = rows[-1]["eval/accuracy"]
+    results["demo_seconds"] = round(time.time() - t0, 1)
+    (out / "demo_results.json").write_text(json.dumps(results, indent=2))
+    plot_demo(curves, results, out / "demo.png")
+    for k in ("teacher_acc", "student_acc_before", "student_acc_after_opd", "student_acc_after_exopd",
+              "demo_seconds"):
+        print(f"{k}: {results[k]}")
+    return results
+
+
+def plot_demo(curves: dict, results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in curves.items():
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", label=f"student, {name.upper()}")
+    ax.axhline(results["teacher_acc"], color="k", ls="--", label="teacher")
+    ax.set_xlabel("OPD step")
+    ax.set_ylabel("held-out accuracy (avg@k)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("megatron_opd demo: addition, CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

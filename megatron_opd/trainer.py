@@ -1,0 +1,471 @@
+"""The on-policy distillation loop, top to bottom.
+
+Each step:
+    1. rollout     the student's current weights in vLLM sample responses to a batch of prompts
+    2. score       teacher(s) [and reference, only when lam != 1] give log p(sampled token), vocab-parallel
+    3. update      the objective (G-OPD/ExOPD/REOPOLD) turns the log-ratios into advantages; Megatron
+                   forward/backward over micro-batches; optimizer step (several mini-batches optional)
+    4. refit       the new student weights stream into the live vLLM engine
+    5. evaluate / checkpoint / log
+
+All ranks run this file. Rank 0 owns the vLLM engine (colocated mode) and broadcasts each rollout
+batch; the student, teacher(s) and reference share one TP/PP/EP layout, so the teacher's per-token
+log-probs land on exactly the ranks (the last pipeline stage) where the student's loss needs them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd import parallel
+from megatron_opd.config import OPDConfig, config_to_dict
+
+
+@dataclass
+class StepBatch:
+    """One rollout batch as trainer tensors (identical on every rank before the DP split)."""
+
+    input_ids: torch.Tensor  # [B, S] prompt + response, right-padded
+    response_mask: torch.Tensor  # [B, S-1] 1 where position t predicts a response token t+1
+    rollout_logprobs: torch.Tensor  # [B, S-1] vLLM's log p of token t+1 (0 outside the mask)
+    teacher_index: torch.Tensor  # [B] which teacher scores each sample (multi-teacher routing)
+    rewards: torch.Tensor  # [B] outcome reward of each response (verifier), for metrics
+    response_lengths: torch.Tensor  # [B]
+
+
+class OPDTrainer:
+    """Setup / train / cleanup around one readable `train_step`."""
+
+    def __init__(self, cfg: OPDConfig):
+        self.cfg = cfg
+        self.step = 0
+        self.skipped_steps = 0
+        self.engine = None
+        self.metrics = None
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from megatron_opd.checkpoint import latest_checkpoint, load_checkpoint
+        from megatron_opd.metrics import MetricsLogger
+        from megatron_opd.models.builder import build_gpt_model
+        from megatron_opd.models.hf_mapping import HFCheckpoint, load_hf_into_megatron
+        from megatron_opd.models.spec import ModelSpec
+        from megatron_opd.models.student import build_optimizer, wrap_ddp
+        from megatron_opd.signals import PreemptionFlag
+
+        cfg = self.cfg
+        # Everything that can be checked without compute is checked before process groups exist.
+        student_ckpt = HFCheckpoint(cfg.student.checkpoint)
+        self.spec = ModelSpec.from_yaml(cfg.student.spec) if cfg.student.spec else student_ckpt.spec()
+        teacher_ckpts = [HFCheckpoint(t.checkpoint) for t in cfg.teachers]
+        teacher_specs = [ModelSpec.from_yaml(t.spec) if t.spec else c.spec()
+                         for t, c in zip(cfg.teachers, teacher_ckpts)]
+        ref_role = cfg.reference if cfg.needs_reference else None
+        ref_ckpt = HFCheckpoint(ref_role.checkpoint if ref_role and ref_role.checkpoint
+                                else cfg.student.checkpoint) if cfg.needs_reference else None
+        ref_spec = (ModelSpec.from_yaml(ref_role.spec) if ref_role and ref_role.spec
+                    else ref_ckpt.spec()) if ref_ckpt else None
+        check_vocabularies(self.spec, teacher_specs, ref_spec, cfg)
+        for s in [self.spec, *teacher_specs, *([ref_spec] if ref_spec else [])]:
+            s.validate_parallel(cfg.parallel.tensor_model_parallel_size,
+                                cfg.parallel.pipeline_model_parallel_size,
+                                cfg.parallel.expert_model_parallel_size)
+
+        parallel.initialize(cfg.parallel, seed=cfg.train.seed)
+        self.rank0 = parallel.is_rank0()
+        self.preempt = PreemptionFlag().install()
+
+        student = build_gpt_model(self.spec, cfg.parallel, cfg.precision, role="student")
+        load_hf_into_megatron(student, self.spec, student_ckpt)
+        self.student = wrap_ddp(student)
+        self.teachers = []
+        for spec, ck in zip(teacher_specs, teacher_ckpts):
+            t = build_gpt_model(spec, cfg.parallel, cfg.precision, role="teacher")
+            load_hf_into_megatron(t, spec, ck)
+            self.teachers.append(t)
+        self.reference = None
+        if ref_ckpt is not None:
+            self.reference = build_gpt_model(ref_spec, cfg.parallel, cfg.precision, role="reference")
+            load_hf_into_megatron(self.reference, ref_spec, ref_ckpt)
+        self.optimizer, self.scheduler = build_optimizer(self.student, cfg.optim, cfg.train.steps)
+
+        self.data = build_data(cfg, student_ckpt.path)
+        out = Path(cfg.train.out_dir)
+        resume_meta = None
+        ckpt = latest_checkpoint(out / "checkpoints") if cfg.train.resume else None
+        if ckpt is not None:
+            resume_meta = load_checkpoint(ckpt, self.student, self.optimizer, self.scheduler)
+            self.step = resume_meta["step"]
+            self.skipped_steps = resume_meta.get("skipped_steps", 0)
+            self.data.train.load_state_dict(resume_meta["data"])
+        self.metrics = MetricsLogger(out, enabled=self.rank0,
+                                     resume_step=self.step if resume_meta else None)
+        if self.rank0:
+            out.mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            self.engine = build_engine(cfg, student_ckpt.path)
+        # The engine starts from the HF checkpoint; after a resume it must serve the restored weights.
+        if resume_meta is not None:
+            self.refit()
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not self.rank0, desc="opd")
+        final_eval = None
+        if self.step == 0 and self.rank0:
+            self.metrics.log(0, self.evaluate())
+        while self.step < cfg.train.steps:
+            metrics = self.train_step()
+            self.step += 1
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
+                if self.rank0:
+                    final_eval = self.evaluate()
+                    metrics.update(final_eval)
+            if self.rank0:
+                self.metrics.log(self.step, metrics)
+                bar.update(1)
+                bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("loss", "reward/mean", "eval/accuracy")
+                                 if k in metrics and metrics[k] is not None})
+            save_now = cfg.train.save_every and self.step % cfg.train.save_every == 0
+            if self._preemption_requested():
+                self.save()
+                break
+            if save_now or self.step == cfg.train.steps:
+                self.save()
+        bar.close()
+        return final_eval or {}
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        timings = {}
+        t0 = time.perf_counter()
+
+        # 1. rollout (rank 0) -> every rank
+        batch, rollout_metrics = self.rollout()
+        timings["time/rollout"] = time.perf_counter() - t0
+
+        # 2. split for data parallelism and micro-batches; score with the frozen models
+        t = time.perf_counter()
+        micro = self.micro_batches(batch)
+        self.score(micro)
+        timings["time/score"] = time.perf_counter() - t
+
+        # 3. update: one optimizer step per mini-batch
+        t = time.perf_counter()
+        update_metrics = self.update(micro)
+        timings["time/update"] = time.perf_counter() - t
+
+        # 4. refit the engine with the new weights
+        t = time.perf_counter()
+        refit_stats = self.refit()
+        timings["time/refit"] = time.perf_counter() - t
+
+        timings["time/step"] = time.perf_counter() - t0
+        tokens = int(batch.response_mask.sum().item())
+        return {
+            **rollout_metrics, **update_metrics, **timings, **refit_stats,
+            "throughput/tokens_per_s": tokens / max(timings["time/step"], 1e-9),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "skipped_steps": self.skipped_steps,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # 1. rollout
+    # ------------------------------------------------------------------------------------------
+    def rollout(self) -> tuple[StepBatch, dict]:
+        from megatron_opd.rollout.monitor import logprob_gap  # noqa: F401  (used in update metrics)
+
+        cfg = self.cfg
+        samples = self.data.train.next_batch(cfg.train.prompts_per_step)  # same on every rank
+        payload = None
+        if self.rank0:
+            result = self.engine.generate(
+                [s["prompt"] for s in samples], n=cfg.rollout.n,
+                seed=cfg.train.seed * 1_000_003 + self.step,
+            )
+            rewards = self.data.verify(result, samples)
+            payload = make_step_batch(result, samples, rewards, cfg, self.data.teacher_domains,
+                                      pad_id=self.data.pad_id, max_len=cfg.rollout.max_model_len)
+        payload = broadcast_object(payload)
+        batch, metrics = payload
+        return batch, metrics
+
+    # ------------------------------------------------------------------------------------------
+    # 2. micro-batches and scoring
+    # ------------------------------------------------------------------------------------------
+    def micro_batches(self, batch: StepBatch) -> list[dict]:
+        """This DP rank's share of the batch, cut into equal-shape micro-batches."""
+        from megatron.core import parallel_state as ps
+
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        B = batch.input_ids.shape[0]
+        if B % dp:
+            raise ValueError(
+                f"rollout batch of {B} sequences does not split over {dp} data-parallel ranks; "
+                "make train.prompts_per_step * rollout.n divisible by the data-parallel size"
+            )
+        share = slice(dp_rank * B // dp, (dp_rank + 1) * B // dp)
+        mbs = self.cfg.train.micro_batch_size
+        rows = torch.arange(B)[share]
+        micro = []
+        for i in range(0, len(rows), mbs):
+            idx = rows[i:i + mbs]
+            if len(idx) < mbs and self.cfg.parallel.pipeline_model_parallel_size > 1:
+                # PP stages exchange fixed [s, b, H] tensors: pad with a fully masked row.
+                idx = torch.cat([idx, idx[:1].repeat(mbs - len(idx))])
+                pad_rows = mbs - len(rows[i:i + mbs])
+            else:
+                pad_rows = 0
+            mb = {
+                "input_ids": batch.input_ids[idx],
+                "mask": batch.response_mask[idx].clone(),
+                "rollout_logprobs": batch.rollout_logprobs[idx],
+                "teacher_index": batch.teacher_index[idx],
+            }
+            if pad_rows:
+                mb["mask"][-pad_rows:] = 0
+            micro.append(mb)
+        # Global counts over all micro-batches and DP ranks: losses normalise by these, so
+        # summing micro-batch losses and DP gradients gives exactly the full-batch objective.
+        counts = torch.tensor([sum(mb["mask"].sum() for mb in micro),
+                               sum((mb["mask"].sum(-1) > 0).sum() for mb in micro)], dtype=torch.float64)
+        if dp > 1:
+            dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        for mb in micro:
+            mb["global_tokens"], mb["global_seqs"] = counts[0].item(), counts[1].item()
+        return micro
+
+    @torch.no_grad()
+    def score(self, micro: list[dict]) -> None:
+        """Attach teacher (and reference / old-student) log-probs to each micro-batch (last PP stage)."""
+        from megatron_opd.models.forward import run_micro_batches
+
+        for k, teacher in enumerate(self.teachers):
+            outs = run_micro_batches(teacher, micro, self._logprob_fn(), forward_only=True)
+            for mb, out in zip(micro, outs):
+                lp = out["logprobs"]
+                mb["teacher_logprobs"] = lp if k == 0 else torch.where(
+                    (mb["teacher_index"] == k)[:, None], lp, mb["teacher_logprobs"])
+        if self.reference is not None:
+            outs = run_micro_batches(self.reference, micro, self._logprob_fn(), forward_only=True)
+            for mb, out in zip(micro, outs):
+                mb["reference_logprobs"] = out["logprobs"]
+        # pi_old: needed when one rollout batch feeds several updates, and for REOPOLD's entropy mask
+        # (which must be known for the whole batch before the first update). Otherwise the update's
+        # own forward pass provides it (detached), saving a full forward.
+        if self.cfg.train.mini_batches > 1 or self.cfg.objective.name == "reopold":
+            outs = run_micro_batches(self.student, micro, self._logprob_fn(entropy=True), forward_only=True)
+            for mb, out in zip(micro, outs):
+                mb["old_logprobs"], mb["old_entropy"] = out["logprobs"], out["entropy"]
+
+    def _logprob_fn(self, entropy: bool = False):
+        from megatron_opd.logprobs import vocab_parallel_token_logprobs
+
+        vocab = self.spec.vocab_size
+
+        def fn(mb, logits):  # logits [b, s, V/tp]
+            lp, ent = vocab_parallel_token_logprobs(
+                logits[:, :-1], mb["input_ids"][:, 1:], tp_group=parallel.tp_group(),
+                valid_vocab_size=vocab, compute_entropy=entropy, chunk_size=4096,
+            )  # [b, s-1]
+            return logits.new_zeros(()), {"logprobs": lp.float(), "entropy": ent}
+
+        return fn
+
+    # ------------------------------------------------------------------------------------------
+    # 3. update
+    # ------------------------------------------------------------------------------------------
+    def update(self, micro: list[dict]) -> dict:
+        from megatron_opd.models.forward import run_micro_batches
+        from megatron_opd.loss import objective_loss
+
+        cfg = self.cfg
+        n_mini = cfg.train.mini_batches
+        per_mini = max(1, math.ceil(len(micro) / n_mini))
+        all_metrics: list[dict] = []
+        for m in range(0, len(micro), per_mini):
+            mini = micro[m:m + per_mini]
+            # Re-normalise counts to this mini-batch (each optimizer step sees its own batch).
+            counts = torch.tensor([sum(mb["mask"].sum() for mb in mini),
+                                   sum((mb["mask"].sum(-1) > 0).sum() for mb in mini)], dtype=torch.float64)
+            if n_mini > 1:
+                from megatron.core import parallel_state as ps
+
+                if ps.get_data_parallel_world_size() > 1:
+                    dist.all_reduce(counts, group=ps.get_data_parallel_group())
+                for mb in mini:
+                    mb["global_tokens"], mb["global_seqs"] = counts[0].item(), counts[1].item()
+
+            def loss_fn(mb, logits):
+                from megatron_opd.logprobs import vocab_parallel_token_logprobs
+
+                need_entropy = cfg.objective.entropy_coef > 0 or cfg.objective.name == "reopold"
+                lp, ent = vocab_parallel_token_logprobs(
+                    logits[:, :-1], mb["input_ids"][:, 1:], tp_group=parallel.tp_group(),
+                    valid_vocab_size=self.spec.vocab_size, compute_entropy=need_entropy,
+                    chunk_size=4096,
+                )  # [b, s-1]
+                lp = lp.float()
+                if not bool(torch.isfinite(lp).all()):
+                    # A diverged student: keep the graph (the schedule backpropagates) but contribute
+                    # nothing; the step is skipped below and counted.
+                    return torch.nan_to_num(lp, 0.0, 0.0, 0.0).sum() * 0.0, {"nonfinite": 1.0}
+                loss, metrics = objective_loss(cfg.objective, mb, lp, ent, step=self.step)
+                return loss, {**metrics, "loss": loss.detach(), "nonfinite": 0.0}
+
+            self.student.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            outs = run_micro_batches(self.student, mini, loss_fn, forward_only=False)
+            metrics = reduce_metrics(outs, mini)
+            if self._all_finite(metrics):
+                ok, grad_norm, _ = self.optimizer.step()
+                self.scheduler.step(1)
+                metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+            else:
+                if not cfg.train.skip_nonfinite:
+                    raise FloatingPointError(
+                        f"non-finite loss or gradients at step {self.step} (train.skip_nonfinite=false)")
+                self.skipped_steps += 1
+                self.student.zero_grad_buffer()
+                metrics["grad_norm"] = float("nan")
+            all_metrics.append(metrics)
+        out = {k: sum(m[k] for m in all_metrics) / len(all_metrics) for k in all_metrics[0]}
+        return broadcast_metrics_from_last_stage(out)
+
+    # ------------------------------------------------------------------------------------------
+    # 4. refit, 5. evaluation / checkpoint
+    # ------------------------------------------------------------------------------------------
+    def refit(self) -> dict:
+        from megatron_opd.rollout.refit import refit
+
+        stats = refit(self.engine, self.student.module, self.spec, self.cfg.rollout.refit_bucket_mb)
+        return {"refit/seconds": stats.seconds, "refit/gib": stats.bytes / 2**30}
+
+    def evaluate(self) -> dict:
+        """Held-out avg@k with the engine (rank 0); the engine serves the current student."""
+        return self.data.evaluate(self.engine, k=self.cfg.train.eval_samples)
+
+    def save(self) -> None:
+        from megatron_opd.checkpoint import save_checkpoint
+
+        save_checkpoint(
+            Path(self.cfg.train.out_dir) / "checkpoints", self.step, self.student, self.optimizer,
+            self.scheduler, extra={"data": self.data.train.state_dict(),
+                                   "skipped_steps": self.skipped_steps},
+            keep_last=self.cfg.train.keep_last,
+        )
+
+    def _all_finite(self, metrics: dict) -> bool:
+        """Loss (last stage) and every gradient (all ranks) finite? Agreed across all ranks."""
+        buffers = list(self.student.buffers) + list(self.student.expert_parallel_buffers)
+        ok = metrics.get("nonfinite", 0.0) == 0.0 and all(
+            bool(torch.isfinite(b.grad_data).all()) for b in buffers)
+        flag = torch.tensor([0.0 if ok else 1.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _preemption_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.preempt.requested else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks must agree to checkpoint
+        return bool(flag.item())
+
+    def cleanup(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            if self.rank0:
+                from megatron_opd.metrics import plot_run
+
+                out = Path(self.cfg.train.out_dir)
+                plot_run(out / "metrics.jsonl", out / "curves.png", title=out.name)
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        self.preempt.uninstall()
+        parallel.destroy()
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def check_vocabularies(student, teachers, reference, cfg: OPDConfig) -> None:
+    """Token-level distillation compares log-probs of the *same* token ids: every model must share
+    the student's vocabulary. Refused at start-up, before any process group or weight exists."""
+    roles = [(f"teachers[{i}]", s) for i, s in enumerate(teachers)]
+    if reference is not None:
+        roles.append(("reference", reference))
+    for role, spec in roles:
+        if spec.vocab_size != student.vocab_size:
+            raise ValueError(
+                f"{role} ({spec.name}) has vocab_size={spec.vocab_size} but the student ({student.name}) "
+                f"has {student.vocab_size}: token-level OPD needs one shared tokenizer/vocabulary. "
+                "Use a teacher from the student's family (e.g. Qwen3 -> Qwen3)."
+            )
+
+
+def broadcast_object(obj, src: int = 0):
+    """Pickle-broadcast from `src` to all ranks (rollout batches are small next to the models)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
+    """Token-weighted mean of per-micro-batch metrics on the last stage, averaged over DP ranks.
+
+    Each micro-batch's "loss" is already globally normalised, so losses are summed, not averaged.
+    """
+    from megatron.core import parallel_state as ps
+
+    if not outs:
+        return {}
+    keys = sorted({k for o in outs for k in o})
+    weights = [float(mb["mask"].sum()) for mb in micro]
+    total = max(sum(weights), 1.0)
+    vals = []
+    for k in keys:
+        if k in ("loss",):
+            vals.append(sum(float(o.get(k, 0.0)) for o in outs))
+        elif k == "nonfinite":
+            vals.append(max(float(o.get(k, 0.0)) for o in outs))
+        else:
+            vals.append(sum(float(o.get(k, 0.0)) * w for o, w in zip(outs, weights)) / total)
+    t = torch.tensor(vals, dtype=torch.float64)
+    dp = ps.get_data_parallel_world_size()
+    if dp > 1:
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        # the loss is a sum over DP ranks; everything else a mean
+        t = torch.where(torch.tensor([k == "loss" for k in keys]), t, t / dp)
+    return dict(zip(keys, t.tolist()))
+
+
+def broadcast_metrics_from_last_stage(metrics: dict) -> dict:
+    """Metrics exist on the last pipeline stage; rank 0 (first stage) logs them."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return metrics
+    group = ps.get_pipeline_model_parallel_group()
+    src = dist.get_process_group_ranks(group)[-1]
+    box = [metrics]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
