@@ -25,6 +25,29 @@ def _train(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    """Held-out avg@k of one HF checkpoint with the recipe's data and rollout settings."""
+    import json
+
+    from megatron_opd.config import load_config
+    from megatron_opd.trainer import build_data, build_engine
+
+    cfg = load_config(args.config, args.overrides)
+    data = build_data(cfg, args.checkpoint)
+    engine = build_engine(cfg, args.checkpoint)
+    try:
+        metrics = data.evaluate(engine, k=cfg.train.eval_samples)
+    finally:
+        engine.shutdown()
+    text = json.dumps(metrics, indent=2)
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text(text)
+    print(text)
+    return 0
+
+
 def _demo(args) -> int:
     from megatron_opd.demo import DemoConfig, run_demo
 
@@ -40,6 +63,12 @@ def main(argv=None) -> int:
     p_train.add_argument("--config", required=True, help="recipe YAML (configs/recipes/)")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     p_train.set_defaults(func=_train)
+    p_eval = sub.add_parser("eval", help="held-out avg@k of a HF checkpoint (recipe's data/rollout)")
+    p_eval.add_argument("--config", required=True, help="recipe YAML for data and sampling settings")
+    p_eval.add_argument("--checkpoint", required=True, help="HF checkpoint directory to evaluate")
+    p_eval.add_argument("--output", default=None, help="write the metrics JSON here")
+    p_eval.add_argument("overrides", nargs="*", help="key=value overrides")
+    p_eval.set_defaults(func=_eval)
     p_demo = sub.add_parser("demo", help="the embedded demo: build a teacher, distil a student on CPU")
     p_demo.add_argument("--out-dir", default="runs/demo", help="run directory (teacher cache inside)")
     p_demo.add_argument("overrides", nargs="*", help="key=value overrides of DemoConfig fields")

@@ -1,0 +1,119 @@
+"""Vocabulary-parallel token log-probs: dense references, padding, gradients, TP=2 == TP=1."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_opd.logprobs import fused_lm_head_token_logprobs, vocab_parallel_token_logprobs
+from mopd_testing import run_ranks
+
+
+def dense(logits, target, V):
+    logp = torch.log_softmax(logits[..., :V].double(), -1)
+    return logp.gather(-1, target[..., None])[..., 0], -(logp.exp() * logp).sum(-1)
+
+
+@pytest.fixture
+def case():
+    torch.manual_seed(0)
+    V, Vpad = 50, 64
+    logits = torch.randn(6, 5, Vpad) * 2
+    logits[..., V:] = 1e4  # huge padded logits: must not enter the softmax
+    return logits, torch.randint(0, V, (6, 5)), V
+
+
+def test_equals_dense_logsoftmax_gather_with_padded_vocab(case):
+    logits, target, V = case
+    lp, ent = vocab_parallel_token_logprobs(logits, target, valid_vocab_size=V, compute_entropy=True)
+    ref_lp, ref_ent = dense(logits, target, V)
+    torch.testing.assert_close(lp.double(), ref_lp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent.double(), ref_ent, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_gradients_equal_dense_autograd(case, chunk):
+    logits, target, V = case
+    g_lp, g_ent = torch.randn(6, 5), torch.randn(6, 5)
+    x = logits.clone().requires_grad_()
+    lp, ent = vocab_parallel_token_logprobs(x, target, valid_vocab_size=V, compute_entropy=True, chunk_size=chunk)
+    (got,) = torch.autograd.grad((lp * g_lp + ent * g_ent).sum(), x)
+    y = logits.clone().double().requires_grad_()
+    r_lp, r_ent = dense(y, target, V)
+    (ref,) = torch.autograd.grad((r_lp * g_lp + r_ent * g_ent).sum(), y)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)  # fp32 vs fp64
+    assert torch.all(got[..., V:] == 0), "padded columns must get zero gradient"
+
+
+def test_chunked_equals_unchunked(case):
+    logits, target, V = case
+    a = vocab_parallel_token_logprobs(logits, target, valid_vocab_size=V, compute_entropy=True, chunk_size=3)
+    b = vocab_parallel_token_logprobs(logits, target, valid_vocab_size=V, compute_entropy=True, chunk_size=None)
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+    torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
+
+
+def test_fused_equals_unfused_values_and_grads():
+    torch.manual_seed(1)
+    V, Vpad, H = 50, 64, 12
+    hidden = torch.randn(4, 6, H, requires_grad=True)
+    weight = torch.randn(Vpad, H, requires_grad=True)
+    target = torch.randint(0, V, (4, 6))
+    g = torch.randn(4, 6)
+    lp, ent = fused_lm_head_token_logprobs(hidden, weight, target, valid_vocab_size=V, compute_entropy=True, chunk_size=5)
+    gh, gw = torch.autograd.grad((lp * g + ent).sum(), [hidden, weight])
+    lp2, ent2 = vocab_parallel_token_logprobs(hidden @ weight.t(), target, valid_vocab_size=V, compute_entropy=True)
+    gh2, gw2 = torch.autograd.grad((lp2 * g + ent2).sum(), [hidden, weight])
+    torch.testing.assert_close(lp, lp2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ent2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gh, gh2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, gw2, atol=1e-5, rtol=1e-5)
+
+
+def test_no_grad_path_builds_no_graph(case):
+    logits, target, V = case
+    x = logits.clone().requires_grad_()
+    with torch.no_grad():
+        lp, ent = vocab_parallel_token_logprobs(x, target, valid_vocab_size=V, compute_entropy=True)
+    assert lp.grad_fn is None and not lp.requires_grad
+
+
+def test_bf16_logits_reduce_in_fp32(case):
+    logits, target, V = case
+    lp, _ = vocab_parallel_token_logprobs(logits.bfloat16(), target, valid_vocab_size=V)
+    ref, _ = dense(logits.bfloat16().float(), target, V)
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), ref, atol=1e-5, rtol=0)
+
+
+def test_bad_inputs_name_the_argument(case):
+    logits, target, V = case
+    with pytest.raises(ValueError, match="target_ids has shape"):
+        vocab_parallel_token_logprobs(logits, target[:, :2])
+    with pytest.raises(ValueError, match="target_ids out of range"):
+        vocab_parallel_token_logprobs(logits, target + V, valid_vocab_size=V)
+    with pytest.raises(ValueError, match="chunk_size"):
+        vocab_parallel_token_logprobs(logits, target, chunk_size=0)
+    with pytest.raises(ValueError, match="lm_head_weight has shape"):
+        fused_lm_head_token_logprobs(torch.randn(3, 8), torch.randn(10, 9), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="fp8"):
+        if not torch.cuda.is_available():
+            fused_lm_head_token_logprobs(torch.randn(3, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long), fp8=True)
+        else:
+            raise ValueError("fp8 (skip on GPU)")
+
+
+def test_tp2_logprobs_entropy_and_grads_equal_tp1():
+    out = run_ranks(Path(__file__).parent / "workers" / "logprobs_tp.py", 2)
+    assert out.count('"rank"') == 2
+
+
+@pytest.mark.gpu
+def test_fp8_lm_head_close_to_bf16():
+    torch.manual_seed(0)
+    hidden = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16) * 0.05
+    target = torch.randint(0, 1000, (64,), device="cuda")
+    a, _ = fused_lm_head_token_logprobs(hidden, weight, target, valid_vocab_size=1000, fp8=True)
+    b, _ = fused_lm_head_token_logprobs(hidden, weight, target, valid_vocab_size=1000, fp8=False)
+    assert (a - b).abs().max() < 0.25
