@@ -1,0 +1,35 @@
+"""Distillation objectives as pure torch functions (no Megatron imports).
+
+Each loss returns `(loss, metrics)` and normalises by the optimizer step's *global* token/sequence
+counts, so micro-batching and data parallelism cannot change the objective.
+"""
+
+from megatron_opd.objectives.erpd import (
+    ERPDStage1Config,
+    ERPDStage2Config,
+    build_signal,
+    ensemble_signals,
+    group_normalized_advantages,
+    keep_part,
+    sapo_gate,
+    stage1_loss,
+    trust_region_distill_loss,
+    whiten,
+)
+from megatron_opd.objectives.gopd import gopd_advantage, gopd_loss, select_per_sample
+from megatron_opd.objectives.kl import kl_estimate
+from megatron_opd.objectives.policy_loss import (
+    AGG_MODES,
+    aggregate_loss,
+    clipped_surrogate,
+    global_counts,
+    truncated_is_weights,
+)
+from megatron_opd.objectives.reopold import (
+    clipped_reward,
+    phase,
+    reopold_loss,
+    reward_floor,
+    select_tokens,
+    top_fraction_mask,
+)

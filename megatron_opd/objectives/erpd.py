@@ -1,0 +1,284 @@
+"""ERPD — Extreme Region Policy Distillation (shared/papers/erpd-extreme-region-policy-distillation.md).
+
+Two stages on one fixed rollout batch (prompts x G samples, outcome rewards R in {0, 1}). The PDF's
+formulas did not survive extraction; these are the standard forms the text names (ALGORITHMS.md §3).
+
+Stage 1 — a teacher trained aggressively off-policy on the batch (many epochs), selectable loss:
+  GRPO / PPO   clipped surrogate (eps 0.2 / 0.28) with group-normalised advantages
+  SAPO         soft gate f(rho) = sigmoid(tau (rho - 1)) * 4 / tau, loss = -f(rho) A
+               (f'(1) = 1 like the plain ratio; separate tau for A > 0 and A < 0, tau_neg = 1.05)
+  CE           implicit PRM: r(y) = beta * sum_t log(pi/pi_old) (or mean), loss = BCE(sigmoid r, R)
+  MSE          "unlearned" weak teacher: fit beta * log(pi/pi_old) to R, per token or summed
+Stage 2 — distillation of the stage-1 signal into pi_old under a trust region:
+  S_t = lp_numerator - lp_denominator  (fixed), whitened over the batch's response tokens,
+  PPO-clipped surrogate with rho = pi_theta / pi_old and advantage S, + KL(pi_theta || pi_old) and
+  entropy terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_opd.objectives.kl import kl_estimate
+from megatron_opd.objectives.policy_loss import (
+    aggregate_loss,
+    check_finite,
+    check_same_shape,
+    clipped_surrogate,
+    masked_mean,
+)
+
+STAGE1_LOSSES = ("grpo", "ppo", "sapo", "ce", "mse")
+SIGNAL_STRATEGIES = (1, 2, 3)
+
+
+@dataclass
+class ERPDStage1Config:
+    """Stage 1: the aggressively trained off-policy teacher."""
+
+    loss: str = "sapo"
+    """One of grpo, ppo, sapo, ce, mse."""
+
+    eps_low: float = 0.2
+    """GRPO/PPO lower clip."""
+
+    eps_high: float = 0.28
+    """GRPO/PPO upper clip."""
+
+    tau_pos: float = 1.0
+    """SAPO gate temperature for positive advantages."""
+
+    tau_neg: float = 1.05
+    """SAPO gate temperature for negative advantages (the paper's 1.05)."""
+
+    beta: float = 0.01
+    """CE/MSE implicit-reward scale (paper: 0.001-0.05 for CE)."""
+
+    aggregation: str = "sum"
+    """CE/MSE: aggregate the log-ratio over the response by "sum" or "mean"."""
+
+    mse_per_token: bool = True
+    """MSE: regress each token's implicit reward on the return (critic-like) instead of the sum."""
+
+    kl_coef: float = 0.0
+    """Optional weak KL-to-pi_old penalty."""
+
+    def __post_init__(self):
+        if self.loss not in STAGE1_LOSSES:
+            raise ValueError(f"erpd.stage1.loss={self.loss!r}: use one of {STAGE1_LOSSES}")
+        if self.aggregation not in ("sum", "mean"):
+            raise ValueError("erpd.stage1.aggregation must be 'sum' or 'mean'")
+        if self.tau_pos <= 0 or self.tau_neg <= 0:
+            raise ValueError("erpd.stage1.tau_pos / tau_neg must be > 0")
+        if self.beta <= 0:
+            raise ValueError("erpd.stage1.beta must be > 0")
+
+
+@dataclass
+class ERPDStage2Config:
+    """Stage 2: trust-region distillation of the fixed signal."""
+
+    strategy: int = 1
+    """1: teacher = stage-1 policy, denominator = pi_old; 2: MSE policy over its early checkpoint;
+    3: numerator = pi_old (or current), denominator = an earlier, weaker checkpoint."""
+
+    eps_low: float = 0.2
+    """Clip below."""
+
+    eps_high: float = 0.28
+    """Clip above."""
+
+    kl_coef: float = 0.0
+    """KL(pi_theta || pi_old) weight (paper: 0.001-0.2)."""
+
+    entropy_coef: float = 0.0
+    """Entropy bonus (paper: 0.5 in the iterative runs)."""
+
+    keep: Optional[str] = None
+    """Outlier ablation on positive samples: "positive" or "negative" part of S only; None keeps all."""
+
+    def __post_init__(self):
+        if self.strategy not in SIGNAL_STRATEGIES:
+            raise ValueError(f"erpd.stage2.strategy={self.strategy}: use one of {SIGNAL_STRATEGIES}")
+        if self.keep not in (None, "positive", "negative"):
+            raise ValueError("erpd.stage2.keep must be null, 'positive' or 'negative'")
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1
+# ------------------------------------------------------------------------------------------------
+def group_normalized_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: (R - mean_group) / (std_group + eps) over consecutive groups of `group_size` samples.
+
+    Args:
+        rewards: `[num_prompts * group_size]` outcome rewards.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards {tuple(rewards.shape)} must be 1-D with a multiple of "
+                         f"group_size={group_size} entries")
+    g = rewards.view(-1, group_size).float()
+    return ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True, unbiased=False) + eps)).view(-1)
+
+
+def sapo_gate(ratio: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    """f(rho) = sigmoid(tau (rho - 1)) * 4 / tau;  f(1) = 2/tau, f'(1) = 1."""
+    return torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
+
+
+def sapo_loss_per_token(logprobs, old_logprobs, advantages, tau_pos: float, tau_neg: float):
+    ratio = (logprobs - old_logprobs.detach()).clamp(-20, 20).exp()
+    adv = advantages.detach()
+    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+    return -sapo_gate(ratio, tau) * adv
+
+
+def implicit_reward(logprobs, old_logprobs, mask, beta: float, aggregation: str) -> torch.Tensor:
+    """r(y) = beta * sum_t (lp - lp_old)  (or the mean over response tokens): `[b]`."""
+    log_ratio = (logprobs - old_logprobs.detach()) * mask
+    total = log_ratio.sum(-1)
+    if aggregation == "mean":
+        total = total / mask.sum(-1).clamp(min=1)
+    return beta * total
+
+
+def stage1_loss(
+    cfg: ERPDStage1Config,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    outcome_rewards: torch.Tensor,
+    advantages: Optional[torch.Tensor] = None,
+    num_tokens: Optional[float] = None,
+    num_seqs: Optional[float] = None,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[torch.Tensor, dict]:
+    """Stage-1 teacher loss of one micro-batch.
+
+    Args:
+        outcome_rewards: `[b]` verifier rewards R in {0, 1}.
+        advantages: `[b]` per-sequence advantages for GRPO/PPO/SAPO (e.g. group-normalised).
+    """
+    check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs, mask=mask)
+    check_finite(mask, logprobs=logprobs, old_logprobs=old_logprobs)
+    if outcome_rewards.shape != logprobs.shape[:1]:
+        raise ValueError(f"outcome_rewards has shape {tuple(outcome_rewards.shape)}, expected "
+                         f"({logprobs.shape[0]},)")
+    mask = mask.to(logprobs.dtype)
+    metrics: dict = {}
+    if cfg.loss in ("grpo", "ppo", "sapo"):
+        if advantages is None:
+            raise ValueError(f"stage-1 loss {cfg.loss!r} needs per-sequence advantages")
+        adv = advantages.view(-1, 1).expand_as(logprobs)
+        if cfg.loss == "sapo":
+            per_token = sapo_loss_per_token(logprobs, old_logprobs, adv, cfg.tau_pos, cfg.tau_neg)
+        else:
+            per_token, metrics = clipped_surrogate(logprobs, old_logprobs, adv, mask, cfg.eps_low, cfg.eps_high)
+        loss = aggregate_loss(per_token, mask, loss_agg_mode, num_tokens, num_seqs)
+    elif cfg.loss == "ce":
+        r = implicit_reward(logprobs, old_logprobs, mask, cfg.beta, cfg.aggregation)  # [b]
+        per_seq = F.binary_cross_entropy_with_logits(r, outcome_rewards.to(r.dtype), reduction="none")
+        loss = per_seq.sum() / (num_seqs if num_seqs is not None else max(len(per_seq), 1))
+        metrics["ce/implicit_reward_mean"] = r.detach().mean().item()
+    else:  # mse
+        target = outcome_rewards.to(logprobs.dtype)
+        if cfg.mse_per_token:
+            pred = cfg.beta * (logprobs - old_logprobs.detach())  # each token's implicit reward
+            per_token = (pred - target.view(-1, 1)) ** 2
+            loss = aggregate_loss(per_token, mask, loss_agg_mode, num_tokens, num_seqs)
+            pred_seq = masked_mean(pred.detach(), mask, dim=-1)
+        else:
+            pred_seq = implicit_reward(logprobs, old_logprobs, mask, cfg.beta, cfg.aggregation)
+            per_seq = (pred_seq - target) ** 2
+            loss = per_seq.sum() / (num_seqs if num_seqs is not None else max(len(per_seq), 1))
+        metrics["mse/explained_variance"] = explained_variance(pred_seq.detach(), target)
+    if cfg.kl_coef:
+        loss = loss + cfg.kl_coef * aggregate_loss(kl_estimate(logprobs, old_logprobs, "k3"), mask,
+                                                   loss_agg_mode, num_tokens, num_seqs)
+    return loss, metrics
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - Var(target - pred) / Var(target) (1 = perfect fit; <= 0 = no better than the mean)."""
+    var = target.float().var(unbiased=False)
+    if var == 0:
+        return float("nan")
+    return float(1.0 - (target.float() - pred.float()).var(unbiased=False) / var)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2
+# ------------------------------------------------------------------------------------------------
+def build_signal(numerator_logprobs: torch.Tensor, denominator_logprobs: torch.Tensor) -> torch.Tensor:
+    """S_t = lp_numerator - lp_denominator (fixed during stage 2).
+
+    Strategy 1: numerator = stage-1 policy, denominator = pi_old.
+    Strategy 2: numerator = MSE-trained policy, denominator = its early "unlearned" checkpoint.
+    Strategy 3: numerator = pi_old (or current), denominator = an earlier, weaker checkpoint.
+    """
+    check_same_shape("numerator_logprobs", numerator_logprobs, denominator_logprobs=denominator_logprobs)
+    return (numerator_logprobs - denominator_logprobs).detach()
+
+
+def whiten(signal: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit std over the response tokens (over a DP `group` when given); 0 elsewhere."""
+    check_same_shape("signal", signal, mask=mask)
+    m = mask.to(torch.float64)
+    x = signal.to(torch.float64) * m
+    stats = torch.stack([m.sum(), x.sum(), (x * x).sum()])
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(stats, group=group)
+    n = stats[0].clamp(min=1)
+    mean = stats[1] / n
+    var = (stats[2] / n - mean**2).clamp(min=0)
+    return (((signal.to(torch.float64) - mean) / (var.sqrt() + eps)) * m).to(signal.dtype)
+
+
+def keep_part(signal: torch.Tensor, positive_samples: torch.Tensor, keep: Optional[str]) -> torch.Tensor:
+    """Outlier ablation: on positive samples (`[b]` bool) keep only S > 0 ("positive") or S < 0."""
+    if keep is None:
+        return signal
+    part = signal > 0 if keep == "positive" else signal < 0
+    on_pos = positive_samples.view(-1, 1).expand_as(signal)
+    return torch.where(on_pos & ~part, torch.zeros_like(signal), signal)
+
+
+def ensemble_signals(signals: Sequence[torch.Tensor], mask: torch.Tensor, group=None) -> torch.Tensor:
+    """Several signals summed after whitening each ("simultaneous" ensemble). The sequential variant
+    is a loop: distil with signal 1 for k steps, then with signal 2."""
+    if not signals:
+        raise ValueError("ensemble_signals needs at least one signal")
+    return sum(whiten(s, mask, group) for s in signals)
+
+
+def trust_region_distill_loss(
+    cfg: ERPDStage2Config,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    signal: torch.Tensor,
+    mask: torch.Tensor,
+    entropy: Optional[torch.Tensor] = None,
+    num_tokens: Optional[float] = None,
+    num_seqs: Optional[float] = None,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[torch.Tensor, dict]:
+    """Stage 2: PPO-clipped surrogate with the fixed (whitened) signal as advantage,
+    + kl_coef * KL(pi_theta || pi_old) - entropy_coef * H."""
+    check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs, signal=signal, mask=mask, entropy=entropy)
+    check_finite(mask, logprobs=logprobs, old_logprobs=old_logprobs, signal=signal)
+    mask = mask.to(logprobs.dtype)
+    per_token, metrics = clipped_surrogate(logprobs, old_logprobs, signal, mask, cfg.eps_low, cfg.eps_high)
+    kl = kl_estimate(logprobs, old_logprobs, "k3")
+    if cfg.kl_coef:
+        per_token = per_token + cfg.kl_coef * kl
+    if cfg.entropy_coef:
+        if entropy is None:
+            raise ValueError("erpd.stage2.entropy_coef > 0 needs entropy")
+        per_token = per_token - cfg.entropy_coef * entropy
+    loss = aggregate_loss(per_token, mask, loss_agg_mode, num_tokens, num_seqs)
+    metrics["kl/student_old"] = masked_mean(kl.detach(), mask).item()
+    return loss, metrics

@@ -1,0 +1,160 @@
+"""Shared policy-gradient machinery: validation, masked statistics, aggregation with global counts,
+the clipped surrogate (asymmetric eps, dual clip) and truncated importance sampling.
+
+Shapes: `[b, s]` = (sequences, response positions); `mask` is 1 on response tokens.
+
+Normalisation is by *global* counts: `num_tokens` / `num_seqs` are the valid tokens / sequences of the
+whole optimizer step, across every micro-batch and data-parallel rank (NeMo-RL's design). Each
+micro-batch's loss is then a partial sum, so adding them (and summing gradients across DP ranks) is
+exactly the full-batch loss, whatever the micro-batch lengths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+
+
+# ------------------------------------------------------------------------------------------------
+# validation (cheap; names the argument)
+# ------------------------------------------------------------------------------------------------
+def check_same_shape(reference_name: str, reference: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and tuple(t.shape) != tuple(reference.shape):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(reference.shape)} "
+                             f"(the shape of {reference_name})")
+
+
+def check_finite(mask: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    """NaN/inf log-probs on response tokens are an error (they would poison the update silently)."""
+    m = mask.bool()
+    for name, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(t[m]).all()):
+            raise ValueError(f"{name} contains NaN or inf on response tokens (mask == 1)")
+
+
+# ------------------------------------------------------------------------------------------------
+# masked statistics
+# ------------------------------------------------------------------------------------------------
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    denom = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / denom.clamp(min=1)
+
+
+def masked_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mu = masked_mean(x, mask)
+    return masked_mean((x - mu) ** 2, mask).sqrt()
+
+
+# ------------------------------------------------------------------------------------------------
+# aggregation
+# ------------------------------------------------------------------------------------------------
+def global_counts(masks: list[torch.Tensor], group=None) -> tuple[float, float]:
+    """Valid tokens and sequences of all micro-batches `masks` ([b, s] each), summed over `group`.
+
+    With no group (or torch.distributed not initialised) the counts are local.
+    """
+    t = torch.zeros(2, dtype=torch.float64)
+    for m in masks:
+        t[0] += m.sum().double()
+        t[1] += (m.sum(-1) > 0).sum().double()
+    if group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t[0].item(), t[1].item()
+
+
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    num_tokens: Optional[float] = None,
+    num_seqs: Optional[float] = None,
+) -> torch.Tensor:
+    """Reduce a `[b, s]` per-token loss to this micro-batch's share of the step's loss.
+
+    - "token-mean":           sum_{i,t} L_it / N_tokens
+    - "seq-mean-token-sum":   sum_i (sum_t L_it) / N_seqs
+    - "seq-mean-token-mean":  sum_i (sum_t L_it / T_i) / N_seqs
+
+    Args:
+        num_tokens / num_seqs: global counts (see `global_counts`); default to this micro-batch's.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"loss_agg_mode={mode!r}: use one of {AGG_MODES}")
+    check_same_shape("per_token_loss", per_token_loss, mask=mask)
+    mask = mask.to(per_token_loss.dtype)
+    if mode == "token-mean":
+        denom = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
+        return masked_sum(per_token_loss, mask) / denom
+    seq_has_tokens = (mask.sum(-1) > 0).to(per_token_loss.dtype)
+    denom = num_seqs if num_seqs is not None else seq_has_tokens.sum().clamp(min=1)
+    per_seq = masked_sum(per_token_loss, mask, dim=-1)  # [b]
+    if mode == "seq-mean-token-mean":
+        per_seq = per_seq / mask.sum(-1).clamp(min=1)
+    return per_seq.sum() / denom
+
+
+# ------------------------------------------------------------------------------------------------
+# surrogate and importance weights
+# ------------------------------------------------------------------------------------------------
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip_c: Optional[float] = None,
+) -> tuple[torch.Tensor, dict]:
+    """PPO clipped surrogate, per token, to *minimise*.
+
+        rho = exp(lp - lp_old)
+        L   = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
+        dual clip (A < 0):  L = min(L, -c A)          (bounds the loss of very large ratios)
+
+    Returns:
+        per-token loss `[b, s]` and metrics (clip fraction, dual-clip fraction, ratio mean/max).
+    """
+    check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    if dual_clip_c is not None and dual_clip_c <= 1.0:
+        raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+    log_ratio = (logprobs - old_logprobs.detach()).clamp(-20.0, 20.0)  # exp overflow guard
+    ratio = log_ratio.exp()
+    adv = advantages.detach()
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    m = mask.bool()
+    metrics = {"clip_fraction": _frac((clipped > unclipped) & m, m)}
+    if dual_clip_c is not None:
+        capped = torch.minimum(loss, -dual_clip_c * adv)
+        dual = (adv < 0) & (capped < loss)
+        loss = torch.where(adv < 0, capped, loss)
+        metrics["dual_clip_fraction"] = _frac(dual & m, m)
+    with torch.no_grad():
+        metrics["ratio_mean"] = masked_mean(ratio, mask).item()
+        metrics["ratio_max"] = ratio[m].max().item() if m.any() else 1.0
+    return loss, metrics
+
+
+def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Token-level truncated importance sampling (rollout correction), no grad:
+    w_t = min(exp(lp_old - lp_rollout), C)."""
+    if cap <= 0:
+        raise ValueError(f"tis_cap must be > 0, got {cap}")
+    check_same_shape("old_logprobs", old_logprobs, rollout_logprobs=rollout_logprobs)
+    with torch.no_grad():
+        return (old_logprobs - rollout_logprobs).clamp(max=math.log(cap)).exp()
+
+
+def _frac(x: torch.Tensor, m: torch.Tensor) -> float:
+    return float(x.sum()) / max(float(m.sum()), 1.0)

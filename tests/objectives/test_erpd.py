@@ -1,0 +1,93 @@
+"""ERPD: SAPO gate, CE/MSE hand values, group advantages, whitening, masking, stage-2 surrogate."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_opd.objectives import (
+    ERPDStage1Config,
+    ERPDStage2Config,
+    build_signal,
+    ensemble_signals,
+    group_normalized_advantages,
+    keep_part,
+    sapo_gate,
+    stage1_loss,
+    trust_region_distill_loss,
+    whiten,
+)
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.05, 3.0])
+def test_sapo_gate_has_unit_derivative_at_ratio_one(tau):
+    rho = torch.tensor(1.0, requires_grad=True)
+    (d,) = torch.autograd.grad(sapo_gate(rho, tau), rho)
+    assert d.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ce_implicit_prm_equals_hand_value():
+    lp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]])
+    old = torch.tensor([[-1.5, -2.5, 0.0], [-0.5, -1.0, -0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    R = torch.tensor([1.0, 0.0])
+    cfg = ERPDStage1Config(loss="ce", beta=0.05, aggregation="sum")
+    loss, _ = stage1_loss(cfg, lp, old, mask, R)
+    r = [0.05 * (0.5 + 0.5), 0.05 * (0.5)]
+    bce = [-math.log(1 / (1 + math.exp(-r[0]))), -math.log(1 - 1 / (1 + math.exp(-r[1])))]
+    assert loss.item() == pytest.approx(sum(bce) / 2, rel=1e-6)
+
+
+def test_mse_equals_hand_value_per_token_and_summed():
+    lp = torch.tensor([[-1.0, -2.0]])
+    old = torch.tensor([[-2.0, -2.0]])
+    mask = torch.ones(1, 2)
+    R = torch.tensor([1.0])
+    per_tok, _ = stage1_loss(ERPDStage1Config(loss="mse", beta=0.5), lp, old, mask, R)
+    # token implicit rewards 0.5*1, 0.5*0 -> squared errors 0.25, 1 -> token-mean 0.625
+    assert per_tok.item() == pytest.approx(0.625)
+    summed, _ = stage1_loss(ERPDStage1Config(loss="mse", beta=0.5, mse_per_token=False), lp, old, mask, R)
+    assert summed.item() == pytest.approx((0.5 - 1.0) ** 2)
+
+
+def test_group_normalized_advantages():
+    adv = group_normalized_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]), group_size=3)
+    g = torch.tensor([1.0, 0.0, 1.0])
+    torch.testing.assert_close(adv[:3], (g - g.mean()) / (g.std(unbiased=False) + 1e-6))
+    torch.testing.assert_close(adv[3:], torch.zeros(3))
+
+
+def test_whitening_zero_mean_unit_std_over_masked_tokens():
+    torch.manual_seed(0)
+    s = torch.randn(4, 7) * 3 + 5
+    mask = (torch.rand(4, 7) > 0.3).float()
+    w = whiten(s, mask)
+    vals = w[mask.bool()]
+    assert vals.mean().abs() < 1e-6 and (vals.std(unbiased=False) - 1).abs() < 1e-5
+    assert (w[~mask.bool()] == 0).all()
+
+
+def test_keep_positive_and_ensemble():
+    s = torch.tensor([[1.0, -1.0], [2.0, -2.0]])
+    pos = torch.tensor([True, False])
+    torch.testing.assert_close(keep_part(s, pos, "positive"), torch.tensor([[1.0, 0.0], [2.0, -2.0]]))
+    torch.testing.assert_close(keep_part(s, pos, "negative"), torch.tensor([[0.0, -1.0], [2.0, -2.0]]))
+    mask = torch.ones(2, 2)
+    torch.testing.assert_close(ensemble_signals([s, 2 * s], mask), 2 * whiten(s, mask))
+
+
+def test_stage2_surrogate_gradient_is_signal_at_ratio_one():
+    lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    num = torch.tensor([[-0.5, -2.5, -0.5]])
+    sig = whiten(build_signal(num, lp.detach()), torch.ones(1, 3))
+    loss, m = trust_region_distill_loss(ERPDStage2Config(kl_coef=0.1), lp, lp.detach(), sig, torch.ones(1, 3))
+    (g,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(g, -sig / 3)  # k3 KL has zero gradient at pi = pi_old
+    assert m["kl/student_old"] == pytest.approx(0.0)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="erpd.stage1.loss"):
+        ERPDStage1Config(loss="dpo")
+    with pytest.raises(ValueError, match="erpd.stage2.strategy"):
+        ERPDStage2Config(strategy=4)

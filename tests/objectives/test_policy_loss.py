@@ -1,0 +1,89 @@
+"""Aggregation with global counts, clipped surrogate, dual clip, KL estimators."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_opd.objectives import AGG_MODES, aggregate_loss, clipped_surrogate, global_counts, kl_estimate
+from mopd_testing import run_ranks
+
+
+def _batch():
+    torch.manual_seed(0)
+    loss = torch.rand(6, 9)
+    mask = torch.zeros(6, 9)
+    for i, n in enumerate([9, 3, 5, 1, 7, 2]):
+        mask[i, :n] = 1
+    return loss, mask
+
+
+def test_token_mean_normalises_by_all_tokens():
+    loss, mask = _batch()
+    expected = (loss * mask).sum() / mask.sum()
+    torch.testing.assert_close(aggregate_loss(loss, mask, "token-mean"), expected)
+
+
+def test_seq_modes_documented_normalisations():
+    loss, mask = _batch()
+    per_seq_sum = (loss * mask).sum(-1)
+    torch.testing.assert_close(aggregate_loss(loss, mask, "seq-mean-token-sum"), per_seq_sum.mean())
+    torch.testing.assert_close(aggregate_loss(loss, mask, "seq-mean-token-mean"),
+                               (per_seq_sum / mask.sum(-1)).mean())
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_unequal_micro_batches_sum_to_full_batch(mode):
+    loss, mask = _batch()
+    full = aggregate_loss(loss, mask, mode)
+    # two micro-batches of different sizes and padded lengths
+    parts = [(loss[:2, :9], mask[:2, :9]), (loss[2:, :7], mask[2:, :7])]
+    n_tok, n_seq = global_counts([m for _, m in parts])
+    summed = sum(aggregate_loss(l, m, mode, n_tok, n_seq) for l, m in parts)
+    torch.testing.assert_close(summed, full)
+    # without global counts the naive per-micro-batch mean would differ (the test can fail)
+    naive = sum(aggregate_loss(l, m, mode) for l, m in parts) / 2
+    assert not torch.allclose(naive, full)
+
+
+def test_data_parallel_global_counts_two_ranks():
+    run_ranks(Path(__file__).parent / "workers" / "dp_counts.py", 2)
+
+
+def test_clipped_surrogate_clip_fraction_and_values():
+    lp_old = torch.zeros(1, 4)
+    lp = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]]))
+    adv = torch.ones(1, 4)
+    loss, m = clipped_surrogate(lp, lp_old, adv, torch.ones(1, 4), eps_low=0.2, eps_high=0.28)
+    # A > 0: loss = -min(rho, clip(rho)) -> ratio 1.5 clipped to 1.28; ratio 0.5 keeps 0.5 (min)
+    torch.testing.assert_close(loss, -torch.tensor([[0.5, 0.9, 1.1, 1.28]]))
+    assert m["clip_fraction"] == 0.25
+
+
+def test_dual_clip_caps_negative_advantage_loss():
+    lp_old = torch.zeros(1, 2)
+    lp = torch.log(torch.tensor([[10.0, 1.0]]))
+    adv = -torch.ones(1, 2)
+    loss, m = clipped_surrogate(lp, lp_old, adv, torch.ones(1, 2), dual_clip_c=3.0)
+    torch.testing.assert_close(loss, torch.tensor([[3.0, 1.0]]))  # 10 capped at c = 3
+    assert m["dual_clip_fraction"] == 0.5
+
+
+def test_kl_estimators_closed_forms():
+    lp = torch.tensor([-1.0, -2.0, -0.5])
+    ref = torch.tensor([-1.5, -1.0, -0.5])
+    log_r = ref - lp
+    torch.testing.assert_close(kl_estimate(lp, ref, "k1"), -log_r)
+    torch.testing.assert_close(kl_estimate(lp, ref, "k2"), 0.5 * log_r**2)
+    torch.testing.assert_close(kl_estimate(lp, ref, "k3"), log_r.exp() - 1 - log_r)
+    assert (kl_estimate(torch.randn(100), torch.randn(100), "k3") >= 0).all()
+    with pytest.raises(ValueError, match="kl_estimator"):
+        kl_estimate(lp, ref, "k4")
+
+
+def test_unknown_mode_and_bad_mask():
+    loss, mask = _batch()
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        aggregate_loss(loss, mask, "sum")
+    with pytest.raises(ValueError, match="mask has shape"):
+        aggregate_loss(loss, mask[:, :3], "token-mean")
