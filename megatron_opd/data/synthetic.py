@@ -1,0 +1,95 @@
+"""Synthetic verifiable tasks, generated locally (no datasets can be downloaded here).
+
+Each sample is {"prompt", "answer", "domain"}; `solution(sample)` is a correct worked answer ending in
+\\boxed{answer}, used for SFT of the demo's teacher. Seeded and reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+
+@dataclass
+class ArithmeticTask:
+    """Multi-digit arithmetic: "Compute 37+48." -> "37+48=85. \\boxed{85}" (domain "math")."""
+
+    digits: int = 2
+    """Operand digits."""
+
+    ops: str = "+"
+    """Operators to draw from (subset of "+-*")."""
+
+    def __post_init__(self):
+        if not 1 <= self.digits <= 9:
+            raise ValueError("ArithmeticTask.digits must be in [1, 9]")
+        if not self.ops or set(self.ops) - set("+-*"):
+            raise ValueError("ArithmeticTask.ops must be a non-empty subset of '+-*'")
+
+    def samples(self, n: int, seed: int = 0) -> list[dict]:
+        rng = random.Random(seed)
+        lo, hi = 10 ** (self.digits - 1), 10**self.digits - 1
+        out = []
+        for _ in range(n):
+            a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(self.ops)
+            value = a + b if op == "+" else a - b if op == "-" else a * b
+            out.append({"prompt": f"Compute {a}{op}{b}.", "answer": str(value), "domain": "math",
+                        "a": a, "b": b, "op": op})
+        return out
+
+    def solution(self, sample: dict) -> str:
+        a, b, op = sample["a"], sample["b"], sample["op"]
+        return f"{a}{op}{b}={sample['answer']}. \\boxed{{{sample['answer']}}}"
+
+
+@dataclass
+class StringTask:
+    """Reverse a short letter string (domain "code"), for multi-teacher routing tests."""
+
+    length: int = 5
+    """Letters per string."""
+
+    def samples(self, n: int, seed: int = 0) -> list[dict]:
+        rng = random.Random(seed + 7919)
+        out = []
+        for _ in range(n):
+            s = "".join(rng.choice("abcdefgh") for _ in range(self.length))
+            out.append({"prompt": f"Reverse {s}.", "answer": s[::-1], "domain": "code"})
+        return out
+
+    def solution(self, sample: dict) -> str:
+        return f"reversed: \\boxed{{{sample['answer']}}}"
+
+
+def make_samples(kind: str, n: int, seed: int = 0, digits: int = 2) -> list[dict]:
+    """"arithmetic" or "mixed" (alternating arithmetic / string reversal)."""
+    if kind == "arithmetic":
+        return ArithmeticTask(digits=digits).samples(n, seed)
+    if kind == "mixed":
+        math_s = ArithmeticTask(digits=digits).samples((n + 1) // 2, seed)
+        code_s = StringTask().samples(n // 2, seed)
+        return [s for pair in zip(math_s, code_s) for s in pair] + math_s[len(code_s):]
+    raise ValueError(f"synthetic task {kind!r}: use 'arithmetic' or 'mixed'")
+
+
+def write_jsonl(samples: Iterable[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for s in samples:
+            f.write(json.dumps({k: v for k, v in s.items() if k in ("prompt", "answer", "domain")}) + "\n")
+    return path
+
+
+def write_parquet(samples: Iterable[dict], path: str | Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{k: s[k] for k in ("prompt", "answer", "domain")} for s in samples]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+    return path

