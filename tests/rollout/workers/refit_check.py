@@ -21,6 +21,7 @@ def main():
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--mode", default="refit")
     ap.add_argument("--atol", type=float, default=1e-4)
+    ap.add_argument("--bucket-mb", type=int, default=1)
     args = ap.parse_args()
 
     from megatron.core import parallel_state as ps
@@ -81,7 +82,7 @@ def main():
         result["gap_initial"] = rollout_and_score(1)
         perturb()
         result["gap_stale"] = rollout_and_score(2)
-        refit(engine, model, spec, bucket_mb=1)
+        refit(engine, model, spec, bucket_mb=args.bucket_mb)
         result["gap_after_refit"] = rollout_and_score(3)
         if rank0:
             seq = prompt + [5, 6, 7, 8]
@@ -96,7 +97,7 @@ def main():
     elif args.mode == "no_reset":
         rollout_and_score(1)  # vLLM caches the prompt's KV blocks
         perturb()
-        refit(engine, model, spec, bucket_mb=1, reset_cache=False)
+        refit(engine, model, spec, bucket_mb=args.bucket_mb, reset_cache=False)
         result["gap_without_reset"] = rollout_and_score(4)
         if rank0:
             engine.reset_prefix_cache()
