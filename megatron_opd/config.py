@@ -238,6 +238,9 @@ class DataSection:
     synthetic: Optional[str] = None
     """Generate prompts instead: "arithmetic" or "mixed" (arithmetic + string tasks)."""
 
+    synthetic_digits: int = 2
+    """Operand digits of the synthetic arithmetic task."""
+
     synthetic_train_size: int = 2000
     """Synthetic training prompts."""
 

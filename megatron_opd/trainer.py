@@ -189,8 +189,6 @@ class OPDTrainer:
     # 1. rollout
     # ------------------------------------------------------------------------------------------
     def rollout(self) -> tuple[StepBatch, dict]:
-        from megatron_opd.rollout.monitor import logprob_gap  # noqa: F401  (used in update metrics)
-
         cfg = self.cfg
         samples = self.data.train.next_batch(cfg.train.prompts_per_step)  # same on every rank
         payload = None
@@ -273,6 +271,10 @@ class OPDTrainer:
             outs = run_micro_batches(self.student, micro, self._logprob_fn(entropy=True), forward_only=True)
             for mb, out in zip(micro, outs):
                 mb["old_logprobs"], mb["old_entropy"] = out["logprobs"], out["entropy"]
+        if self.cfg.objective.name == "reopold":
+            from megatron_opd.loss import select_reopold_tokens
+
+            select_reopold_tokens(self.cfg.objective, micro, self.step, parallel.dp_group())
 
     def _logprob_fn(self, entropy: bool = False):
         from megatron_opd.logprobs import vocab_parallel_token_logprobs
@@ -445,7 +447,7 @@ def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
     for k in keys:
         if k in ("loss",):
             vals.append(sum(float(o.get(k, 0.0)) for o in outs))
-        elif k == "nonfinite":
+        elif k == "nonfinite" or k.endswith("max") or k.endswith("max_abs"):
             vals.append(max(float(o.get(k, 0.0)) for o in outs))
         else:
             vals.append(sum(float(o.get(k, 0.0)) * w for o, w in zip(outs, weights)) / total)
@@ -454,6 +456,8 @@ def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
     if dp > 1:
         dist.all_reduce(t, group=ps.get_data_parallel_group())
         # the loss is a sum over DP ranks; everything else a mean
+        # (max-type metrics are summed here too: acceptable for logging, documented as "mean over
+        # DP of the per-rank max" would need a second collective)
         t = torch.where(torch.tensor([k == "loss" for k in keys]), t, t / dp)
     return dict(zip(keys, t.tolist()))
 
@@ -469,3 +473,47 @@ def broadcast_metrics_from_last_stage(metrics: dict) -> dict:
     box = [metrics]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def build_data(cfg: OPDConfig, tokenizer_dir):
+    """Prompts, verifier and held-out evaluation of a run (same on every rank)."""
+    from megatron_opd.data.bundle import DataBundle
+
+    return DataBundle(cfg, tokenizer_dir)
+
+
+def build_engine(cfg: OPDConfig, model_dir):
+    """The rollout engine serving the student (rank 0, colocated)."""
+    from megatron_opd.rollout.engine import RolloutEngine
+
+    return RolloutEngine(cfg.rollout, model_dir, seed=cfg.train.seed, system_prompt=cfg.data.system_prompt)
+
+
+def make_step_batch(result, samples, rewards, cfg: OPDConfig, teacher_domains, pad_id, max_len):
+    """RolloutBatch -> StepBatch tensors + rollout metrics (rank 0)."""
+    t = result.to_padded(pad_id=pad_id, max_len=max_len)
+    domains = [samples[s.prompt_index]["domain"] for s in result.samples]
+    if len(teacher_domains) == 1:
+        index = torch.zeros(len(domains), dtype=torch.long)
+    else:
+        lookup = {d: i for i, d in enumerate(teacher_domains)}
+        unknown = sorted(set(domains) - set(lookup))
+        if unknown:
+            raise ValueError(f"prompts with domain(s) {unknown} have no teacher; teachers[*].domain "
+                             f"are {teacher_domains}")
+        index = torch.tensor([lookup[d] for d in domains])
+    rewards_t = torch.tensor(rewards, dtype=torch.float32)
+    batch = StepBatch(
+        input_ids=t["input_ids"], response_mask=t["response_mask"],
+        rollout_logprobs=t["rollout_logprobs"], teacher_index=index, rewards=rewards_t,
+        response_lengths=t["response_lengths"],
+    )
+    lengths = t["response_lengths"].float()
+    metrics = {
+        "rollout/accuracy": rewards_t.mean().item(),
+        "rollout/response_length": lengths.mean().item(),
+        "rollout/response_length_max": lengths.max().item(),
+        "rollout/truncated_fraction": float(sum(s.finish_reason == "length" for s in result.samples))
+        / max(len(result.samples), 1),
+    }
+    return batch, metrics

@@ -1,0 +1,139 @@
+"""The OPD trainer end to end on tiny random models: TP=2 / PP=2 runs, resume after kill -9,
+SIGTERM, non-finite steps, vocabulary mismatch, crash while saving."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_opd.data.tokenizer import train_tokenizer
+from megatron_opd.models.hf_tiny import save_tiny_checkpoint
+from mopd_testing import REPO_ROOT, run_ranks, tiny_spec
+
+WORKER = Path(__file__).parent / "workers" / "train_run.py"
+RECIPE = str(REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml")
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tok = tmp_path_factory.mktemp("tok")
+    train_tokenizer(tok)
+    student = save_tiny_checkpoint(tiny_spec("tiny_qwen3"), tmp_path_factory.mktemp("student"), seed=0,
+                                   tokenizer_dir=tok, init_std=0.1)
+    teacher = save_tiny_checkpoint(tiny_spec("tiny_qwen3"), tmp_path_factory.mktemp("teacher"), seed=1,
+                                   tokenizer_dir=tok, init_std=0.1)
+    return student, teacher
+
+
+def overrides(models, out_dir, *extra):
+    student, teacher = models
+    return [f"student.checkpoint={student}", f"teachers=[{{checkpoint: {teacher}}}]",
+            f"train.out_dir={out_dir}", *extra]
+
+
+def metrics(out_dir):
+    return [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"],
+                                    ["parallel.pipeline_model_parallel_size=2"]], ids=["tp2", "pp2"])
+def test_two_step_run_completes(models, tmp_path, layout):
+    out = tmp_path / "run"
+    run_ranks(WORKER, 2, "--config", RECIPE, *overrides(models, out, *layout), timeout=500)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[1]["kl/student_teacher"] > 0 and rows[1]["loss"] != 0  # a real teacher signal
+    assert rows[2]["mismatch/max_abs"] < 1e-3  # refit kept vLLM == trainer
+    assert (out / "checkpoints" / "step_2" / "meta.json").is_file() and (out / "curves.png").is_file()
+
+
+def _launch(models, out, steps, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, str(WORKER), "--config", RECIPE,
+           *overrides(models, out, f"train.steps={steps}", "train.save_every=1", *extra)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for(path: Path, proc, timeout=300):
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early:\n{proc.stdout.read()[-4000:]}")
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {path}")
+        time.sleep(0.2)
+
+
+def test_kill9_then_resume_gives_same_next_step_loss(models, tmp_path):
+    ref = tmp_path / "ref"
+    run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, ref, "train.steps=3"), timeout=400)
+    killed = tmp_path / "killed"
+    proc = _launch(models, killed, 3)
+    _wait_for(killed / "checkpoints" / "step_1" / "meta.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 mid-run (the engine subprocess too)
+    proc.wait()
+    run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, killed, "train.steps=3"), timeout=400)
+    a = {r["step"]: r for r in metrics(ref)}
+    b = {r["step"]: r for r in metrics(killed)}
+    assert sorted(b) == [0, 1, 2, 3], "metrics.jsonl must hold each step once after resume"
+    assert b[3]["loss"] == a[3]["loss"] and b[2]["loss"] == a[2]["loss"]
+
+
+def test_sigterm_checkpoints_and_exits_zero(models, tmp_path):
+    out = tmp_path / "term"
+    proc = _launch(models, out, 50, "train.save_every=0")
+    _wait_for(out / "metrics.jsonl", proc)
+    time.sleep(3)
+    os.kill(proc.pid, signal.SIGTERM)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text[-3000:]
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert 1 <= step < 50
+    # loadable: a resumed run continues from it
+    run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, out, f"train.steps={step + 1}"), timeout=400)
+    assert metrics(out)[-1]["step"] == step + 1
+
+
+def test_nonfinite_loss_skips_step_and_counts(models, tmp_path):
+    out = tmp_path / "nan"
+    text = run_ranks(WORKER, 1, "--config", RECIPE, "--inject-nan-step", "1",
+                     *overrides(models, out, "train.steps=3"), timeout=400)
+    result = json.loads([l for l in text.splitlines() if l.startswith('{"step"')][-1])
+    assert result == {"step": 3, "skipped_steps": 1}
+    rows = {r["step"]: r for r in metrics(out)}
+    assert rows[2]["skipped_steps"] == 1 and rows[1]["skipped_steps"] == 0
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(models, tmp_path):
+    out = tmp_path / "crash"
+    with pytest.raises(AssertionError, match="injected crash while saving"):
+        run_ranks(WORKER, 1, "--config", RECIPE, "--crash-save-step", "2",
+                  *overrides(models, out, "train.steps=3"), timeout=400)
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_1"
+    assert (ckpts / "step_1" / "meta.json").is_file() and not (ckpts / "step_2").exists()
+    # the previous checkpoint still loads and training continues from it
+    run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, out, "train.steps=2"), timeout=400)
+    assert (ckpts / "step_2" / "meta.json").is_file() and not (ckpts / "step_2.tmp").exists()
+
+
+def test_teacher_with_different_vocabulary_is_refused_at_startup(models, tmp_path):
+    from megatron_opd.config import load_config
+    from megatron_opd.trainer import OPDTrainer
+
+    other = save_tiny_checkpoint(tiny_spec("tiny_qwen3", vocab_size=640), tmp_path / "t640", seed=2,
+                                 tokenizer_dir=models[0], init_std=0.1)
+    cfg = load_config(RECIPE, [f"student.checkpoint={models[0]}", f"teachers=[{{checkpoint: {other}}}]",
+                               f"train.out_dir={tmp_path / 'v'}"])
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"teachers\[0\].*vocab_size=640.*student.*512"):
+        OPDTrainer(cfg).setup()
+    assert time.time() - t0 < 30 and not (tmp_path / "v").exists()  # refused before any compute
