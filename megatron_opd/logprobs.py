@@ -66,18 +66,25 @@ def _local_target_logit(x: torch.Tensor, target: torch.Tensor, vocab_start: int)
     return torch.where(owned, picked, torch.zeros_like(picked)), idx.masked_fill(~owned, -1)
 
 
-def _chunk_stats(x: torch.Tensor, target: torch.Tensor, vocab_start: int, group, entropy: bool):
-    """Global (m, logZ, l_y, E[l]) of one fp32 chunk [n, V/tp]; two collectives."""
+def _chunk_stats(x: torch.Tensor, target: torch.Tensor, vocab_start: int, group, entropy: bool,
+                 scratch: bool = False):
+    """Global (logZ, l_y, E[l]) of one fp32 chunk [n, V/tp]; two collectives.
+
+    scratch=True lets the chunk be overwritten (the fused path owns its freshly computed logits), so
+    the exp happens in place and the peak is one [n, V/tp] buffer instead of two.
+    """
     m = x.max(dim=-1).values  # [n]
     if _group_size(group) > 1:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    shifted = x - m.unsqueeze(-1)
-    e = shifted.exp()  # exp(-inf) = 0 for padded columns
     l_y, _ = _local_target_logit(x, target, vocab_start)
-    sums = [e.sum(-1), l_y]
     if entropy:
-        # sum p*l with p unnormalised; finite because padded columns have e == 0 (guard -inf * 0).
-        sums.append((e * torch.where(e > 0, x, torch.zeros_like(x))).sum(-1))
+        e = (x - m.unsqueeze(-1)).exp_()  # exp(-inf) = 0 for padded columns
+        # sum p*l with p unnormalised; guard -inf * 0 on padded columns.
+        pl = (e * x.masked_fill(e == 0, 0.0)).sum(-1)
+        sums = [e.sum(-1), l_y, pl]
+    else:
+        e = x.sub_(m.unsqueeze(-1)).exp_() if scratch else (x - m.unsqueeze(-1)).exp_()
+        sums = [e.sum(-1), l_y]
     stacked = torch.stack(sums)  # [2 or 3, n]
     if _group_size(group) > 1:
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
@@ -154,7 +161,7 @@ class _FusedLMHeadTokenLogprobs(torch.autograd.Function):
         for s in range(0, n, chunk):
             logits = _lm_head(hidden[s : s + chunk], weight, fp8)  # [c, V/tp]
             x = _masked_fp32_logits(logits, vocab_start, valid_vocab_size)
-            lz, ly, ml = _chunk_stats(x, target[s : s + chunk], vocab_start, group, entropy)
+            lz, ly, ml = _chunk_stats(x, target[s : s + chunk], vocab_start, group, entropy, scratch=True)
             log_z[s : s + chunk], l_y[s : s + chunk] = lz, ly
             if entropy:
                 mean_l[s : s + chunk] = ml
@@ -290,7 +297,7 @@ def fused_lm_head_token_logprobs(
     tp_group=None,
     valid_vocab_size: Optional[int] = None,
     compute_entropy: bool = False,
-    chunk_size: Optional[int] = 1024,
+    chunk_size: Optional[int] = 256,
     fp8: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Like `vocab_parallel_token_logprobs`, from final hidden states and the LM-head weight shard.
