@@ -255,11 +255,8 @@ class DataSection:
             raise ValueError("data.train_path is required unless data.synthetic is set")
         if self.synthetic is not None and self.synthetic not in ("arithmetic", "mixed"):
             raise ValueError(f"data.synthetic={self.synthetic!r}: use 'arithmetic' or 'mixed'")
-        for name in ("train_path", "eval_path"):
-            value = getattr(self, name)
-            # Local files are checked now; anything else is a HF dataset name resolved at load time.
-            if value and value.endswith((".jsonl", ".json", ".parquet")) and not Path(value).is_file():
-                raise ValueError(f"data.{name}={value!r} does not exist")
+        # File existence is checked where the job runs (trainer start-up, before any model is built),
+        # not here: recipes are also validated on submit hosts that do not mount the data.
 
 
 @dataclass

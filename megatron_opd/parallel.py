@@ -82,16 +82,17 @@ def initialize(config: ParallelConfig, seed: int = 1234) -> None:
 
     activate_platform()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # single process without torchrun
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = resolve_backend(config.backend)
+        timeout = datetime.timedelta(minutes=config.timeout_minutes)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(minutes=config.timeout_minutes)
-        )
+        if "RANK" not in os.environ:
+            # A single process without torchrun: an in-memory store, so no TCP port can collide
+            # with another job on the machine.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     config.data_parallel_size(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -131,10 +132,3 @@ def dp_group():
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

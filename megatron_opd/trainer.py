@@ -49,6 +49,8 @@ class OPDTrainer:
         self.skipped_steps = 0
         self.engine = None
         self.metrics = None
+        self.preempt = None
+        self.rank0 = True
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -80,6 +82,8 @@ class OPDTrainer:
                                 cfg.parallel.pipeline_model_parallel_size,
                                 cfg.parallel.expert_model_parallel_size)
 
+        self.data = build_data(cfg, student_ckpt.path)  # bad data paths/fields fail here, cheaply
+
         parallel.initialize(cfg.parallel, seed=cfg.train.seed)
         self.rank0 = parallel.is_rank0()
         self.preempt = PreemptionFlag().install()
@@ -98,7 +102,6 @@ class OPDTrainer:
             load_hf_into_megatron(self.reference, ref_spec, ref_ckpt)
         self.optimizer, self.scheduler = build_optimizer(self.student, cfg.optim, cfg.train.steps)
 
-        self.data = build_data(cfg, student_ckpt.path)
         out = Path(cfg.train.out_dir)
         resume_meta = None
         ckpt = latest_checkpoint(out / "checkpoints") if cfg.train.resume else None
@@ -400,7 +403,8 @@ class OPDTrainer:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
-        self.preempt.uninstall()
+        if self.preempt is not None:
+            self.preempt.uninstall()
         parallel.destroy()
 
 

@@ -135,10 +135,7 @@ class ModelSpec:
                 f"parallel.pipeline_model_parallel_size={pp} does not divide "
                 f"{self.name}.num_layers={self.num_layers}; choose a divisor"
             )
-        if ep > 1 and not self.is_moe:
-            raise ValueError(
-                f"parallel.expert_model_parallel_size={ep} needs an MoE model; {self.name} is dense"
-            )
+        # A dense model ignores EP: the student is dense while its MoE teacher shares the layout.
         if self.is_moe and self.num_experts % ep:
             raise ValueError(
                 f"parallel.expert_model_parallel_size={ep} does not divide "

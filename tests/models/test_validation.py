@@ -27,9 +27,8 @@ def test_experts_not_divisible_by_ep():
         tiny_spec("tiny_qwen3_moe").validate_parallel(tp=1, pp=1, ep=3)
 
 
-def test_ep_on_dense_model_refused():
-    with pytest.raises(ValueError, match="expert_model_parallel_size=2 needs an MoE"):
-        tiny_spec("tiny_qwen3").validate_parallel(tp=1, pp=1, ep=2)
+def test_dense_model_ignores_ep_so_it_can_share_the_moe_teacher_layout():
+    tiny_spec("tiny_qwen3").validate_parallel(tp=1, pp=1, ep=2)
 
 
 def test_world_size_must_fit_layout():

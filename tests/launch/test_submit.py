@@ -1,0 +1,72 @@
+"""launch.submit: rendered sbatch of every cluster recipe (dry run), and validation before submission."""
+
+import io
+import re
+import sys
+
+import pytest
+
+from launch.cluster import ClusterConfig
+from launch.submit import check_layout, main, render_sbatch
+from megatron_opd.config import load_config
+from mopd_testing import REPO_ROOT
+
+CLUSTER = str(REPO_ROOT / "configs" / "clusters" / "example_slurm.yaml")
+RECIPES = ["exopd_30b_a3b_to_4b", "exopd_rc_30b_a3b_to_4b", "exopd_30b_a3b_to_1p7b", "opd_30b_a3b_to_4b",
+           "multi_teacher_4b", "reopold_30b_a3b_to_4b"]
+
+
+def _render(recipe, capsys):
+    sys.stdin = io.StringIO()
+    assert main(["--recipe", str(REPO_ROOT / "configs" / "recipes" / f"{recipe}.yaml"), "--cluster", CLUSTER,
+                 "--dryrun"]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_dryrun_renders_sbatch_and_torchrun(recipe, capsys):
+    cfg = load_config(REPO_ROOT / "configs" / "recipes" / f"{recipe}.yaml")
+    text = _render(recipe, capsys)
+    for line in ("#SBATCH --account=my_account", "#SBATCH --partition=batch", f"#SBATCH --nodes={cfg.launch.nodes}",
+                 "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8", f"#SBATCH --time={cfg.launch.time}",
+                 "#SBATCH --requeue", "#SBATCH --signal=USR1@300"):
+        assert line in text, line
+    srun = [l for l in text.splitlines() if l.startswith("srun") and "torchrun" in l]
+    assert len(srun) == 1
+    assert f"--nnodes {cfg.launch.nodes}" in srun[0] and "--nproc-per-node 8" in srun[0]
+    assert f"-m megatron_opd.cli train --config" in srun[0] and srun[0].rstrip().endswith(f"{recipe}.yaml")
+    assert "--container-image nvcr.io/nvidia/nemo:25.09" in srun[0]
+    assert "/tmp/mopd_dryrun_" not in text  # the real job_dir is shown, nothing was written there
+
+
+def test_heterogeneous_job_renders_two_groups(capsys):
+    text = _render("exopd_separate_rollout", capsys)
+    assert text.count("#SBATCH hetjob") == 1
+    assert re.search(r"#SBATCH --nodes=4.*#SBATCH hetjob.*#SBATCH --nodes=2", text, re.S)
+    train = [l for l in text.splitlines() if l.startswith("srun --het-group=0")]
+    serve = [l for l in text.splitlines() if l.startswith("srun --het-group=1")]
+    assert train and "torchrun" in train[0] and "--nnodes 4" in train[0]
+    assert serve and "vllm.entrypoints.openai.api_server" in serve[0] and "torchrun" not in serve[0]
+
+
+def test_missing_cluster_field(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("partition: batch\n")
+    with pytest.raises(ValueError, match=r"missing required cluster field\(s\) \['account'\]"):
+        ClusterConfig.from_yaml(bad)
+    bad.write_text("account: a\npartition: b\nmounts: ['/nocolon']\n")
+    with pytest.raises(ValueError, match="host_path:container_path"):
+        ClusterConfig.from_yaml(bad)
+
+
+def test_gpu_count_must_fit_layout():
+    cfg = load_config(REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml", ["launch.nodes=1"])
+    with pytest.raises(ValueError, match="expert_model_parallel_size=8 must divide"):
+        check_layout(cfg, 8)  # TP4 x PP2 on 8 GPUs leaves DP1 x TP4 = 4 < EP8
+    assert check_layout(load_config(REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml"), 8) == 32
+    cfg = load_config(REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml", ["launch.nodes=1"])
+    with pytest.raises(ValueError, match="not a multiple of tensor x pipeline"):
+        check_layout(cfg, 6)
+    with pytest.raises(ValueError, match="exceeds gpus_per_node"):
+        check_layout(load_config(REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml",
+                                 ["parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=1"]), 4)

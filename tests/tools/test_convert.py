@@ -1,0 +1,96 @@
+"""Conversion tools: HF -> Megatron -> HF round trips at several layouts, logits equal transformers;
+memory estimator against hand-computed numbers; bad input refused before anything is written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_opd.models.hf_mapping import HFCheckpoint
+from megatron_opd.models.hf_tiny import save_tiny_checkpoint
+from mopd_testing import REPO_ROOT, tiny_spec
+from tools.estimate_memory import estimate_memory, local_params
+
+
+def torchrun(nproc, module, *args, ok=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", module, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=str(REPO_ROOT))
+    if ok and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return save_tiny_checkpoint(tiny_spec("tiny_qwen3"), tmp_path_factory.mktemp("d"), init_std=0.1)
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    return save_tiny_checkpoint(tiny_spec("tiny_qwen3_moe"), tmp_path_factory.mktemp("m"), init_std=0.1)
+
+
+@pytest.mark.parametrize("kind,to_layout,back_layout", [
+    ("dense", ["--tp", "2"], ["--pp", "2"]),
+    ("moe", ["--ep", "2"], ["--tp", "2"]),
+], ids=["dense-tp2-to-pp2", "moe-ep2-to-tp2"])
+def test_roundtrip_is_exact_and_verified(dense, moe, tmp_path, kind, to_layout, back_layout):
+    src = dense if kind == "dense" else moe
+    meg, back = tmp_path / "meg", tmp_path / "hf"
+    out = torchrun(2, "tools.convert_hf_to_megatron", "--hf", str(src), "--out", str(meg), "--verify", *to_layout)
+    assert "verify: max |logits - transformers|" in out.stdout
+    out = torchrun(2, "tools.convert_megatron_to_hf", "--megatron", str(meg), "--out", str(back), "--verify",
+                   *back_layout)
+    assert "verify" in out.stdout
+    a, b = HFCheckpoint(src), HFCheckpoint(back)
+    assert set(a.keys()) == set(b.keys())
+    for name in a.keys():
+        assert torch.equal(a.get(name), b.get(name)), name
+
+
+def test_unknown_architecture_refused_before_writing(tmp_path):
+    bad = tmp_path / "llama"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (bad / "model.safetensors").write_bytes(b"")
+    out = tmp_path / "out"
+    proc = torchrun(1, "tools.convert_hf_to_megatron", "--hf", str(bad), "--out", str(out), ok=False)
+    assert proc.returncode != 0 and "not supported" in proc.stderr + proc.stdout
+    assert not out.exists()
+
+
+def test_layout_not_fitting_refused_before_writing(dense, tmp_path):
+    out = tmp_path / "out"
+    proc = torchrun(1, "tools.convert_hf_to_megatron", "--hf", str(dense), "--out", str(out), "--pp", "3", ok=False)
+    assert "pipeline_model_parallel_size=3" in proc.stderr + proc.stdout and not out.exists()
+
+
+def test_inspect_checkpoint(dense):
+    from tools.inspect_checkpoint import inspect
+
+    info = inspect(dense)
+    assert info["format"] == "hf-safetensors" and info["num_tensors"] == len(HFCheckpoint(dense).keys())
+    assert info["spec"]["architecture"] == "qwen3"
+
+
+def test_estimate_memory_hand_computed():
+    spec = tiny_spec("tiny_qwen3")  # dense, fp32 here
+    P = spec.num_parameters()
+    est = estimate_memory(spec, [spec], tp=2, pp=2, ep=1, dtype="float32", micro_batch=2, seq_len=16,
+                          kv_sequences_per_gpu=4, kv_max_len=16)
+    gib = 2**30
+    assert est["student_weights"] == pytest.approx(P / 4 * 4 / gib)
+    assert est["gradients"] == pytest.approx(P / 4 * 4 / gib)
+    assert est["optimizer"] == pytest.approx(P / 4 * 8 / gib)  # fp32 model: Adam m, v only
+    assert est["frozen_models"] == pytest.approx(P / 4 * 4 / gib)
+    assert est["activations"] == pytest.approx(2 * 16 * 64 * (4 / 2) * 34 * 4 / 2 / gib)
+    assert est["kv_cache"] == pytest.approx(2 * 4 * 2 * 32 * 4 * 16 * 4 / 2 / gib)
+    moe = tiny_spec("tiny_qwen3_moe")
+    experts = moe.num_layers * moe.num_experts * 3 * moe.hidden_size * moe.moe_ffn_hidden_size
+    assert local_params(moe, 1, 1, 2) == pytest.approx(moe.num_parameters() - experts / 2)

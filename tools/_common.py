@@ -1,0 +1,79 @@
+"""Shared pieces of the conversion tools: argument validation and logit verification."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+SPEC_FILE = "megatron_opd_spec.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+def refuse_existing(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def megatron_logits(model, spec, input_ids: torch.Tensor):
+    """Full-vocabulary logits [b, s, V] gathered over TP, on the last pipeline stage (else None)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_opd.models.forward import run_micro_batches
+
+    got = []
+
+    def fn(mb, logits):
+        tp = ps.get_tensor_model_parallel_world_size()
+        shards = [torch.empty_like(logits) for _ in range(tp)]
+        dist.all_gather(shards, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
+        got.append(torch.cat(shards, -1)[..., : spec.vocab_size].float())
+        return logits.sum() * 0, {}
+
+    run_micro_batches(model, [{"input_ids": input_ids}], fn, forward_only=True)
+    return got[0] if got else None
+
+
+def verify_against_transformers(model, spec, hf_dir: Path, atol: float = 1e-4) -> float:
+    """Max |Megatron - transformers| logits on a few fixed prompts (collective; checked on the last
+    stage, reported on every rank)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, spec.vocab_size, (2, 16))
+    mine = megatron_logits(model, spec, ids)
+    err = torch.tensor([0.0])
+    if mine is not None:
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        with torch.no_grad():
+            err[0] = (mine - hf(ids).logits).abs().max()
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    if err.item() > atol:
+        raise RuntimeError(f"--verify failed: logits differ from transformers by {err.item():.3g} > {atol}")
+    return err.item()
+
+
+def write_spec(out: Path, spec) -> None:
+    import dataclasses
+
+    (out / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+
+
+def read_spec(path: Path):
+    from megatron_opd.models.spec import ModelSpec
+
+    f = path / SPEC_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} is not a megatron_opd Megatron checkpoint (no {SPEC_FILE})")
+    return ModelSpec.from_dict(json.loads(f.read_text()), source=str(f))
