@@ -41,19 +41,20 @@ class DemoConfig:
     teacher_hidden: int = 128
     """Teacher width (4 layers)."""
 
-    student_hidden: int = 64
-    """Student width (4 layers): the 'weak' model of strong-to-weak OPD."""
+    student_hidden: int = 128
+    """Student width (4 layers). Same width as the teacher: at 64 the student cannot learn the task
+    in a CPU-minute budget at all; the student is weak by being under-trained instead."""
 
-    teacher_sft_steps: int = 1500
+    teacher_sft_steps: int = 1000
     """SFT steps that make the teacher accurate."""
 
-    student_sft_steps: int = 250
-    """SFT steps of the student: enough to follow the format, not to be accurate."""
+    student_sft_steps: int = 450
+    """SFT steps of the student: it follows the format but makes arithmetic mistakes."""
 
     sft_batch_size: int = 64
     """SFT sequences per step."""
 
-    opd_steps: int = 40
+    opd_steps: int = 60
     """Optimizer steps of each distillation run."""
 
     opd_overrides: tuple = ()

@@ -110,8 +110,9 @@ class OPDTrainer:
             self.step = resume_meta["step"]
             self.skipped_steps = resume_meta.get("skipped_steps", 0)
             self.data.train.load_state_dict(resume_meta["data"])
+        # Keep the metrics of steps up to the checkpoint; a fresh run (no checkpoint) starts a new file.
         self.metrics = MetricsLogger(out, enabled=self.rank0,
-                                     resume_step=self.step if resume_meta else None)
+                                     resume_step=self.step if resume_meta else -1)
         if self.rank0:
             out.mkdir(parents=True, exist_ok=True)
             import yaml

