@@ -54,7 +54,7 @@ class DemoConfig:
     sft_batch_size: int = 64
     """SFT sequences per step."""
 
-    opd_steps: int = 60
+    opd_steps: int = 150
     """Optimizer steps of each distillation run."""
 
     opd_overrides: tuple = ()
