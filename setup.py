@@ -36,7 +36,7 @@ EXTRAS = {
     "launch": ["nemo-run==0.11.1"],
     "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
     # Only for benchmarks/bench_opd_step_vs_trl.py.
-    "bench": ["trl>=0.20"],
+    "bench": ["trl==1.16.0", "accelerate==1.15.0"],
 }
 
 setup(

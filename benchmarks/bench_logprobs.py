@@ -74,6 +74,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--large-tp", default="1,2", help="TP sizes for the large shape (each costs minutes)")
     ap.add_argument("--child", nargs=6)
     args = ap.parse_args()
     if args.child:
@@ -82,8 +83,9 @@ def main():
         return
     shapes = ["small"] if args.quick else ["small", "large"]
     results = {}
+    tps = {"small": (1, 2), "large": tuple(int(t) for t in args.large_tp.split(","))}
     for shape in shapes:
-        for tp in (1, 2):
+        for tp in tps[shape]:
             for variant in ("matmul", "naive", "chunked", "fused"):
                 r = measure(variant, shape, tp, args.repeats)
                 results[(shape, tp, variant)] = r
@@ -91,7 +93,7 @@ def main():
                       flush=True)
     lines = {}
     for shape in shapes:
-        for tp in (1, 2):
+        for tp in tps[shape]:
             g = lambda v: results[(shape, tp, v)]  # noqa: E731
             for v in ("chunked", "fused"):
                 lines[f"{shape}_tp{tp}_{v}_peak_mem_ratio_vs_naive"] = g(v)["peak_mb"] / max(g("naive")["peak_mb"], 1e-9)
