@@ -98,7 +98,7 @@ def _render(cfg, cluster: ClusterConfig, recipe: str, overrides: list[str]) -> s
     train_script = run.Script(path=cmd[1], args=cmd[2:], entrypoint="python", m=True)
     name = Path(recipe).stem
     if rollout is None:
-        executor, app = trainer, None
+        executor = trainer
         executor.assign("dryrun", cluster.job_dir, name, name)
         app = package(name, train_script, executor)
     else:

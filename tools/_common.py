@@ -13,6 +13,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "generation_config.json", "chat_template.jinja")
 
 
+def add_layout_args(ap) -> None:
+    """--tp/--pp/--ep/--dtype/--verify, shared by both conversion directions."""
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the conversion")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the conversion")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel size of the conversion (MoE)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--verify", action="store_true", help="compare logits with transformers")
+
+
 def refuse_existing(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")

@@ -16,14 +16,12 @@ import torch
 
 
 def main(argv=None) -> int:
+    from tools._common import add_layout_args
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hf", required=True, help="HF checkpoint directory")
     ap.add_argument("--out", required=True, help="new directory for the Megatron checkpoint")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--ep", type=int, default=1)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--verify", action="store_true", help="compare logits with transformers")
+    add_layout_args(ap)
     args = ap.parse_args(argv)
 
     import torch.distributed as dist

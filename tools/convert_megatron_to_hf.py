@@ -12,16 +12,14 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
+    from tools._common import add_layout_args
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--megatron", required=True, help="Megatron checkpoint directory")
     ap.add_argument("--out", required=True, help="new directory for the HF checkpoint")
     ap.add_argument("--spec", default=None, help="model spec YAML (default: the checkpoint's own)")
     ap.add_argument("--tokenizer", default=None, help="directory whose tokenizer files to copy")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--ep", type=int, default=1)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--verify", action="store_true", help="compare logits with transformers")
+    add_layout_args(ap)
     args = ap.parse_args(argv)
 
     import torch
