@@ -336,6 +336,11 @@ class OPDConfig:
                 "objective.reward_correction has no effect at objective.lam=1 (the reference cancels); "
                 "set objective.lam (e.g. 1.25)"
             )
+        if self.optim.lr_warmup_steps >= self.train.steps:
+            raise ValueError(
+                f"optim.lr_warmup_steps={self.optim.lr_warmup_steps} must be below "
+                f"train.steps={self.train.steps}; lower the warm-up or train longer"
+            )
         if self.rollout.mode == "separate" and self.launch.rollout_nodes < 1:
             raise ValueError("rollout.mode='separate' needs launch.rollout_nodes >= 1")
 

@@ -137,3 +137,10 @@ def test_teacher_with_different_vocabulary_is_refused_at_startup(models, tmp_pat
     with pytest.raises(ValueError, match=r"teachers\[0\].*vocab_size=640.*student.*512"):
         OPDTrainer(cfg).setup()
     assert time.time() - t0 < 30 and not (tmp_path / "v").exists()  # refused before any compute
+
+
+def test_warmup_longer_than_run_is_a_config_error(models, tmp_path):
+    from megatron_opd.config import load_config
+
+    with pytest.raises(ValueError, match="optim.lr_warmup_steps=5 must be below train.steps=2"):
+        load_config(RECIPE, overrides(models, tmp_path, "optim.lr_warmup_steps=5"))
