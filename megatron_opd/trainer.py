@@ -62,6 +62,7 @@ class OPDTrainer:
         from megatron_opd.models.hf_mapping import HFCheckpoint, load_hf_into_megatron
         from megatron_opd.models.spec import ModelSpec
         from megatron_opd.models.student import build_optimizer, wrap_ddp
+        from megatron_opd.rollout.engine import check_rollout_capacity
         from megatron_opd.signals import PreemptionFlag
 
         cfg = self.cfg
@@ -77,6 +78,7 @@ class OPDTrainer:
         ref_spec = (ModelSpec.from_yaml(ref_role.spec) if ref_role and ref_role.spec
                     else ref_ckpt.spec()) if ref_ckpt else None
         check_vocabularies(self.spec, teacher_specs, ref_spec, cfg)
+        check_rollout_capacity(cfg.rollout, self.spec)
         for s in [self.spec, *teacher_specs, *([ref_spec] if ref_spec else [])]:
             s.validate_parallel(cfg.parallel.tensor_model_parallel_size,
                                 cfg.parallel.pipeline_model_parallel_size,

@@ -88,8 +88,32 @@ def _configure_env(cfg: RolloutConfig, in_process: bool) -> None:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(cfg.kv_cache_gib))))
 
 
-def _check_model_dir(model_dir: str | Path) -> Path:
-    """Fail before vLLM starts (its own errors are deep and slow) on a bad path or architecture."""
+def kv_cache_bytes_per_token(spec, dtype: str) -> int:
+    """K and V of every layer for one token: 2 * layers * kv_heads * head_dim * element size."""
+    elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return 2 * spec.num_layers * spec.num_query_groups * spec.head_dim * elem
+
+
+def check_rollout_capacity(cfg: RolloutConfig, spec) -> None:
+    """Fail before vLLM starts when one max-length sequence cannot fit its context or KV cache."""
+    if not torch.cuda.is_available():  # on GPU the budget depends on free memory; vLLM checks it
+        budget = max(1, int(round(cfg.kv_cache_gib))) * 2**30  # VLLM_CPU_KVCACHE_SPACE is whole GiB
+        need = cfg.max_model_len * kv_cache_bytes_per_token(spec, cfg.dtype)
+        if need > budget:
+            raise RolloutEngineError(
+                f"rollout.kv_cache_gib={cfg.kv_cache_gib} is too small: one sequence of "
+                f"rollout.max_model_len={cfg.max_model_len} tokens needs {need / 2**30:.2f} GiB of KV cache "
+                f"for {spec.name}; raise rollout.kv_cache_gib to at least {need / 2**30:.0f} or lower "
+                "rollout.max_model_len")
+    if cfg.max_model_len > spec.max_position_embeddings:
+        raise RolloutEngineError(
+            f"rollout.max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
+            f"{spec.max_position_embeddings}; lower rollout.max_model_len")
+
+
+def _check_model_dir(model_dir: str | Path):
+    """Fail before vLLM starts (its own errors are deep and slow) on a bad path or architecture.
+    Returns the directory and its ModelSpec."""
     from megatron_opd.models.spec import ModelSpec
 
     path = Path(model_dir)
@@ -99,13 +123,13 @@ def _check_model_dir(model_dir: str | Path) -> Path:
             "checkpoint directory (weights + config + tokenizer)"
         )
     try:
-        ModelSpec.from_hf_config(path)
+        spec = ModelSpec.from_hf_config(path)
     except ValueError as exc:
         raise RolloutEngineError(f"rollout model {path}: {exc}") from None
     if not list(path.glob("tokenizer*")):
         raise RolloutEngineError(f"rollout model directory {path} has no tokenizer files; save the "
                                  "tokenizer next to the weights (tokenizer.save_pretrained)")
-    return path
+    return path, spec
 
 
 class RolloutEngine:
@@ -116,7 +140,8 @@ class RolloutEngine:
         import torch.distributed as dist
 
         self.cfg = cfg
-        self.model_dir = _check_model_dir(model_dir)
+        self.model_dir, spec = _check_model_dir(model_dir)
+        check_rollout_capacity(cfg, spec)
         self.system_prompt = system_prompt
         if in_process is None:
             in_process = not (dist.is_initialized() and dist.get_world_size() > 1)

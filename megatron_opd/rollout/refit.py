@@ -36,6 +36,7 @@ class RefitError(ValueError):
 @dataclass
 class RefitStats:
     seconds: float = 0.0
+    load_seconds: float = 0.0  # inside the engine's load (vLLM reload_weights, incl. its CPU repacking)
     bytes: int = 0
     buckets: int = 0
 
@@ -97,7 +98,9 @@ def refit(engine, model, spec, bucket_mb: int = 256, reset_cache: bool = True) -
             if manifest.get(name) != tuple(t.shape):
                 raise RefitError(f"refit: exporter produced {name} {tuple(t.shape)}, expected "
                                  f"{manifest.get(name)}")
+        t_load = time.perf_counter()
         engine.load_weights(bucket)
+        stats.load_seconds += time.perf_counter() - t_load
         stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
         stats.buckets += 1
     if engine is not None and reset_cache:

@@ -31,3 +31,18 @@ def test_logprob_gap_and_probe_rows():
     assert probe_rows(8, 2) == [0, 4] and probe_rows(3, 0) == []
     with pytest.raises(ValueError, match="shapes differ"):
         logprob_gap(t, r[:, :2], m)
+
+
+def test_kv_cache_too_small_or_context_too_long_fails_before_vllm_starts(vllm_dense_ckpt):
+    from megatron_opd.config import RolloutConfig
+    from megatron_opd.models.spec import ModelSpec
+    from megatron_opd.rollout.engine import RolloutEngine, RolloutEngineError, kv_cache_bytes_per_token
+
+    spec = ModelSpec.from_hf_config(vllm_dense_ckpt)
+    per_token = kv_cache_bytes_per_token(spec, "float32")
+    assert per_token == 2 * 4 * 2 * 32 * 4  # K and V x layers x kv heads x head_dim x fp32
+    too_long = 2 * 2**30 // per_token  # one sequence needs 2 GiB
+    with pytest.raises(RolloutEngineError, match=r"rollout.kv_cache_gib=1.0 is too small.*at least 2"):
+        RolloutEngine(RolloutConfig(max_model_len=too_long, kv_cache_gib=1.0), vllm_dense_ckpt)
+    with pytest.raises(RolloutEngineError, match="rollout.max_model_len=1024 exceeds.*=512"):
+        RolloutEngine(RolloutConfig(max_model_len=1024, kv_cache_gib=2.0), vllm_dense_ckpt)
