@@ -3,7 +3,8 @@
 No weights can be downloaded on these machines, so the demo builds its own models:
   1. a tokenizer trained locally, and a synthetic verifiable task (multi-digit addition, \\boxed{} answer);
   2. a teacher: a small Qwen3 trained by SFT until it is accurate (cached after the first run);
-  3. a weaker student: a smaller Qwen3 with a short SFT (cached too);
+  3. a weaker student: a Qwen3 of the same shape trained by SFT on solutions of which a fraction forgets
+     every carry (a systematic learner's mistake the teacher does not make; cached too);
   4. OPD (lambda = 1) and ExOPD (lambda = 1.25, reference = the student's initial weights), each a real
      `megatron-opd train` run (Megatron-Core student/teacher/reference, vLLM rollouts with refit);
   5. held-out avg@k of teacher, student before, and student after each run; printed as `name: value`
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -43,13 +45,19 @@ class DemoConfig:
 
     student_hidden: int = 128
     """Student width (4 layers). Same width as the teacher: at 64 the student cannot learn the task
-    in a CPU-minute budget at all; the student is weak by being under-trained instead."""
+    in a CPU-minute budget at all; the student is weak by what it was taught (student_error_rate)."""
 
     teacher_sft_steps: int = 1000
     """SFT steps that make the teacher accurate."""
 
     student_sft_steps: int = 450
-    """SFT steps of the student: it follows the format but makes arithmetic mistakes."""
+    """SFT steps of the student."""
+
+    student_error_rate: float = 0.6
+    """Fraction of the student's SFT solutions written without carrying (37+48=75). Its sampling then
+    repeats that mistake at about this rate on problems with a carry, a weakness that does not depend
+    on how far a short SFT happens to get (an under-trained student was 0.45 accurate on one machine
+    and 0.97 on another)."""
 
     sft_batch_size: int = 64
     """SFT sequences per step."""
@@ -63,6 +71,8 @@ class DemoConfig:
     def __post_init__(self):
         if self.digits < 1 or self.digits > 6:
             raise ValueError("demo.digits must be in [1, 6]")
+        if not 0 <= self.student_error_rate < 1:
+            raise ValueError(f"demo.student_error_rate={self.student_error_rate} must be in [0, 1)")
         for name in ("teacher_sft_steps", "student_sft_steps", "opd_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"demo.{name} must be >= 1")
@@ -92,9 +102,14 @@ def demo_spec(name: str, hidden: int, vocab_size: int) -> ModelSpec:
 
 
 def build_sft_model(spec: ModelSpec, tokenizer_dir: Path, out: Path, steps: int, batch_size: int,
-                    digits: int, seed: int) -> Path:
-    """SFT a randomly initialised model on worked solutions; save it as a HF checkpoint (cached)."""
-    if (out / "model.safetensors").is_file():
+                    digits: int, seed: int, error_rate: float = 0.0) -> Path:
+    """SFT a randomly initialised model on worked solutions, a fraction `error_rate` of them written
+    without carrying; save it as a HF checkpoint (cached)."""
+    # The cache is reused only if it was built from the same recipe (a changed DemoConfig rebuilds it).
+    recipe = {"spec": dataclasses.asdict(spec), "steps": steps, "batch_size": batch_size, "digits": digits,
+              "seed": seed, "error_rate": error_rate}
+    stamp = out / "demo_build.json"
+    if (out / "model.safetensors").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return out
     from transformers import AutoTokenizer
 
@@ -110,7 +125,9 @@ def build_sft_model(spec: ModelSpec, tokenizer_dir: Path, out: Path, steps: int,
     save_tiny_checkpoint(spec, tmp, seed=seed, tokenizer_dir=tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     task = ArithmeticTask(digits=digits)
-    pairs = [(s["prompt"], task.solution(s)) for s in task.samples(20_000, seed=seed)]
+    rng = random.Random(seed)
+    pairs = [(s["prompt"], task.solution(s, drop_carries=rng.random() < error_rate))
+             for s in task.samples(20_000, seed=seed)]
     examples = tokenize_pairs(tokenizer, pairs, max_len=spec.max_position_embeddings)
 
     pcfg = parallel.ParallelConfig()
@@ -132,6 +149,7 @@ def build_sft_model(spec: ModelSpec, tokenizer_dir: Path, out: Path, steps: int,
             vocab_size=spec.vocab_size, on_step=log)
     save_hf_checkpoint(model.module, spec, out)
     tokenizer.save_pretrained(str(out))
+    stamp.write_text(json.dumps(recipe, indent=2))  # last: a crash before this leaves no valid cache
     parallel.destroy()
     return out
 
@@ -163,12 +181,14 @@ def run_demo(cfg: DemoConfig) -> dict:
                               cache / "teacher", cfg.teacher_sft_steps, cfg.sft_batch_size, cfg.digits, 1)
     student = build_sft_model(demo_spec("demo-student", cfg.student_hidden, vocab), tok_dir,
                               cache / "student_base", cfg.student_sft_steps, cfg.sft_batch_size,
-                              cfg.digits, 2)
+                              cfg.digits, 2, error_rate=cfg.student_error_rate)
     print(f"[demo] models ready ({time.time() - t0:.0f}s)", flush=True)
 
     py = sys.executable
     common = [f"student.checkpoint={student}", f"teachers=[{{checkpoint: {teacher}}}]",
-              f"train.steps={cfg.opd_steps}", f"data.synthetic_digits={cfg.digits}", *cfg.opd_overrides]
+              f"train.steps={cfg.opd_steps}", f"data.synthetic_digits={cfg.digits}",
+              f"optim.lr_warmup_steps={min(5, cfg.opd_steps // 10)}",  # the recipe's 5, shorter for short runs
+              *cfg.opd_overrides]
     teacher_eval = out / "teacher_eval.json"
     _run([py, "-m", "megatron_opd.cli", "eval", "--config", str(DEMO_RECIPE), "--checkpoint", str(teacher),
           "--output", str(teacher_eval), *common], out / "teacher_eval.log")

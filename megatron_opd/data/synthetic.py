@@ -40,9 +40,23 @@ class ArithmeticTask:
                         "a": a, "b": b, "op": op})
         return out
 
-    def solution(self, sample: dict) -> str:
+    def solution(self, sample: dict, drop_carries: bool = False) -> str:
+        """The worked answer. `drop_carries=True` writes the typical learner's mistake instead: an
+        addition done digit by digit without carrying (37+48 -> 75); other operators stay correct."""
         a, b, op = sample["a"], sample["b"], sample["op"]
-        return f"{a}{op}{b}={sample['answer']}. \\boxed{{{sample['answer']}}}"
+        answer = carry_free_sum(a, b) if drop_carries and op == "+" else sample["answer"]
+        return f"{a}{op}{b}={answer}. \\boxed{{{answer}}}"
+
+
+def carry_free_sum(a: int, b: int) -> str:
+    """Digit-wise sum mod 10, i.e. addition that forgets every carry: 37+48 -> "75", 95+17 -> "2"."""
+    if a < 0 or b < 0:
+        raise ValueError(f"carry_free_sum needs non-negative operands, got {a}, {b}")
+    digits, place = 0, 1
+    while a or b:
+        digits += ((a % 10 + b % 10) % 10) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return str(digits)
 
 
 @dataclass
