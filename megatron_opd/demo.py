@@ -135,7 +135,8 @@ def build_sft_model(spec: ModelSpec, tokenizer_dir: Path, out: Path, steps: int,
     model = build_gpt_model(spec, pcfg, role="student")
     load_hf_into_megatron(model, spec, tmp)
     model = wrap_ddp(model)
-    optim = OptimConfig(lr=3e-3, min_lr=3e-4, lr_warmup_steps=20, lr_decay_style="cosine", clip_grad=1.0)
+    optim = OptimConfig(lr=3e-3, min_lr=3e-4, lr_warmup_steps=min(20, steps // 10), lr_decay_style="cosine",
+                        clip_grad=1.0)
     optimizer, scheduler = build_optimizer(model, optim, steps)
     sft = SFTConfig(steps=steps, batch_size=batch_size, micro_batch_size=batch_size, seed=seed)
     t0 = time.time()

@@ -1,0 +1,53 @@
+"""The embedded demo end to end at toy budgets (SFT -> teacher eval -> OPD and ExOPD runs with vLLM ->
+results JSON + plot), its model cache, and its config validation."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megatron_opd.demo import DemoConfig
+from mopd_testing import REPO_ROOT
+
+TOY = ["teacher_sft_steps=3", "student_sft_steps=3", "opd_steps=2", "sft_batch_size=8",
+       "opd_overrides=train.prompts_per_step=4,data.synthetic_eval_size=4,train.eval_samples=1,"
+       "rollout.max_new_tokens=8,train.micro_batch_size=4"]
+
+
+def _demo(out_dir, *overrides):
+    proc = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "demo", "--out-dir", str(out_dir),
+                           *TOY, *overrides], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_demo_runs_end_to_end_and_reuses_its_model_cache(tmp_path):
+    out = _demo(tmp_path)
+    lines = dict(l.split(": ", 1) for l in out.splitlines() if ": " in l and not l.startswith("["))
+    results = json.loads((tmp_path / "demo_results.json").read_text())
+    for key in ("teacher_acc", "student_acc_before", "student_acc_after_opd", "student_acc_after_exopd"):
+        assert 0.0 <= results[key] <= 1.0 and float(lines[key]) == results[key]
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    for run in ("opd", "exopd"):
+        assert (tmp_path / run / "metrics.jsonl").is_file()
+    assert "sft demo-student" in out and "sft demo-teacher" in out
+
+    weights = tmp_path / "cache" / "student_base" / "model.safetensors"
+    built = weights.stat().st_mtime_ns
+    # Same recipe: both models come from the cache. A changed student recipe rebuilds only the student.
+    again = _demo(tmp_path, "student_error_rate=0.3")
+    assert "sft demo-teacher" not in again and "sft demo-student" in again
+    assert weights.stat().st_mtime_ns != built
+    stamp = json.loads((tmp_path / "cache" / "student_base" / "demo_build.json").read_text())
+    assert stamp["error_rate"] == 0.3
+
+
+def test_demo_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="demo.student_error_rate=1.5"):
+        DemoConfig(student_error_rate=1.5)
+    with pytest.raises(ValueError, match="demo.opd_steps"):
+        DemoConfig(opd_steps=0)
+    with pytest.raises(ValueError, match="key=value with key in"):
+        DemoConfig.from_overrides(["student_width=3"])
+    assert DemoConfig.from_overrides(["opd_steps=7", "opd_overrides=a=1,b=2"]).opd_overrides == ("a=1", "b=2")
