@@ -12,6 +12,7 @@ vLLM reports raw log-probs (before temperature): they are the policy's, comparab
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ def check_rollout_capacity(cfg: RolloutConfig, spec) -> None:
             raise RolloutEngineError(
                 f"rollout.kv_cache_gib={cfg.kv_cache_gib} is too small: one sequence of "
                 f"rollout.max_model_len={cfg.max_model_len} tokens needs {need / 2**30:.2f} GiB of KV cache "
-                f"for {spec.name}; raise rollout.kv_cache_gib to at least {need / 2**30:.0f} or lower "
+                f"for {spec.name}; raise rollout.kv_cache_gib to at least {math.ceil(need / 2**30)} or lower "
                 "rollout.max_model_len")
     if cfg.max_model_len > spec.max_position_embeddings:
         raise RolloutEngineError(
