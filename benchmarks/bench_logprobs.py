@@ -47,9 +47,9 @@ def run_variant(variant: str, tokens: int, vocab: int, hidden: int, tp: int, rep
             if variant == "naive":
                 return torch.log_softmax(h @ w.t(), -1).gather(-1, target[:, None])
             if variant == "chunked":
-                return vocab_parallel_token_logprobs(h @ w.t(), target, chunk_size=256)[0]
+                return vocab_parallel_token_logprobs(h @ w.t(), target)[0]  # chunk_size='auto'
             if variant == "fused":
-                return fused_lm_head_token_logprobs(h, w, target, chunk_size=256)[0]
+                return fused_lm_head_token_logprobs(h, w, target)[0]  # chunk_size='auto'
             raise ValueError(variant)
 
     once()  # warm-up (allocator, threads)

@@ -290,7 +290,7 @@ class OPDTrainer:
         def fn(mb, logits):  # logits [b, s, V/tp]
             lp, ent = vocab_parallel_token_logprobs(
                 logits[:, :-1], mb["input_ids"][:, 1:], tp_group=parallel.tp_group(),
-                valid_vocab_size=vocab, compute_entropy=entropy, chunk_size=4096,
+                valid_vocab_size=vocab, compute_entropy=entropy,
             )  # [b, s-1]
             return logits.new_zeros(()), {"logprobs": lp.float(), "entropy": ent}
 
@@ -327,7 +327,6 @@ class OPDTrainer:
                 lp, ent = vocab_parallel_token_logprobs(
                     logits[:, :-1], mb["input_ids"][:, 1:], tp_group=parallel.tp_group(),
                     valid_vocab_size=self.spec.vocab_size, compute_entropy=need_entropy,
-                    chunk_size=4096,
                 )  # [b, s-1]
                 lp = lp.float()
                 if not bool(torch.isfinite(lp).all()):

@@ -1,11 +1,12 @@
 """Vocabulary-parallel token log-probs: dense references, padding, gradients, TP=2 == TP=1."""
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_opd.logprobs import fused_lm_head_token_logprobs, vocab_parallel_token_logprobs
+from megatron_opd.logprobs import auto_chunk_size, fused_lm_head_token_logprobs, vocab_parallel_token_logprobs
 from mopd_testing import run_ranks
 
 
@@ -53,6 +54,23 @@ def test_chunked_equals_unchunked(case):
     torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
 
 
+def test_auto_chunk_is_bounded_by_bytes_and_matches_unchunked(case, monkeypatch):
+    import megatron_opd.logprobs as lp_mod
+
+    assert auto_chunk_size(151_936) == 512 * 2**20 // (4 * 151_936)  # 883 tokens of a Qwen3 vocab
+    assert auto_chunk_size(10**12) == 1  # never zero
+    logits, target, V = case
+    seen = []
+    real = lp_mod._chunk_stats
+    monkeypatch.setattr(lp_mod, "_chunk_stats", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
+    monkeypatch.setattr(lp_mod, "DEFAULT_CHUNK_BYTES", 4 * logits.shape[-1] * 2)  # budget: 2 tokens
+    a = vocab_parallel_token_logprobs(logits, target, valid_vocab_size=V, compute_entropy=True)
+    assert max(seen) == 2 and len(seen) == math.ceil(target.numel() / 2)
+    b = vocab_parallel_token_logprobs(logits, target, valid_vocab_size=V, compute_entropy=True, chunk_size=None)
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+    torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
+
+
 def test_fused_equals_unfused_values_and_grads():
     torch.manual_seed(1)
     V, Vpad, H = 50, 64, 12
@@ -94,6 +112,8 @@ def test_bad_inputs_name_the_argument(case):
         vocab_parallel_token_logprobs(logits, target + V, valid_vocab_size=V)
     with pytest.raises(ValueError, match="chunk_size"):
         vocab_parallel_token_logprobs(logits, target, chunk_size=0)
+    with pytest.raises(ValueError, match="'auto' or None"):
+        vocab_parallel_token_logprobs(logits, target, chunk_size="big")
     with pytest.raises(ValueError, match="lm_head_weight has shape"):
         fused_lm_head_token_logprobs(torch.randn(3, 8), torch.randn(10, 9), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="fp8"):

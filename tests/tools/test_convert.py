@@ -91,6 +91,8 @@ def test_estimate_memory_hand_computed():
     assert est["frozen_models"] == pytest.approx(P / 4 * 4 / gib)
     assert est["activations"] == pytest.approx(2 * 16 * 64 * (4 / 2) * 34 * 4 / 2 / gib)
     assert est["kv_cache"] == pytest.approx(2 * 4 * 2 * 32 * 4 * 16 * 4 / 2 / gib)
+    # forward chunk + its gradient: all 2 x 16 tokens fit one chunk of the 512 / 2 = 256-column slice
+    assert est["logprob_chunk"] == pytest.approx(2 * (2 * 16) * 256 * 4 / gib)
     moe = tiny_spec("tiny_qwen3_moe")
     experts = moe.num_layers * moe.num_experts * 3 * moe.hidden_size * moe.moe_ffn_hidden_size
     assert local_params(moe, 1, 1, 2) == pytest.approx(moe.num_parameters() - experts / 2)
