@@ -30,11 +30,18 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_BYTES = 512 * 2**20
-"""chunk_size="auto": tokens per chunk such that one fp32 `[chunk, V/tp]` buffer stays within this.
-A fixed token count is wrong both ways: 4096 tokens of a 152k vocabulary is 2.5 GB, while 256 tokens
-re-streams the whole LM-head weight from memory once per chunk (fused path: 1.39x the bare matmul at
-256 tokens, 1.10x at 512-1024, measured at 4096 x 151,936 x 2,560 on CPU)."""
+# chunk_size="auto" picks tokens per chunk from a byte budget for one fp32 `[chunk, V/tp]` buffer; a
+# fixed token count is wrong both ways (4096 tokens of a 152k vocabulary is 2.5 GB). Measured on CPU
+# (forward, fp32, one process):
+# - from logits, the softmax passes run ~2x faster when a chunk stays cache-sized: 8-9 MiB chunks took
+#   0.33 s vs 0.67-0.73 s for 37-594 MiB chunks at 2048 x 151,936, and 0.032 s vs 0.072 s at 1024 x 32,000;
+# - fused with the LM head, every chunk re-reads the whole weight shard, so chunks must be large where
+#   the weight is: 1.10x the bare matmul at 512-1024 tokens vs 1.39x at 256 (4096 x 151,936 x 2,560),
+#   while a 65 MB weight does best at 256 tokens (1.03x). Budget: half the fp32 weight, in [8, 512] MiB.
+# On GPU (not measured here) kernels do not depend on a CPU cache and every chunk costs TP collectives,
+# so both paths use the 512 MiB budget there.
+DEFAULT_CHUNK_BYTES = 8 * 2**20
+FUSED_CHUNK_BYTES_MAX = 512 * 2**20
 
 
 def auto_chunk_size(local_vocab: int, budget_bytes: Optional[int] = None) -> int:
@@ -44,9 +51,17 @@ def auto_chunk_size(local_vocab: int, budget_bytes: Optional[int] = None) -> int
     return max(1, budget // (4 * max(local_vocab, 1)))
 
 
-def _resolve_chunk(chunk_size, n_tokens: int, local_vocab: int) -> int:
+def fused_chunk_bytes(local_vocab: int, hidden: int) -> int:
+    """The fused path's budget: half the fp32 LM-head shard, within [DEFAULT_CHUNK_BYTES, FUSED_CHUNK_BYTES_MAX]."""
+    return int(min(max(2 * local_vocab * hidden, DEFAULT_CHUNK_BYTES), FUSED_CHUNK_BYTES_MAX))
+
+
+def _resolve_chunk(chunk_size, n_tokens: int, local_vocab: int, device: torch.device,
+                   budget_bytes: Optional[int] = None) -> int:
     if chunk_size == "auto":
-        return auto_chunk_size(local_vocab)
+        if device.type == "cuda":
+            budget_bytes = FUSED_CHUNK_BYTES_MAX
+        return auto_chunk_size(local_vocab, budget_bytes)
     return chunk_size or max(n_tokens, 1)
 
 
@@ -182,6 +197,7 @@ class _FusedLMHeadTokenLogprobs(torch.autograd.Function):
             log_z[s : s + chunk], l_y[s : s + chunk] = lz, ly
             if entropy:
                 mean_l[s : s + chunk] = ml
+            del logits, x  # free this chunk before the next GEMM allocates its own (peak: one chunk)
         ctx.save_for_backward(hidden, weight, target, log_z, *([mean_l] if entropy else []))
         ctx.meta = (vocab_start, valid_vocab_size, group, entropy, chunk, fp8)
         lp = l_y - log_z
@@ -284,7 +300,7 @@ def vocab_parallel_token_logprobs(
         valid_vocab_size: true vocabulary size; columns at or past it are padding and excluded.
         compute_entropy: also return the entropy of the full distribution at each position.
         chunk_size: tokens per chunk (bounds fp32 temporaries to `[chunk, V/tp]`); "auto" = as many
-            as fit DEFAULT_CHUNK_BYTES; None = no chunking.
+            as fit DEFAULT_CHUNK_BYTES (cache-sized); None = no chunking.
 
     Returns:
         `(logprobs [...], entropy [...] or None)`, fp32. Differentiable w.r.t. `logits` when it
@@ -296,7 +312,7 @@ def vocab_parallel_token_logprobs(
     vocab_start = _group_rank(tp_group) * local_vocab
     flat = logits.reshape(-1, local_vocab)  # [n, V/tp]
     target = target_ids.reshape(-1).long()
-    chunk = _resolve_chunk(chunk_size, flat.shape[0], local_vocab)
+    chunk = _resolve_chunk(chunk_size, flat.shape[0], local_vocab, logits.device)
     if torch.is_grad_enabled() and logits.requires_grad:
         lp, ent = _VocabParallelTokenLogprobs.apply(
             flat, target, vocab_start, valid_vocab_size, tp_group, compute_entropy, chunk)
@@ -339,7 +355,8 @@ def fused_lm_head_token_logprobs(
     vocab_start = _group_rank(tp_group) * lm_head_weight.shape[0]
     flat = hidden.reshape(-1, h)
     target = target_ids.reshape(-1).long()
-    chunk = _resolve_chunk(chunk_size, flat.shape[0], lm_head_weight.shape[0])
+    chunk = _resolve_chunk(chunk_size, flat.shape[0], lm_head_weight.shape[0], hidden.device,
+                           fused_chunk_bytes(lm_head_weight.shape[0], h))
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
     if needs_grad:
         lp, ent = _FusedLMHeadTokenLogprobs.apply(

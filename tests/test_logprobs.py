@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_opd.logprobs import auto_chunk_size, fused_lm_head_token_logprobs, vocab_parallel_token_logprobs
+from megatron_opd.logprobs import (
+    auto_chunk_size,
+    fused_chunk_bytes,
+    fused_lm_head_token_logprobs,
+    vocab_parallel_token_logprobs,
+)
 from mopd_testing import run_ranks
 
 
@@ -57,7 +62,9 @@ def test_chunked_equals_unchunked(case):
 def test_auto_chunk_is_bounded_by_bytes_and_matches_unchunked(case, monkeypatch):
     import megatron_opd.logprobs as lp_mod
 
-    assert auto_chunk_size(151_936) == 512 * 2**20 // (4 * 151_936)  # 883 tokens of a Qwen3 vocab
+    assert auto_chunk_size(151_936) == 8 * 2**20 // (4 * 151_936)  # 13 tokens of a Qwen3 vocab (CPU)
+    assert auto_chunk_size(151_936, fused_chunk_bytes(151_936, 2560)) == 883  # fused: capped at 512 MiB
+    assert fused_chunk_bytes(32_000, 512) == 2 * 32_000 * 512  # half the fp32 weight -> 256 tokens
     assert auto_chunk_size(10**12) == 1  # never zero
     logits, target, V = case
     seen = []
