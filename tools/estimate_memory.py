@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from megatron_opd.logprobs import auto_chunk_size
+from megatron_opd.logprobs import FUSED_CHUNK_BYTES_MAX, auto_chunk_size
 from megatron_opd.models.spec import ModelSpec
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -63,9 +63,10 @@ def estimate_memory(
     out["frozen_models"] = (max(frozen_bytes) if frozen_offloaded else sum(frozen_bytes)) if frozen else 0.0
     big = max([student, *frozen], key=lambda s: s.hidden_size * s.num_layers)
     out["activations"] = micro_batch * seq_len * big.hidden_size * (big.num_layers / pp) * 34 * b / tp
-    # forward chunk + its gradient in backward, each at most DEFAULT_CHUNK_BYTES (chunk_size="auto")
+    # forward chunk + its gradient in backward; chunk_size="auto" on GPU budgets FUSED_CHUNK_BYTES_MAX each
     local_vocab = student.padded_vocab_size(tp) / tp
-    out["logprob_chunk"] = 2 * min(auto_chunk_size(int(local_vocab)), micro_batch * seq_len) * local_vocab * 4
+    chunk = min(auto_chunk_size(int(local_vocab), FUSED_CHUNK_BYTES_MAX), micro_batch * seq_len)
+    out["logprob_chunk"] = 2 * chunk * local_vocab * 4
     kv_len = kv_max_len or seq_len
     out["kv_cache"] = (2 * student.num_layers * student.num_query_groups * student.head_dim * b * kv_len
                        * kv_sequences_per_gpu / tp)

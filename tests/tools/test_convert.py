@@ -96,3 +96,19 @@ def test_estimate_memory_hand_computed():
     moe = tiny_spec("tiny_qwen3_moe")
     experts = moe.num_layers * moe.num_experts * 3 * moe.hidden_size * moe.moe_ffn_hidden_size
     assert local_params(moe, 1, 1, 2) == pytest.approx(moe.num_parameters() - experts / 2)
+
+
+def test_recipe_memory_comments_match_the_estimator():
+    import re
+
+    from tools.estimate_memory import estimate_recipe
+
+    checked = 0
+    for recipe in sorted((REPO_ROOT / "configs" / "recipes").glob("*.yaml")):
+        m = re.search(r"^# Estimated per-GPU memory: ([\d.]+) GiB", recipe.read_text(), re.M)
+        if "30b" in recipe.name or "4b" in recipe.name or "rollout" in recipe.name:
+            assert m, f"{recipe.name}: cluster recipes state the estimator's per-GPU memory"
+        if m:
+            assert float(m.group(1)) == round(estimate_recipe(str(recipe))["total"], 1), recipe.name
+            checked += 1
+    assert checked == 7
