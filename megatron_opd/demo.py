@@ -155,6 +155,12 @@ def build_sft_model(spec: ModelSpec, tokenizer_dir: Path, out: Path, steps: int,
     return out
 
 
+def _recipe_warmup_steps() -> int:
+    import yaml
+
+    return int(yaml.safe_load(DEMO_RECIPE.read_text())["optim"]["lr_warmup_steps"])
+
+
 def _run(cmd: list[str], log_path: Path) -> None:
     """Run one demo stage as its own process (each stage owns its process groups and vLLM engine)."""
     env = dict(os.environ)
@@ -188,7 +194,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     py = sys.executable
     common = [f"student.checkpoint={student}", f"teachers=[{{checkpoint: {teacher}}}]",
               f"train.steps={cfg.opd_steps}", f"data.synthetic_digits={cfg.digits}",
-              f"optim.lr_warmup_steps={min(5, cfg.opd_steps // 10)}",  # the recipe's 5, shorter for short runs
+              # the recipe's warm-up, shortened for short runs (it must stay below train.steps)
+              f"optim.lr_warmup_steps={min(_recipe_warmup_steps(), cfg.opd_steps // 10)}",
               *cfg.opd_overrides]
     teacher_eval = out / "teacher_eval.json"
     _run([py, "-m", "megatron_opd.cli", "eval", "--config", str(DEMO_RECIPE), "--checkpoint", str(teacher),
