@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_logprobs.py            # large (8192 x 151,936 x 2,560) + small
     .venv/bin/python benchmarks/bench_logprobs.py --quick    # small shapes only
+    .venv/bin/python benchmarks/bench_logprobs.py --chunk-sweep 2048,151936,2560   # chunk-size choices
 
 Each variant runs in a fresh subprocess (forward only, teacher-style, fp32), so its peak RSS
 (ru_maxrss) is its own; the reported peak is that minus the RSS after allocating the inputs. Baselines:
@@ -70,13 +71,59 @@ def measure(variant, shape, tp, repeats) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def chunk_sweep(tokens: int, vocab: int, hidden: int, chunks=(16, 64, 256, 512, 1024), repeats: int = 2):
+    """The measurements behind chunk_size="auto" (megatron_opd/logprobs.py), in this process:
+    from-logits time vs the naive log_softmax + gather, fused time vs the bare matmul, per chunk size."""
+    import torch
+
+    from megatron_opd.logprobs import fused_lm_head_token_logprobs, vocab_parallel_token_logprobs
+
+    torch.manual_seed(0)
+    h = torch.randn(tokens, hidden).mul_(0.05)
+    w = torch.randn(vocab, hidden).mul_(0.05)
+    target = torch.randint(0, vocab, (tokens,))
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def from_logits(lines):  # its own scope: the full logits are freed before the fused timings
+        logits = h @ w.t()
+        naive = best(lambda: torch.log_softmax(logits, -1).gather(-1, target[:, None]))
+        for c in chunks:
+            t = best(lambda: vocab_parallel_token_logprobs(logits, target, chunk_size=c))
+            lines[f"from_logits_chunk{c}_{c * vocab * 4 / 2**20:.0f}MiB_time_ratio_vs_naive"] = t / naive
+
+    lines = {}
+    with torch.no_grad():
+        from_logits(lines)
+        matmul = best(lambda: h @ w.t())
+        for c in chunks:
+            t = best(lambda: fused_lm_head_token_logprobs(h, w, target, chunk_size=c))
+            lines[f"fused_chunk{c}_time_ratio_vs_matmul"] = t / matmul
+        t = best(lambda: fused_lm_head_token_logprobs(h, w, target))
+        lines["fused_auto_time_ratio_vs_matmul"] = t / matmul
+    for k, v in lines.items():
+        print(f"{k}: {v:.4f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--large-tp", default="1,2", help="TP sizes for the large shape (each costs minutes)")
     ap.add_argument("--child", nargs=6)
+    ap.add_argument("--chunk-sweep", metavar="TOKENS,VOCAB,HIDDEN",
+                    help="time both paths over chunk sizes at one shape (the basis of chunk_size='auto')")
     args = ap.parse_args()
+    if args.chunk_sweep:
+        chunk_sweep(*(int(x) for x in args.chunk_sweep.split(",")))
+        return
     if args.child:
         v, t, V, H, tp, r = args.child
         print(json.dumps(run_variant(v, int(t), int(V), int(H), int(tp), int(r))))

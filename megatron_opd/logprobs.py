@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 # chunk_size="auto" picks tokens per chunk from a byte budget for one fp32 `[chunk, V/tp]` buffer; a
 # fixed token count is wrong both ways (4096 tokens of a 152k vocabulary is 2.5 GB). Measured on CPU
-# (forward, fp32, one process):
+# (forward, fp32, one process; `benchmarks/bench_logprobs.py --chunk-sweep TOKENS,VOCAB,HIDDEN`):
 # - from logits, the softmax passes run ~2x faster when a chunk stays cache-sized: 8-9 MiB chunks took
 #   0.33 s vs 0.67-0.73 s for 37-594 MiB chunks at 2048 x 151,936, and 0.032 s vs 0.072 s at 1024 x 32,000;
 # - fused with the LM head, every chunk re-reads the whole weight shard, so chunks must be large where
@@ -52,7 +52,8 @@ def auto_chunk_size(local_vocab: int, budget_bytes: Optional[int] = None) -> int
 
 
 def fused_chunk_bytes(local_vocab: int, hidden: int) -> int:
-    """The fused path's budget: half the fp32 LM-head shard, within [DEFAULT_CHUNK_BYTES, FUSED_CHUNK_BYTES_MAX]."""
+    """The fused path's budget: half the fp32 LM-head shard, within
+    [DEFAULT_CHUNK_BYTES, FUSED_CHUNK_BYTES_MAX]."""
     return int(min(max(2 * local_vocab * hidden, DEFAULT_CHUNK_BYTES), FUSED_CHUNK_BYTES_MAX))
 
 
