@@ -23,18 +23,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def check_layout(cfg, gpus_per_node: int) -> int:
-    """Trainer GPUs must be a multiple of TP x PP, and EP must fit in DP x TP. Returns the GPU count."""
+    """The trainer's GPUs must hold the layout by megatron-core's rules (`parallel.validate_layout`)
+    and TP must stay inside a node. Returns the GPU count."""
+    from megatron_opd.parallel import validate_layout
+
     p = cfg.parallel
     world = cfg.launch.nodes * gpus_per_node
-    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-    if world % mp:
-        raise ValueError(
-            f"launch.nodes x gpus_per_node = {world} GPUs is not a multiple of tensor x pipeline parallel "
-            f"= {mp}; change launch.nodes or the parallel sizes")
     if p.tensor_model_parallel_size > gpus_per_node:
         raise ValueError(f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} exceeds "
                          f"gpus_per_node={gpus_per_node}: keep TP inside a node (NVLink)")
-    p.data_parallel_size(world)  # raises on an EP that does not fit
+    try:
+        validate_layout(p, world)
+    except ValueError as exc:
+        raise ValueError(f"launch.nodes x gpus_per_node = {cfg.launch.nodes} x {gpus_per_node}: {exc}") from None
     return world
 
 

@@ -26,7 +26,12 @@ class ParallelConfig:
     """PP: splits the layers into consecutive stages."""
 
     expert_model_parallel_size: int = 1
-    """EP: splits MoE experts across the data-parallel ranks of a TP group (MoE models only)."""
+    """EP: splits MoE experts across ranks (MoE models only; a dense model ignores it)."""
+
+    expert_tensor_parallel_size: Optional[int] = None
+    """ETP: splits each expert's weights across ranks; None = TP (megatron-core's default). MoE
+    recipes use 1 (as NeMo-RL and slime do for Qwen3-30B-A3B): megatron-core needs the world size to be
+    a multiple of ETP x EP x PP as well as of TP x PP."""
 
     backend: str = "auto"
     """torch.distributed backend: "auto" (nccl with CUDA, gloo without), "gloo" or "nccl"."""
@@ -39,6 +44,8 @@ class ParallelConfig:
                      "expert_model_parallel_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.expert_tensor_parallel_size is not None and self.expert_tensor_parallel_size < 1:
+            raise ValueError("parallel.expert_tensor_parallel_size must be >= 1 or null (= TP)")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"parallel.backend={self.backend!r}: use 'auto', 'gloo' or 'nccl'")
         if self.backend == "nccl" and not torch.cuda.is_available():
@@ -48,23 +55,65 @@ class ParallelConfig:
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
 
+    @property
+    def etp(self) -> int:
+        """The effective expert-tensor-parallel size (TP when unset, as in megatron-core)."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
     def data_parallel_size(self, world_size: int) -> int:
-        """DP size for a world size, validating that the layout fits it."""
-        mp = self.model_parallel_size
-        if world_size % mp:
-            raise ValueError(
-                f"world size {world_size} is not divisible by tensor x pipeline parallel size "
-                f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size}; "
-                "change the number of processes or the parallel sizes"
-            )
-        dp = world_size // mp
-        ep = self.expert_model_parallel_size
-        if ep > 1 and (dp * self.tensor_model_parallel_size) % ep:
-            raise ValueError(
-                f"parallel.expert_model_parallel_size={ep} must divide data-parallel x tensor-parallel "
-                f"size ({dp} x {self.tensor_model_parallel_size}) for world size {world_size}"
-            )
-        return dp
+        """DP size for a world size; raises if megatron-core would refuse the layout."""
+        return validate_layout(self, world_size).dp
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A layout megatron-core accepts for one world size (see `validate_layout`)."""
+
+    world: int
+    tp: int
+    pp: int
+    dp: int
+    ep: int
+    etp: int
+    expert_dp: int
+
+
+def validate_layout(config: ParallelConfig, world_size: int) -> Layout:
+    """Apply megatron-core's own rules (`initialize_model_parallel`, its `RankGenerator`) to a layout
+    for `world_size` ranks, without any process group. One check shared by the trainer,
+    `launch.submit` and `tools.estimate_memory`, so a job megatron-core would refuse at start-up is
+    refused before it is queued. The message names the product that does not divide and the fix.
+    """
+    tp, pp, ep, etp = (config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
+                       config.expert_model_parallel_size, config.etp)
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    if world_size % (tp * pp):
+        raise ValueError(
+            f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} = {tp * pp} "
+            "(parallel.tensor_model_parallel_size x parallel.pipeline_model_parallel_size); change the "
+            "number of processes/GPUs or the parallel sizes"
+        )
+    if world_size % (etp * ep * pp):
+        hint = (" (expert_tensor_parallel_size is unset, so ETP = TP)"
+                if config.expert_tensor_parallel_size is None else "")
+        raise ValueError(
+            f"world size {world_size} is not divisible by ETP x EP x PP = {etp} x {ep} x {pp} = "
+            f"{etp * ep * pp}{hint}: megatron-core refuses this layout. Set "
+            "parallel.expert_tensor_parallel_size=1 (as NeMo-RL and slime do for Qwen3-30B-A3B), lower "
+            "parallel.expert_model_parallel_size, or use a multiple of that many GPUs"
+        )
+    dp, expert_dp = world_size // (tp * pp), world_size // (etp * ep * pp)
+    # megatron-core's own rank arithmetic: both generators must agree on the pipeline groups.
+    from megatron.core.parallel_state import RankGenerator
+
+    order = "tp-cp-ep-dp-pp"
+    dense = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order=order)
+    expert = RankGenerator(tp=etp, ep=ep, dp=expert_dp, pp=pp, cp=1, order=order)
+    if dense.get_ranks("pp") != expert.get_ranks("pp"):
+        raise ValueError(f"layout TP{tp} PP{pp} EP{ep} ETP{etp} on {world_size} ranks gives different "
+                         "pipeline groups for dense and expert layers; megatron-core refuses it")
+    return Layout(world=world_size, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, expert_dp=expert_dp)
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -100,6 +149,7 @@ def initialize(config: ParallelConfig, seed: int = 1234) -> None:
         tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
         expert_model_parallel_size=config.expert_model_parallel_size,
+        expert_tensor_parallel_size=config.etp,
         distributed_timeout_minutes=config.timeout_minutes,
         # On CPU the "default" groups are already gloo; extra gloo copies would only cost sockets.
         create_gloo_process_groups=torch.cuda.is_available(),

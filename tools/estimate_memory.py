@@ -12,7 +12,9 @@ Formulas (bytes per GPU; P_local = the parameters one rank holds):
                full attention scores dropped: flash/fused attention)
   logprobs     2 x chunk(1024) x V/tp x 4        (fp32 chunk of the vocab-parallel log-softmax)
   kv_cache     2 x layers x kv_heads x head_dim x bytes x max_model_len x sequences_per_gpu / tp
-P_local: dense params / (tp x pp); MoE experts / (ep x tp x pp) plus the dense part / (tp x pp).
+P_local: dense params / (tp x pp); MoE experts / (ep x etp x pp) plus the dense part / (tp x pp).
+The layout is first checked against megatron-core's rules for the recipe's GPU count
+(launch.nodes x launch.gpus_per_node), so a layout that cannot start is refused, not priced.
 """
 
 from __future__ import annotations
@@ -27,14 +29,14 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
 
 
-def local_params(spec: ModelSpec, tp: int, pp: int, ep: int) -> float:
-    """Parameters one rank holds under the layout."""
+def local_params(spec: ModelSpec, tp: int, pp: int, ep: int, etp: Optional[int] = None) -> float:
+    """Parameters one rank holds under the layout (etp: expert-tensor-parallel size, None = tp)."""
     h = spec.hidden_size
     total = spec.num_parameters()
     if not spec.is_moe:
         return total / (tp * pp)
     experts = spec.num_layers * spec.num_experts * 3 * h * spec.moe_ffn_hidden_size
-    return (total - experts) / (tp * pp) + experts / (ep * tp * pp)
+    return (total - experts) / (tp * pp) + experts / (ep * (etp or tp) * pp)
 
 
 def estimate_memory(
@@ -49,16 +51,17 @@ def estimate_memory(
     frozen_offloaded: bool = False,
     kv_sequences_per_gpu: int = 8,
     kv_max_len: Optional[int] = None,
+    etp: Optional[int] = None,
 ) -> dict:
     """Per-GPU bytes of each component and their total (GiB)."""
     b = _BYTES[dtype]
-    p_student = local_params(student, tp, pp, ep)
+    p_student = local_params(student, tp, pp, ep, etp)
     out = {
         "student_weights": p_student * b,
         "gradients": p_student * 4,
         "optimizer": p_student * (12 if b != 4 else 8),
     }
-    frozen_bytes = [local_params(s, tp, pp, ep) * b for s in frozen]
+    frozen_bytes = [local_params(s, tp, pp, ep, etp) * b for s in frozen]
     # offloaded: only one frozen model is on the GPU at a time (the one scoring)
     out["frozen_models"] = (max(frozen_bytes) if frozen_offloaded else sum(frozen_bytes)) if frozen else 0.0
     big = max([student, *frozen], key=lambda s: s.hidden_size * s.num_layers)
@@ -77,7 +80,10 @@ def estimate_memory(
 def estimate_recipe(recipe: str, overrides: Optional[list[str]] = None) -> dict:
     from megatron_opd.config import load_config
 
+    from megatron_opd.parallel import validate_layout
+
     cfg = load_config(recipe, overrides)
+    validate_layout(cfg.parallel, cfg.launch.nodes * cfg.launch.gpus_per_node)
     student = ModelSpec.from_yaml(cfg.student.spec)
     frozen = [ModelSpec.from_yaml(t.spec) for t in cfg.teachers]
     if cfg.needs_reference and cfg.reference is not None and cfg.reference.spec:
@@ -87,7 +93,7 @@ def estimate_recipe(recipe: str, overrides: Optional[list[str]] = None) -> dict:
         student, frozen, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
         p.expert_model_parallel_size, cfg.precision.params_dtype, cfg.train.micro_batch_size,
         cfg.rollout.max_model_len, frozen_offloaded=all(t.offload for t in cfg.teachers),
-        kv_max_len=cfg.rollout.max_model_len,
+        kv_max_len=cfg.rollout.max_model_len, etp=p.etp,
     )
 
 

@@ -60,6 +60,7 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, precision: Pre
         parallel.tensor_model_parallel_size,
         parallel.pipeline_model_parallel_size,
         parallel.expert_model_parallel_size,
+        parallel.etp,
     )
     dtype = precision.torch_dtype
     kwargs = dict(
@@ -82,6 +83,7 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, precision: Pre
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=False,
         params_dtype=dtype,
         pipeline_dtype=dtype,

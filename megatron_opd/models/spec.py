@@ -118,8 +118,9 @@ class ModelSpec:
         multiple = self.make_vocab_size_divisible_by * tp_size
         return ((self.vocab_size + multiple - 1) // multiple) * multiple
 
-    def validate_parallel(self, tp: int, pp: int, ep: int) -> None:
-        """Refuse a layout the model cannot be split into, naming the field and the fix."""
+    def validate_parallel(self, tp: int, pp: int, ep: int, etp: Optional[int] = None) -> None:
+        """Refuse a layout the model cannot be split into, naming the field and the fix
+        (`etp`: expert-tensor-parallel size, None = tp)."""
         if self.num_attention_heads % tp:
             raise ValueError(
                 f"parallel.tensor_model_parallel_size={tp} does not divide "
@@ -140,6 +141,12 @@ class ModelSpec:
             raise ValueError(
                 f"parallel.expert_model_parallel_size={ep} does not divide "
                 f"{self.name}.num_experts={self.num_experts}; choose a divisor"
+            )
+        etp = etp or tp
+        if self.is_moe and self.moe_ffn_hidden_size % etp:
+            raise ValueError(
+                f"parallel.expert_tensor_parallel_size={etp} does not divide "
+                f"{self.name}.moe_ffn_hidden_size={self.moe_ffn_hidden_size}; choose a divisor"
             )
         if not self.is_moe and self.ffn_hidden_size % tp:
             raise ValueError(

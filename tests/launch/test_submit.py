@@ -61,11 +61,11 @@ def test_missing_cluster_field(tmp_path):
 
 def test_gpu_count_must_fit_layout():
     cfg = load_config(REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml", ["launch.nodes=1"])
-    with pytest.raises(ValueError, match="expert_model_parallel_size=8 must divide"):
-        check_layout(cfg, 8)  # TP4 x PP2 on 8 GPUs leaves DP1 x TP4 = 4 < EP8
+    with pytest.raises(ValueError, match=r"world size 8 is not divisible by ETP x EP x PP = 1 x 8 x 2 = 16"):
+        check_layout(cfg, 8)  # megatron-core needs 16 GPUs for ETP1 x EP8 x PP2
     assert check_layout(load_config(REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml"), 8) == 32
     cfg = load_config(REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml", ["launch.nodes=1"])
-    with pytest.raises(ValueError, match="not a multiple of tensor x pipeline"):
+    with pytest.raises(ValueError, match=r"not divisible by TP x PP = 4 x 2 = 8"):
         check_layout(cfg, 6)
     with pytest.raises(ValueError, match="exceeds gpus_per_node"):
         check_layout(load_config(REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml",
