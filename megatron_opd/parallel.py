@@ -179,6 +179,21 @@ def dp_group():
     return parallel_state.get_data_parallel_group()
 
 
+def launched_world_size() -> int:
+    """The number of ranks this job was launched with (torchrun's WORLD_SIZE; 1 without torchrun),
+    known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a tensor for a collective on `group` must live: the current CUDA device for NCCL groups,
+    the CPU for gloo."""
+    backend = dist.get_backend(group) if dist.is_initialized() else "gloo"
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 from megatron_opd.data.dataset import PromptDataset, load_records
 from megatron_opd.data.synthetic import make_samples
-from megatron_opd.rewards.evaluation import avg_at_k
+from megatron_opd.rewards.evaluation import metrics_at_k
 from megatron_opd.rewards.synthetic import boxed_match_reward
 
 
@@ -47,13 +48,22 @@ class DataBundle:
         return self.score([s.text for s in result.samples],
                           [samples[s.prompt_index]["answer"] for s in result.samples])
 
-    def evaluate(self, engine, k: int) -> dict:
-        """Held-out avg@k with the engine's current weights (fixed seed: comparable across steps)."""
-        result = engine.generate([s["prompt"] for s in self.held_out], n=k, seed=self.seed + 7)
-        responses = [[] for _ in self.held_out]
-        lengths = [[] for _ in self.held_out]
+    def evaluate_share(self, engine, k: int, lo: int = 0, hi: Optional[int] = None) -> tuple[list, list]:
+        """k rewards and k lengths for each held-out prompt in [lo, hi), with the engine's current
+        weights (fixed per-prompt seeds: comparable across steps and across data-parallel sizes)."""
+        prompts = self.held_out[lo:hi]
+        if not prompts:
+            return [], []
+        result = engine.generate([s["prompt"] for s in prompts], n=k, seed=self.seed + 7, first_index=lo)
+        responses = [[] for _ in prompts]
+        lengths = [[] for _ in prompts]
         for s in result.samples:
             responses[s.prompt_index].append(s.text)
             lengths[s.prompt_index].append(s.length)
-        return avg_at_k(responses, [s["answer"] for s in self.held_out],
-                        lambda r, a: self.score([r], [a])[0], lengths)
+        answers = [s["answer"] for s in prompts]
+        scores = [self.score(rs, [a] * len(rs)) for rs, a in zip(responses, answers)]
+        return scores, lengths
+
+    def evaluate(self, engine, k: int) -> dict:
+        """Held-out avg@k of all held-out prompts with one engine."""
+        return metrics_at_k(*self.evaluate_share(engine, k))

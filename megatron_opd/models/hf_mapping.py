@@ -22,6 +22,7 @@ buckets for refit; the mapping itself is this one table.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -425,23 +426,31 @@ def export_hf_weights(
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Stream the model's weights as HF-named full tensors, in buckets of about `bucket_bytes`.
 
-    Collective: every rank must iterate the generator to the end. Only global rank 0 receives
-    non-empty buckets; the others yield nothing. Buckets end at Megatron-parameter boundaries, so
-    fused groups (q/k/v, gate/up) always travel together.
+    Collective: every rank must iterate the generator to the end (or every rank stop after the same
+    bucket). Each data-parallel replica exports to its own first rank (TP rank 0 of pipeline stage 0,
+    see `is_replica_leader`), which receives the tensors; every other rank yields the same number of
+    empty buckets, so callers can run a per-bucket collective (refit's failure agreement) in lockstep.
+    Bucket boundaries come from the manifest (names, shapes, dtype), identical on every rank, and fall
+    between Megatron parameters, so fused groups (q/k/v, gate/up) always travel together.
     """
     from megatron.core import parallel_state as ps
 
     tp_rank, tp_size, pp_rank, pp_size, ep_rank, ep_size, etp_rank, etp_size = _layout()
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine = {(lp.rule.megatron, lp.layer, lp.expert): lp for lp in local_params(model, spec)}
+    param_dtype = next(iter(mine.values())).param.dtype
+    elem = torch.empty((), dtype=dtype or param_dtype).element_size()
     pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()) if pp_size > 1 else [rank]
-    in_rank0_pipeline = 0 in pp_ranks
+    leader = pp_ranks[0]  # this TP rank's first pipeline stage; the replica's leader when tp_rank == 0
+    receiver = tp_rank == 0 and rank == leader
     experts_per_rank = spec.num_experts // ep_size if spec.is_moe else 0
     ep_group = ps.get_expert_model_parallel_group() if ep_size > 1 else None
+    shapes = hf_tensor_shapes(spec)
 
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for rule, layer, expert, stage in _global_order(spec, pp_size):
+        names = _names(rule, layer, expert)
         tensors: Optional[list[torch.Tensor]] = None
         if stage == pp_rank:
             if rule.per_expert:
@@ -458,26 +467,30 @@ def export_hf_weights(
                 lp = mine[(rule.megatron, layer, None)]
                 shards = _all_gather(lp.param.detach(), ps.get_tensor_model_parallel_group(), tp_size)
                 tensors = megatron_shards_to_hf(spec, rule, shards)
-        if pp_size > 1 and in_rank0_pipeline:
+        if pp_size > 1 and tp_rank == 0:
             src = pp_ranks[stage]
-            shapes = [hf_tensor_shapes(spec)[n] for n in _names(rule, layer, expert)]
-            if rank == 0 and src != 0:
-                tensors = [torch.empty(s, dtype=next(iter(mine.values())).param.dtype) for s in shapes]
+            if rank == leader and src != leader:
+                tensors = [torch.empty(shapes[n], dtype=param_dtype) for n in names]
                 for t in tensors:
                     dist.recv(t, src=src)
-            elif rank == src and rank != 0:
+            elif rank == src and rank != leader:
                 for t in tensors:
-                    dist.send(t.contiguous(), dst=0)
-        if rank == 0:
-            for name, t in zip(_names(rule, layer, expert), tensors):
-                t = t.to(dtype) if dtype is not None else t
-                bucket.append((name, t))
-                size += t.numel() * t.element_size()
-            if size >= bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-    if rank == 0 and bucket:
+                    dist.send(t.contiguous(), dst=leader)
+        if receiver:
+            bucket += [(n, t.to(dtype) if dtype is not None else t) for n, t in zip(names, tensors)]
+        size += sum(math.prod(shapes[n]) for n in names) * elem
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if size:
         yield bucket
+
+
+def is_replica_leader() -> bool:
+    """True on the rank that receives its data-parallel replica's exported weights (TP rank 0 of the
+    first pipeline stage): the rank that owns the replica's rollout engine."""
+    tp_rank, _, pp_rank, *_ = _layout()
+    return tp_rank == 0 and pp_rank == 0
 
 
 def _names(rule: ParamRule, layer, expert) -> list[str]:

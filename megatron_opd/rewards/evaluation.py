@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 
-def avg_at_k(
-    responses: Sequence[Sequence[str]],
-    answers: Sequence[str],
-    scorer: Callable[[str, str], float],
-    lengths: Sequence[Sequence[int]] | None = None,
-) -> dict:
-    """Args:
-        responses: k responses per prompt.
-        answers: gold answer per prompt.
-        scorer: (response, answer) -> reward in [0, 1].
+def metrics_at_k(scores: Sequence[Sequence[float]], lengths: Sequence[Sequence[int]] | None = None) -> dict:
+    """avg@k / pass@k / length metrics.
+
+    Args:
+        scores: k rewards in [0, 1] per prompt (avg@k = mean over prompts of the mean over k).
         lengths: response lengths in tokens (k per prompt), for the length metrics.
     """
-    if len(responses) != len(answers):
-        raise ValueError("responses and answers must have one entry per prompt")
-    if not responses:
+    if not scores:
         raise ValueError("no prompts to evaluate")
-    scores = [[scorer(r, a) for r in rs] for rs, a in zip(responses, answers)]
     k = len(scores[0])
     metrics = {
         "eval/accuracy": sum(sum(s) / len(s) for s in scores) / len(scores),

@@ -162,13 +162,13 @@ class RolloutEngine:
             # ("CPU Generator does not use offset" when the partial step's token is discarded).
             # Seeds are what make rollouts reproducible on resume, so prefills are kept whole.
             kwargs.update(enable_chunked_prefill=False)
-        if not in_process:
-            kwargs["worker_extension_cls"] = "megatron_opd.rollout.worker_ext.WeightReceiver"
+        kwargs["worker_extension_cls"] = "megatron_opd.rollout.worker_ext.WeightReceiver"
         try:
             self.llm = LLM(**kwargs)
         except Exception as exc:  # vLLM raises many types; translate the common ones
             raise RolloutEngineError(self._explain(exc)) from exc
         self._shm_dir = None if in_process else tempfile.mkdtemp(prefix="mopd_refit_", dir=_shm_root())
+        self._staged: list = []
 
     def _explain(self, exc: Exception) -> str:
         text = str(exc)
@@ -192,11 +192,13 @@ class RolloutEngine:
 
     def generate(self, prompts: Sequence[str] | Sequence[list[int]], n: Optional[int] = None,
                  seed: Optional[int] = None, temperature: Optional[float] = None,
-                 max_new_tokens: Optional[int] = None) -> RolloutBatch:
+                 max_new_tokens: Optional[int] = None, first_index: int = 0) -> RolloutBatch:
         """n samples per prompt (strings get the chat template; token-id lists are used as is).
 
         `seed` makes the batch reproducible independently of earlier calls: each request gets its own
-        seed derived from it (a resumed run regenerates exactly the same rollouts).
+        seed derived from it and from its prompt's global index (`first_index` + position), so a
+        resumed run regenerates exactly the same rollouts and a prompt draws the same seed whichever
+        data-parallel replica's engine serves it.
         """
         from vllm import SamplingParams
 
@@ -210,7 +212,7 @@ class RolloutEngine:
                 n=n, temperature=self.cfg.temperature if temperature is None else temperature,
                 top_p=self.cfg.top_p, max_tokens=max_new_tokens or self.cfg.max_new_tokens,
                 stop=list(self.cfg.stop) or None, logprobs=0,
-                seed=None if seed is None else seed * 100_003 + i,
+                seed=None if seed is None else seed * 100_003 + first_index + i,
             )
             for i in range(len(prompt_ids))
         ]
@@ -249,20 +251,44 @@ class RolloutEngine:
 
         return hf_tensor_shapes(ModelSpec.from_hf_config(self.model_dir))
 
-    def load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        """Load one (already validated) bucket of HF-named tensors into the live engine."""
+    # A refit is staged, then committed in one `reload_weights` call (rollout/worker_ext.py), so a
+    # failure anywhere before the commit leaves the engine fully at its previous weights.
+    def begin_refit(self) -> None:
+        self.abort_refit()
+        self._staged: list = []
+
+    def stage(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Hold one (already validated) bucket of HF-named tensors until `commit_refit`."""
         if self.in_process:
-            self.llm.collective_rpc(
-                "reload_weights", kwargs=dict(weights_iterator=iter(named_tensors), is_checkpoint_format=True))
+            self._staged.extend(named_tensors)  # handed over in memory at commit
             return
         from safetensors.torch import save_file
 
-        path = os.path.join(self._shm_dir, "bucket.safetensors")
+        path = os.path.join(self._shm_dir, f"bucket_{len(self._staged):05d}.safetensors")
+        self._staged.append(path)
         save_file({n: t.contiguous() for n, t in named_tensors}, path)
+
+    def commit_refit(self) -> None:
+        """Load every staged tensor into the live engine at once, then drop the staging."""
+        staged, self._staged = self._staged, []
         try:
-            self.llm.collective_rpc("megatron_opd_load_file", args=(path,))
+            if self.in_process:
+                self.llm.collective_rpc("megatron_opd_reload", args=(staged,))
+            else:
+                self.llm.collective_rpc("megatron_opd_reload_files", args=(staged,))
         finally:
-            os.unlink(path)
+            self._remove_files(staged)
+
+    def abort_refit(self) -> None:
+        """Drop a staged refit; the engine keeps serving its previous weights."""
+        staged, self._staged = getattr(self, "_staged", []), []
+        self._remove_files(staged)
+
+    def _remove_files(self, staged) -> None:
+        if not self.in_process:
+            for path in staged:
+                if os.path.exists(path):
+                    os.unlink(path)
 
     def reset_prefix_cache(self) -> None:
         """Mandatory after new weights: cached KV blocks were computed by the old weights, and vLLM

