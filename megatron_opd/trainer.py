@@ -216,8 +216,21 @@ class OPDTrainer:
             payload = (result, self.data.verify(result, share))
         result, rewards = broadcast_in_replica(payload)
         batch = make_step_batch(result, share, rewards, self.data.teacher_domains,
-                                pad_id=self.data.pad_id, max_len=cfg.rollout.max_model_len)
+                                pad_id=self.data.pad_id, max_len=cfg.rollout.max_model_len,
+                                length=self._common_length(result))
         return batch, rollout_metrics(result, rewards)
+
+    def _common_length(self, result) -> Optional[int]:
+        """With EP > 1 the expert-parallel groups span data-parallel replicas, and megatron-core's
+        token dispatcher all-gathers routing maps of equal size over them: every replica must then
+        feed micro-batches of one shape, so all pad to the longest sequence of the step."""
+        from megatron.core import parallel_state as ps
+
+        if self.cfg.parallel.expert_model_parallel_size == 1 or ps.get_data_parallel_world_size() == 1:
+            return None
+        longest = torch.tensor([result.max_length()], device=parallel.collective_device())
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        return int(longest.item())
 
     def generate(self, samples: list[dict], first_index: int):
         """The engine's samples for these prompts (global indices from `first_index`: the per-prompt
@@ -582,9 +595,10 @@ def build_engine(cfg: OPDConfig, model_dir):
     return RolloutEngine(cfg.rollout, model_dir, seed=cfg.train.seed, system_prompt=cfg.data.system_prompt)
 
 
-def make_step_batch(result, samples, rewards, teacher_domains, pad_id, max_len) -> StepBatch:
-    """RolloutBatch -> StepBatch tensors (every rank of the replica)."""
-    t = result.to_padded(pad_id=pad_id, max_len=max_len)
+def make_step_batch(result, samples, rewards, teacher_domains, pad_id, max_len,
+                    length: Optional[int] = None) -> StepBatch:
+    """RolloutBatch -> StepBatch tensors (every rank of the replica), padded to `length` if given."""
+    t = result.to_padded(pad_id=pad_id, max_len=max_len, length=length)
     domains = [samples[s.prompt_index]["domain"] for s in result.samples]
     if len(teacher_domains) == 1:
         index = torch.zeros(len(domains), dtype=torch.long)

@@ -144,3 +144,47 @@ def test_warmup_longer_than_run_is_a_config_error(models, tmp_path):
 
     with pytest.raises(ValueError, match="optim.lr_warmup_steps=5 must be below train.steps=2"):
         load_config(RECIPE, overrides(models, tmp_path, "optim.lr_warmup_steps=5"))
+
+
+def _retokenized_copy(src_ckpt: Path, dst: Path, edit) -> Path:
+    """The checkpoint `src_ckpt` with its tokenizer replaced by `edit(tokenizer_dir)`'s output."""
+    import shutil
+
+    shutil.copytree(src_ckpt, dst)
+    for f in dst.glob("tokenizer*"):
+        f.unlink()
+    edit(dst)
+    return dst
+
+
+def test_teacher_with_same_size_but_different_token_map_is_refused(models, tmp_path):
+    """Same vocab_size (512), different token -> id map: refused before any process group, naming
+    the role and the first differing token."""
+    from megatron_opd.config import load_config
+    from megatron_opd.trainer import OPDTrainer
+
+    other = _retokenized_copy(models[1], tmp_path / "t", lambda d: train_tokenizer(
+        d, texts=["Reverse the string zyxw. Sort 9 8 7 and say the answer is 42."] * 50 + ["Compute 12+34."] * 50))
+    cfg = load_config(RECIPE, [f"student.checkpoint={models[0]}", f"teachers=[{{checkpoint: {other}}}]",
+                               f"train.out_dir={tmp_path / 'v'}"])
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"teachers\[0\] .* different tokenizer from the student.*token '.+' is id"):
+        OPDTrainer(cfg).setup()
+    assert time.time() - t0 < 30 and not (tmp_path / "v").exists()
+
+
+def test_reference_with_different_chat_special_token_is_refused(models, tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_opd.trainer import check_tokenizers
+
+    def other_eos(d):
+        tok = AutoTokenizer.from_pretrained(str(models[0]))
+        tok.eos_token = "<|endoftext|>"
+        tok.save_pretrained(str(d))
+
+    ref = _retokenized_copy(models[0], tmp_path / "r", other_eos)
+    with pytest.raises(ValueError, match=r"reference .* special token eos_token='<\|endoftext\|>' but the "
+                                         r"student has '<\|im_end\|>'"):
+        check_tokenizers(models[0], [("teachers[0]", models[1]), ("reference", ref)])
+    check_tokenizers(models[0], [("teachers[0]", models[1])])  # identical tokenizers pass

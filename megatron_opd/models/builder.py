@@ -82,8 +82,9 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, precision: Pre
         init_method_std=0.02,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.etp,
+        # A dense model shares the layout of an MoE teacher but has no experts to split.
+        expert_model_parallel_size=parallel.expert_model_parallel_size if spec.is_moe else 1,
+        expert_tensor_parallel_size=parallel.etp if spec.is_moe else None,
         sequence_parallel=False,
         params_dtype=dtype,
         pipeline_dtype=dtype,

@@ -53,8 +53,14 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def to_padded(self, pad_id: int, max_len: Optional[int] = None) -> dict[str, torch.Tensor]:
-        """Trainer tensors, right-padded, aligned for next-token prediction.
+    def max_length(self) -> int:
+        """Longest prompt + response of the batch (tokens)."""
+        return max(len(s.prompt_ids) + len(s.response_ids) for s in self.samples)
+
+    def to_padded(self, pad_id: int, max_len: Optional[int] = None,
+                  length: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Trainer tensors, right-padded (to `length` if given, else to the longest sequence),
+        aligned for next-token prediction.
 
         Returns:
             input_ids        [B, S]    prompt + response (+ pad)
@@ -64,7 +70,7 @@ class RolloutBatch:
             response_lengths [B]
         """
         seqs = [s.prompt_ids + s.response_ids for s in self.samples]
-        S = max(len(x) for x in seqs)
+        S = max(length or 0, max(len(x) for x in seqs))
         if max_len is not None and S > max_len:
             raise ValueError(f"a rollout sequence has {S} tokens > rollout.max_model_len={max_len}")
         B = len(seqs)

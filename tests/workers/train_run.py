@@ -2,6 +2,10 @@
 
 --inject-nan-step N   the objective returns a NaN loss at step N (the step must be skipped and counted)
 --crash-save-step N   the checkpoint save of step N dies half-way (previous checkpoint must survive)
+--fixed-rollout       every engine returns a fixed batch instead of sampling: each prompt's responses
+                      depend only on its global index and the step, so runs of any layout (TP/PP/DP)
+                      train on identical samples and can be compared exactly
+--dump-weights PATH   after training, save the student's HF-named weights to PATH (torch.save)
 """
 
 import argparse
@@ -14,6 +18,8 @@ def main():
     ap.add_argument("--config", required=True)
     ap.add_argument("--inject-nan-step", type=int, default=None)
     ap.add_argument("--crash-save-step", type=int, default=None)
+    ap.add_argument("--fixed-rollout", action="store_true")
+    ap.add_argument("--dump-weights", default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
@@ -44,15 +50,52 @@ def main():
 
         dist_checkpointing.save = crashing_save
 
+    if args.fixed_rollout:
+        OPDTrainer.generate = fixed_generate
+
     cfg = load_config(args.config, args.overrides)
     trainer = OPDTrainer(cfg)
     try:
         trainer.setup()
         trainer.train()
+        if args.dump_weights:
+            dump_weights(trainer, args.dump_weights)
         if trainer.rank0:
             print(json.dumps({"step": trainer.step, "skipped_steps": trainer.skipped_steps}), flush=True)
     finally:
         trainer.cleanup()
+
+
+def fixed_generate(self, samples, first_index):
+    """OPDTrainer.generate replaced: a deterministic batch keyed by (global prompt index, sample, step)."""
+    import torch
+
+    from megatron_opd.rollout.engine import RolloutBatch, RolloutSample
+
+    n, vocab = self.cfg.rollout.n, self.spec.vocab_size
+    batch = RolloutBatch()
+    for j, ids in enumerate(self.engine.chat_prompt_ids([s["prompt"] for s in samples])):
+        for k in range(n):
+            g = torch.Generator().manual_seed(((first_index + j) * 97 + k) * 1009 + self.step)
+            length = 2 + int(torch.randint(0, self.cfg.rollout.max_new_tokens - 1, (1,), generator=g))
+            tokens = torch.randint(3, vocab, (length,), generator=g).tolist()
+            logprobs = (-1.0 - torch.rand(length, generator=g)).tolist()
+            batch.samples.append(RolloutSample(prompt_index=j, prompt_ids=ids, response_ids=tokens,
+                                               response_logprobs=logprobs, finish_reason="length", text=""))
+    return batch
+
+
+def dump_weights(trainer, path):
+    import torch
+    import torch.distributed as dist
+
+    from megatron_opd.models.hf_mapping import export_hf_weights
+
+    tensors = {}
+    for bucket in export_hf_weights(trainer.student.module, trainer.spec):
+        tensors.update({n: t.clone() for n, t in bucket})
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(tensors, path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""Data parallelism inside the OPD loop: runs at DP=2 (and the full 4D layout on 8 ranks) train on
+the same fixed rollout batch as a TP=1 / PP=1 / DP=1 run and must give the same per-step losses and
+post-step student weights; kill -9 and resume at DP=2 gives the uninterrupted run's result.
+
+The fixed batch (tests/workers/train_run.py --fixed-rollout) depends only on each prompt's global
+index and the step, so every layout sees identical samples; the engines still start, refit every step
+and evaluate, spread over the data-parallel replicas."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_opd.data.tokenizer import train_tokenizer
+from megatron_opd.models.hf_tiny import save_tiny_checkpoint
+from mopd_testing import REPO_ROOT, run_ranks, tiny_spec
+
+WORKER = Path(__file__).parent / "workers" / "train_run.py"
+RECIPE = str(REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml")
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    tok = tmp_path_factory.mktemp("tok")
+    train_tokenizer(tok)
+
+    def save(name, seed, **kw):
+        return save_tiny_checkpoint(tiny_spec(name, **kw), tmp_path_factory.mktemp(f"{name}{seed}"), seed=seed,
+                                    tokenizer_dir=tok, init_std=0.1)
+
+    return {"student": save("tiny_qwen3", 0), "teacher": save("tiny_qwen3", 1),
+            "code_teacher": save("tiny_qwen3", 2), "moe_teacher": save("tiny_qwen3_moe", 3)}
+
+
+def run(ckpts, out: Path, nproc: int, *overrides, teacher="teacher", timeout=900):
+    args = ["--config", RECIPE, "--fixed-rollout", "--dump-weights", str(out / "weights.pt"),
+            f"student.checkpoint={ckpts['student']}", f"teachers=[{{checkpoint: {ckpts[teacher]}}}]",
+            f"train.out_dir={out}", *overrides]
+    run_ranks(WORKER, nproc, *args, timeout=timeout)
+    return losses(out), torch.load(out / "weights.pt")
+
+
+def losses(out: Path) -> dict:
+    import json
+
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def moved(ckpts, weights) -> float:
+    """How far training moved the student from its checkpoint (the comparison must be non-trivial)."""
+    from megatron_opd.models.hf_mapping import HFCheckpoint
+
+    start = HFCheckpoint(ckpts["student"])
+    return max((weights[k] - start.get(k)).abs().max().item() for k in weights)
+
+
+def assert_same(a, b, loss_rtol=1e-5, weight_atol=1e-6):
+    (la, wa), (lb, wb) = a, b
+    assert sorted(la) == sorted(lb) == [1, 2]
+    assert la[1] != 0 and la[1] != la[2]
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=loss_rtol), (step, la, lb)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= weight_atol, worst
+    return worst
+
+
+def test_dp2_equals_dp1_on_the_same_batch(ckpts, tmp_path):
+    base = run(ckpts, tmp_path / "dp1", 1)
+    dp2 = run(ckpts, tmp_path / "dp2", 2)
+    worst = assert_same(base, dp2)
+    assert moved(ckpts, base[1]) > 100 * max(worst, 1e-7)
+
+
+def test_dp2_reopold_equals_dp1(ckpts, tmp_path):
+    """REOPOLD's top-beta entropy selection runs over the whole batch, across the replicas."""
+    extra = ["objective.name=reopold", "objective.entropy_top_beta=0.5"]
+    assert_same(run(ckpts, tmp_path / "dp1", 1, *extra), run(ckpts, tmp_path / "dp2", 2, *extra))
+
+
+def test_dp2_two_teacher_routing_equals_dp1(ckpts, tmp_path):
+    """Two teachers routed by domain (math / code prompts of the 'mixed' task) at DP=2."""
+    teachers = (f"teachers=[{{checkpoint: {ckpts['teacher']}, domain: math}}, "
+                f"{{checkpoint: {ckpts['code_teacher']}, domain: code}}]")
+    extra = ["data.synthetic=mixed", teachers]
+    assert_same(run(ckpts, tmp_path / "dp1", 1, *extra), run(ckpts, tmp_path / "dp2", 2, *extra))
+
+
+LAYOUT_4D = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+             "parallel.expert_model_parallel_size=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_8_ranks_tp2_pp2_dp2_with_moe_teacher_ep2_equals_1_rank_and_resumes_after_kill9(ckpts, tmp_path):
+    """Dense student at TP=2 x PP=2 x DP=2 on 8 gloo ranks, tiny Qwen3-MoE teacher at EP=2 (ETP = TP):
+    the same losses and post-step weights as TP=1 x PP=1 x DP=1; then kill -9 after step 1 and resume
+    at DP=2: the same result as the uninterrupted 8-rank run."""
+    base = run(ckpts, tmp_path / "dp1", 1, teacher="moe_teacher")
+    full = run(ckpts, tmp_path / "4d", 8, *LAYOUT_4D, teacher="moe_teacher", timeout=1500)
+    worst = assert_same(base, full)
+    assert moved(ckpts, base[1]) > 100 * max(worst, 1e-7)
+
+    killed = tmp_path / "killed"
+    args = ["--config", RECIPE, "--fixed-rollout", "--dump-weights", str(killed / "weights.pt"),
+            f"student.checkpoint={ckpts['student']}", f"teachers=[{{checkpoint: {ckpts['moe_teacher']}}}]",
+            f"train.out_dir={killed}", *LAYOUT_4D]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8",
+                             str(WORKER), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    marker, t0 = killed / "checkpoints" / "step_1" / "meta.json", time.time()
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() - t0 < 1200, "no step-1 checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and both engines, mid-run
+    proc.wait()
+    assert not (killed / "weights.pt").exists()
+    run_ranks(WORKER, 8, *args, timeout=1500)
+    resumed = (losses(killed), torch.load(killed / "weights.pt"))
+    assert resumed[0][2] == full[0][2]  # the resumed step's loss, bit-identical
+    assert max((resumed[1][k] - full[1][k]).abs().max().item() for k in full[1]) == 0.0
