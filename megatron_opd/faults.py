@@ -10,6 +10,7 @@ where a real failure could occur; with the variable unset it costs one dict look
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 
 ENV = "MEGATRON_OPD_FAULT"
@@ -20,21 +21,24 @@ class InjectedFault(RuntimeError):
     """Raised by `maybe_fail` at the configured point."""
 
 
+_SPEC = re.compile(r"^(?P<point>\w+)(@(?P<rank>\d+))?(#(?P<index>\d+))?$")
+
+
 def maybe_fail(point: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    name, _, rest = spec.partition("@")
-    rank_s, _, index_s = rest.partition("#") if "@" in spec else ("", "", spec.partition("#")[2])
-    name = name.partition("#")[0]
-    if name != point:
+    m = _SPEC.match(spec)
+    if m is None:
+        raise ValueError(f"{ENV}={spec!r}: use POINT[@RANK][#INDEX], e.g. refit_bucket@2#1")
+    if m["point"] != point:
         return
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank_s and int(rank_s) != rank:
+    if m["rank"] is not None and int(m["rank"]) != rank:
         return
     count = _seen[point]
     _seen[point] += 1
-    if count == int(index_s or 0):
+    if count == int(m["index"] or 0):
         raise InjectedFault(f"injected fault at {point} (rank {rank}, occurrence {count})")

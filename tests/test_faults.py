@@ -1,0 +1,29 @@
+"""Fault-injection points: off by default, fire once at the configured rank and occurrence."""
+
+import pytest
+
+from megatron_opd import faults
+
+
+def test_fires_at_the_configured_occurrence_only(monkeypatch):
+    monkeypatch.setattr(faults, "_seen", faults.Counter())
+    monkeypatch.setenv(faults.ENV, "refit_bucket@0#1")
+    faults.maybe_fail("refit_bucket")  # occurrence 0
+    faults.maybe_fail("save")  # another point
+    with pytest.raises(faults.InjectedFault, match="refit_bucket.*rank 0.*occurrence 1"):
+        faults.maybe_fail("refit_bucket")
+    faults.maybe_fail("refit_bucket")  # only once
+
+
+def test_other_rank_and_unset_never_fire(monkeypatch):
+    monkeypatch.setattr(faults, "_seen", faults.Counter())
+    monkeypatch.setenv(faults.ENV, "refit_bucket@3")
+    faults.maybe_fail("refit_bucket")  # this process is rank 0
+    monkeypatch.delenv(faults.ENV)
+    faults.maybe_fail("refit_bucket")
+
+
+def test_malformed_spec_names_the_variable(monkeypatch):
+    monkeypatch.setenv(faults.ENV, "refit bucket")
+    with pytest.raises(ValueError, match="MEGATRON_OPD_FAULT.*POINT\\[@RANK\\]\\[#INDEX\\]"):
+        faults.maybe_fail("refit_bucket")
