@@ -61,7 +61,10 @@ def moved(ckpts, weights) -> float:
     return max((weights[k] - start.get(k)).abs().max().item() for k in weights)
 
 
-def assert_same(a, b, loss_rtol=1e-5, weight_atol=1e-6):
+# Adam divides each gradient by its own magnitude, so the reduction-order noise (~1e-7 relative) of
+# near-zero gradients can reach ~1 % of a step: weights are compared to 2 % of lr (1e-4 in tiny_opd),
+# and must have moved far more than that (two Adam steps, ~2e-4). Measured: 9.9e-7 at 8 ranks.
+def assert_same(a, b, loss_rtol=1e-5, weight_atol=2e-6):
     (la, wa), (lb, wb) = a, b
     assert sorted(la) == sorted(lb) == [1, 2]
     assert la[1] != 0 and la[1] != la[2]
@@ -77,7 +80,7 @@ def test_dp2_equals_dp1_on_the_same_batch(ckpts, tmp_path):
     base = run(ckpts, tmp_path / "dp1", 1)
     dp2 = run(ckpts, tmp_path / "dp2", 2)
     worst = assert_same(base, dp2)
-    assert moved(ckpts, base[1]) > 100 * max(worst, 1e-7)
+    assert moved(ckpts, base[1]) > 50 * max(worst, 1e-7)
 
 
 def test_dp2_reopold_equals_dp1(ckpts, tmp_path):
@@ -107,7 +110,7 @@ def test_8_ranks_tp2_pp2_dp2_with_moe_teacher_ep2_equals_1_rank_and_resumes_afte
     base = run(ckpts, tmp_path / "dp1", 1, teacher="moe_teacher")
     full = run(ckpts, tmp_path / "4d", 8, *LAYOUT_4D, teacher="moe_teacher", timeout=1500)
     worst = assert_same(base, full)
-    assert moved(ckpts, base[1]) > 100 * max(worst, 1e-7)
+    assert moved(ckpts, base[1]) > 50 * max(worst, 1e-7)
 
     killed = tmp_path / "killed"
     args = ["--config", RECIPE, "--fixed-rollout", "--dump-weights", str(killed / "weights.pt"),
