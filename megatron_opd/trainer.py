@@ -88,6 +88,7 @@ class OPDTrainer:
             s.validate_parallel(cfg.parallel.tensor_model_parallel_size,
                                 cfg.parallel.pipeline_model_parallel_size,
                                 cfg.parallel.expert_model_parallel_size, cfg.parallel.etp)
+        self.has_moe = any(s.is_moe for s in [self.spec, *teacher_specs, *([ref_spec] if ref_spec else [])])
         layout = parallel.validate_layout(cfg.parallel, parallel.launched_world_size())
         check_batch_split(cfg, layout.dp)
 
@@ -221,12 +222,15 @@ class OPDTrainer:
         return batch, rollout_metrics(result, rewards)
 
     def _common_length(self, result) -> Optional[int]:
-        """With EP > 1 the expert-parallel groups span data-parallel replicas, and megatron-core's
-        token dispatcher all-gathers routing maps of equal size over them: every replica must then
-        feed micro-batches of one shape, so all pad to the longest sequence of the step."""
+        """When the MoE layers' expert groups (ETP x EP ranks) are wider than a replica's TP group,
+        they span data-parallel replicas, and megatron-core's token dispatcher all-gathers routing
+        maps of equal size over them: every replica must then feed micro-batches of one shape, so all
+        pad to the longest sequence of the step. Otherwise each replica pads to its own longest."""
         from megatron.core import parallel_state as ps
 
-        if self.cfg.parallel.expert_model_parallel_size == 1 or ps.get_data_parallel_world_size() == 1:
+        p = self.cfg.parallel
+        if not self.has_moe or p.etp * p.expert_model_parallel_size <= p.tensor_model_parallel_size \
+                or ps.get_data_parallel_world_size() == 1:
             return None
         longest = torch.tensor([result.max_length()], device=parallel.collective_device())
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
