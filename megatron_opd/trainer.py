@@ -172,7 +172,7 @@ class OPDTrainer:
         timings = {}
         t0 = time.perf_counter()
 
-        # 1. rollout (rank 0) -> every rank
+        # 1. rollout: each replica's engine -> that replica's ranks
         batch, rollout_metrics = self.rollout()
         timings["time/rollout"] = time.perf_counter() - t0
 

@@ -390,7 +390,7 @@ def load_hf_into_megatron(model: torch.nn.Module, spec: ModelSpec, ckpt: HFCheck
 
 
 # -------------------------------------------------------------------------------------------------
-# Export: sharded Megatron model -> HF tensors on global rank 0, in bounded buckets
+# Export: sharded Megatron model -> HF tensors on each replica's leader, in bounded buckets
 # -------------------------------------------------------------------------------------------------
 def _all_gather(t: torch.Tensor, group, size: int) -> list[torch.Tensor]:
     if size == 1:
