@@ -4,6 +4,7 @@ Multi-rank tests run a worker script under `torch.distributed.run` (gloo on CPU)
 a hard timeout: a hung collective must fail the test, not the CI run.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,14 @@ def run_ranks(script: Path, nproc: int, *args: str, timeout: float = 300.0, env:
             f"\nSTDERR:\n{proc.stderr[-6000:]}"
         )
     return proc.stdout
+
+
+def last_json(out: str, key: str) -> dict:
+    """The last JSON object in ``out`` that starts with ``{"key"``. Found by position, not by line:
+    vLLM's engine-core subprocess shares the worker's stdout and can append its log to the same line."""
+    start = out.rfind('{"%s"' % key)
+    assert start >= 0, f'no {{"{key}": ...}} result in the output:\n{out[-4000:]}'
+    return json.JSONDecoder().raw_decode(out, start)[0]
 
 
 def tiny_spec(name: str, **overrides):

@@ -13,7 +13,7 @@ import pytest
 
 from megatron_opd.data.tokenizer import train_tokenizer
 from megatron_opd.models.hf_tiny import save_tiny_checkpoint
-from mopd_testing import REPO_ROOT, run_ranks, tiny_spec
+from mopd_testing import REPO_ROOT, last_json, run_ranks, tiny_spec
 
 WORKER = Path(__file__).parent / "workers" / "train_run.py"
 RECIPE = str(REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml")
@@ -106,7 +106,7 @@ def test_nonfinite_loss_skips_step_and_counts(models, tmp_path):
     out = tmp_path / "nan"
     text = run_ranks(WORKER, 1, "--config", RECIPE, "--inject-nan-step", "1",
                      *overrides(models, out, "train.steps=3"), timeout=400)
-    result = json.loads([l for l in text.splitlines() if l.startswith('{"step"')][-1])
+    result = last_json(text, "step")
     assert result == {"step": 3, "skipped_steps": 1}
     rows = {r["step"]: r for r in metrics(out)}
     assert rows[2]["skipped_steps"] == 1 and rows[1]["skipped_steps"] == 0

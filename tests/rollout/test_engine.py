@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_opd.rollout.monitor import logprob_gap, probe_rows
-from mopd_testing import run_ranks
+from mopd_testing import last_json, run_ranks
 
 
 @pytest.mark.vllm
@@ -17,7 +17,7 @@ def test_generate_semantics_and_clear_startup_errors(vllm_dense_ckpt, tmp_path):
     (bad / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8}))
     out = run_ranks(Path(__file__).parent / "workers" / "engine_check.py", 1, "--ckpt", str(vllm_dense_ckpt),
                     "--bad-arch", str(bad), timeout=400)
-    errors = json.loads([l for l in out.splitlines() if l.startswith('{"errors"')][-1])["errors"]
+    errors = last_json(out, "errors")["errors"]
     assert "student.checkpoint" in errors["missing"]
     assert "LlamaForCausalLM" in errors["arch"] and "not supported" in errors["arch"]
 

