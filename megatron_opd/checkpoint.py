@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_opd import platform
+
 _LATEST = "latest"
 
 
@@ -35,7 +37,7 @@ def _barrier() -> None:
 def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "accelerator": platform.accelerator_rng_state(),
         "python": random.getstate(),
         "numpy": np.random.get_state(),
     }
@@ -43,8 +45,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    platform.set_accelerator_rng_state(state.get("accelerator"))
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
 

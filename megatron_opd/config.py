@@ -32,7 +32,8 @@ class ModelRoleConfig:
     """Multi-teacher routing: prompts whose domain tag equals this are scored by this teacher."""
 
     offload: bool = False
-    """Frozen roles on GPU: park weights in host memory between forward passes."""
+    """Teachers / reference: keep the weights in pinned host memory except while the model scores
+    (GPU; the same calls run and do nothing on CPU). Refused for the student."""
 
     def __post_init__(self):
         if self.spec is not None and not Path(self.spec).is_file():
@@ -341,6 +342,11 @@ class OPDConfig:
                 f"optim.lr_warmup_steps={self.optim.lr_warmup_steps} must be below "
                 f"train.steps={self.train.steps}; lower the warm-up or train longer"
             )
+        if self.student.offload:
+            raise ValueError("student.offload=true: only frozen roles (teachers[i].offload, reference.offload) "
+                             "can be parked in host memory; the student trains every step")
+        if self.student.domain is not None:
+            raise ValueError("student.domain is a teacher field (multi-teacher routing); remove it")
         if self.rollout.mode == "separate" and self.launch.rollout_nodes < 1:
             raise ValueError("rollout.mode='separate' needs launch.rollout_nodes >= 1")
 

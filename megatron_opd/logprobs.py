@@ -30,6 +30,8 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
+from megatron_opd import platform
+
 # chunk_size="auto" picks tokens per chunk from a byte budget for one fp32 `[chunk, V/tp]` buffer; a
 # fixed token count is wrong both ways (4096 tokens of a 152k vocabulary is 2.5 GB). Measured on CPU
 # (forward, fp32, one process; `benchmarks/bench_logprobs.py --chunk-sweep TOKENS,VOCAB,HIDDEN`):
@@ -60,7 +62,7 @@ def fused_chunk_bytes(local_vocab: int, hidden: int) -> int:
 def _resolve_chunk(chunk_size, n_tokens: int, local_vocab: int, device: torch.device,
                    budget_bytes: Optional[int] = None) -> int:
     if chunk_size == "auto":
-        if device.type == "cuda":
+        if platform.is_accelerator(device):  # accelerator memory: the large fused budget
             budget_bytes = FUSED_CHUNK_BYTES_MAX
         return auto_chunk_size(local_vocab, budget_bytes)
     return chunk_size or max(n_tokens, 1)
@@ -244,7 +246,7 @@ def _te_fp8_lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Only the forward logits (and their recomputation in backward) use FP8; the gradient GEMMs and
     every softmax reduction run in fp32. Not exercised on CPU: its test is marked `gpu`.
     """
-    if not torch.cuda.is_available():
+    if not platform.has_transformer_engine():
         raise ValueError("fp8=True needs CUDA and Transformer Engine; set fp8=False on CPU")
     try:
         import transformer_engine.pytorch as te
@@ -351,7 +353,7 @@ def fused_lm_head_token_logprobs(
                          "to match hidden's last dimension")
     tp = _group_size(tp_group)
     _validate(target_ids, lead, chunk_size, valid_vocab_size, lm_head_weight.shape[0], tp)
-    if fp8 and not torch.cuda.is_available():
+    if fp8 and not platform.has_transformer_engine():
         raise ValueError("fp8=True needs CUDA and Transformer Engine; set fp8=False on CPU")
     vocab_start = _group_rank(tp_group) * lm_head_weight.shape[0]
     flat = hidden.reshape(-1, h)

@@ -48,8 +48,9 @@ class ParallelConfig:
             raise ValueError("parallel.expert_tensor_parallel_size must be >= 1 or null (= TP)")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"parallel.backend={self.backend!r}: use 'auto', 'gloo' or 'nccl'")
-        if self.backend == "nccl" and not torch.cuda.is_available():
-            raise ValueError("parallel.backend='nccl' needs CUDA; use 'auto' or 'gloo' on CPU")
+        from megatron_opd import platform
+
+        platform.check_backend(self.backend)
 
     @property
     def model_parallel_size(self) -> int:
@@ -117,9 +118,9 @@ def validate_layout(config: ParallelConfig, world_size: int) -> Layout:
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    return backend
+    from megatron_opd import platform
+
+    return platform.default_backend() if backend == "auto" else backend
 
 
 def initialize(config: ParallelConfig, seed: int = 1234) -> None:
@@ -127,14 +128,14 @@ def initialize(config: ParallelConfig, seed: int = 1234) -> None:
     model-parallel state and RNG. Safe to call when torch.distributed is already initialised."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_opd.platform import activate_platform
+    from megatron_opd import platform
 
-    activate_platform()
+    platform.activate_platform()
     if not dist.is_initialized():
         backend = resolve_backend(config.backend)
         timeout = datetime.timedelta(minutes=config.timeout_minutes)
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            platform.bind_local_device()
         if "RANK" not in os.environ:
             # A single process without torchrun: an in-memory store, so no TCP port can collide
             # with another job on the machine.
@@ -152,7 +153,7 @@ def initialize(config: ParallelConfig, seed: int = 1234) -> None:
         expert_tensor_parallel_size=config.etp,
         distributed_timeout_minutes=config.timeout_minutes,
         # On CPU the "default" groups are already gloo; extra gloo copies would only cost sockets.
-        create_gloo_process_groups=torch.cuda.is_available(),
+        create_gloo_process_groups=platform.needs_extra_gloo_groups(),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
@@ -191,9 +192,7 @@ def is_rank0() -> bool:
 
 
 def collective_device(group=None) -> torch.device:
-    """Where a tensor for a collective on `group` must live: the current CUDA device for NCCL groups,
-    the CPU for gloo."""
-    backend = dist.get_backend(group) if dist.is_initialized() else "gloo"
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where a tensor for a collective on `group` must live (see `platform.collective_device`)."""
+    from megatron_opd import platform
+
+    return platform.collective_device(group)

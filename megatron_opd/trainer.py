@@ -18,6 +18,7 @@ land on exactly the ranks (the last pipeline stage) where the student's loss nee
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opd import parallel
+from megatron_opd import parallel, platform
 from megatron_opd.config import OPDConfig, config_to_dict
+from megatron_opd.objectives.policy_loss import global_counts
 
 
 @dataclass
@@ -54,6 +56,9 @@ class OPDTrainer:
         self.metrics = None
         self.preempt = None
         self.rank0 = True
+        self.phases: list[str] = []
+        """What the current step did, in order (rollout, sleep, onload:ROLE, score, ...): read by tests
+        and by anyone debugging the colocated memory choreography."""
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -110,6 +115,12 @@ class OPDTrainer:
         if ref_ckpt is not None:
             self.reference = build_gpt_model(ref_spec, cfg.parallel, cfg.precision, role="reference")
             load_hf_into_megatron(self.reference, ref_spec, ref_ckpt)
+        # Frozen roles with `offload: true` wait in host memory until they score (see `on_device`).
+        self.reference_offload = bool(ref_role.offload) if ref_role is not None else False
+        for model, off in [*zip(self.teachers, [t.offload for t in cfg.teachers]),
+                           (self.reference, self.reference_offload)]:
+            if model is not None and off:
+                platform.offload(model)
         self.optimizer, self.scheduler = build_optimizer(self.student, cfg.optim, cfg.train.steps)
 
         out = Path(cfg.train.out_dir)
@@ -168,34 +179,42 @@ class OPDTrainer:
         return final_eval or {}
 
     def train_step(self) -> dict:
-        cfg = self.cfg
+        """One colocated step: rollout -> sleep -> score -> update -> wake -> refit. The engine's
+        memory is released while the models compute (`RolloutEngine.sleep`; vLLM sleep mode on GPU, a
+        tracked no-op on CPU), and its weights are woken before the refit, its KV cache after it."""
+        self.phases = []
         timings = {}
         t0 = time.perf_counter()
 
         # 1. rollout: each replica's engine -> that replica's ranks
-        batch, rollout_metrics = self.rollout()
-        timings["time/rollout"] = time.perf_counter() - t0
+        with self.phase("rollout", timings):
+            batch, rollout_metrics = self.rollout()
+        with self.phase("sleep", timings):
+            if self.engine is not None:
+                self.engine.sleep()
 
-        # 2. split for data parallelism and micro-batches; score with the frozen models
-        t = time.perf_counter()
-        micro = self.micro_batches(batch)
-        self.score(micro)
-        timings["time/score"] = time.perf_counter() - t
+        # 2. micro-batches on the device; score with the frozen models
+        with self.phase("score", timings):
+            micro = self.micro_batches(batch)
+            self.score(micro)
 
         # 3. update: one optimizer step per mini-batch
-        t = time.perf_counter()
-        update_metrics = self.update(micro)
-        timings["time/update"] = time.perf_counter() - t
+        with self.phase("update", timings):
+            update_metrics = self.update(micro)
 
-        # 4. refit the engine with the new weights
-        t = time.perf_counter()
-        refit_stats = self.refit()
-        timings["time/refit"] = time.perf_counter() - t
+        # 4. wake the engine's weights, refit them, then wake its KV cache for the next rollout
+        with self.phase("wake", timings):
+            if self.engine is not None:
+                self.engine.wake_up(["weights"])
+        with self.phase("refit", timings):
+            refit_stats = self.refit()
+            if self.engine is not None:
+                self.engine.wake_up(["kv_cache"])
 
         timings["time/step"] = time.perf_counter() - t0
         tokens = int(batch.response_mask.sum().item())
         return {
-            **rollout_metrics, **update_metrics, **timings, **refit_stats,
+            **rollout_metrics, **update_metrics, **timings, **refit_stats, **platform.memory_stats(),
             "throughput/tokens_per_s": tokens / max(timings["time/step"], 1e-9),
             "lr": self.optimizer.param_groups[0]["lr"],
             "skipped_steps": self.skipped_steps,
@@ -248,8 +267,6 @@ class OPDTrainer:
     def micro_batches(self, batch: StepBatch) -> list[dict]:
         """This replica's rollout batch cut into equal-shape micro-batches, with the step's global
         token/sequence counts (over all micro-batches and data-parallel replicas)."""
-        from megatron.core import parallel_state as ps
-
         B = batch.input_ids.shape[0]
         mbs = self.cfg.train.micro_batch_size
         rows = torch.arange(B)
@@ -270,15 +287,12 @@ class OPDTrainer:
             }
             if pad_rows:
                 mb["mask"][-pad_rows:] = 0
-            micro.append(mb)
+            micro.append(platform.to_device(mb))  # the one host -> device move of the step's data
         # Global counts over all micro-batches and DP ranks: losses normalise by these, so
         # summing micro-batch losses and DP gradients gives exactly the full-batch objective.
-        counts = torch.tensor([sum(mb["mask"].sum() for mb in micro),
-                               sum((mb["mask"].sum(-1) > 0).sum() for mb in micro)], dtype=torch.float64)
-        if ps.get_data_parallel_world_size() > 1:
-            dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        counts = global_counts([mb["mask"] for mb in micro], parallel.dp_group())
         for mb in micro:
-            mb["global_tokens"], mb["global_seqs"] = counts[0].item(), counts[1].item()
+            mb["global_tokens"], mb["global_seqs"] = counts
         return micro
 
     @torch.no_grad()
@@ -287,13 +301,15 @@ class OPDTrainer:
         from megatron_opd.models.forward import run_micro_batches
 
         for k, teacher in enumerate(self.teachers):
-            outs = run_micro_batches(teacher, micro, self._logprob_fn(), forward_only=True)
+            with self.on_device(f"teachers[{k}]", teacher, self.cfg.teachers[k].offload):
+                outs = run_micro_batches(teacher, micro, self._logprob_fn(), forward_only=True)
             for mb, out in zip(micro, outs):
                 lp = out["logprobs"]
                 mb["teacher_logprobs"] = lp if k == 0 else torch.where(
                     (mb["teacher_index"] == k)[:, None], lp, mb["teacher_logprobs"])
         if self.reference is not None:
-            outs = run_micro_batches(self.reference, micro, self._logprob_fn(), forward_only=True)
+            with self.on_device("reference", self.reference, self.reference_offload):
+                outs = run_micro_batches(self.reference, micro, self._logprob_fn(), forward_only=True)
             for mb, out in zip(micro, outs):
                 mb["reference_logprobs"] = out["logprobs"]
         # pi_old: needed when one rollout batch feeds several updates, and for REOPOLD's entropy mask
@@ -307,6 +323,27 @@ class OPDTrainer:
             from megatron_opd.loss import select_reopold_tokens
 
             select_reopold_tokens(self.cfg.objective, micro, self.step, parallel.dp_group())
+
+    @contextlib.contextmanager
+    def phase(self, name: str, timings: Optional[dict] = None):
+        """Record `name` in `self.phases` (and its duration as timings["time/NAME"])."""
+        self.phases.append(name)
+        t = time.perf_counter()
+        yield
+        if timings is not None:
+            timings[f"time/{name}"] = time.perf_counter() - t
+
+    @contextlib.contextmanager
+    def on_device(self, role: str, model, offload: bool):
+        """A frozen model with `offload: true` lives in host memory except while it scores."""
+        if not offload:
+            yield
+            return
+        self.phases.append(f"onload:{role}")
+        platform.onload(model)
+        yield
+        platform.offload(model)
+        self.phases.append(f"offload:{role}")
 
     def _logprob_fn(self, entropy: bool = False):
         from megatron_opd.logprobs import vocab_parallel_token_logprobs
@@ -335,16 +372,10 @@ class OPDTrainer:
         all_metrics: list[dict] = []
         for m in range(0, len(micro), per_mini):
             mini = micro[m:m + per_mini]
-            # Re-normalise counts to this mini-batch (each optimizer step sees its own batch).
-            counts = torch.tensor([sum(mb["mask"].sum() for mb in mini),
-                                   sum((mb["mask"].sum(-1) > 0).sum() for mb in mini)], dtype=torch.float64)
-            if n_mini > 1:
-                from megatron.core import parallel_state as ps
-
-                if ps.get_data_parallel_world_size() > 1:
-                    dist.all_reduce(counts, group=ps.get_data_parallel_group())
+            if n_mini > 1:  # re-normalise counts to this mini-batch (each optimizer step sees its own)
+                counts = global_counts([mb["mask"] for mb in mini], parallel.dp_group())
                 for mb in mini:
-                    mb["global_tokens"], mb["global_seqs"] = counts[0].item(), counts[1].item()
+                    mb["global_tokens"], mb["global_seqs"] = counts
 
             def loss_fn(mb, logits):
                 from megatron_opd.logprobs import vocab_parallel_token_logprobs
@@ -424,13 +455,13 @@ class OPDTrainer:
         buffers = list(self.student.buffers) + list(self.student.expert_parallel_buffers)
         ok = metrics.get("nonfinite", 0.0) == 0.0 and all(
             bool(torch.isfinite(b.grad_data).all()) for b in buffers)
-        flag = torch.tensor([0.0 if ok else 1.0])
+        flag = torch.tensor([0.0 if ok else 1.0], device=parallel.collective_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
     def _preemption_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.preempt.requested else 0.0])
+        flag = torch.tensor([1.0 if self.preempt.requested else 0.0], device=parallel.collective_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks must agree to checkpoint
         return bool(flag.item())
@@ -561,14 +592,15 @@ def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
             vals.append(max(float(o.get(k, 0.0)) for o in outs))
         else:
             vals.append(sum(float(o.get(k, 0.0)) * w for o, w in zip(outs, weights)) / total)
-    t = torch.tensor(vals, dtype=torch.float64)
     dp = ps.get_data_parallel_world_size()
+    t = torch.tensor(vals, dtype=torch.float64)
     if dp > 1:
+        t = t.to(parallel.collective_device(ps.get_data_parallel_group()))
         dist.all_reduce(t, group=ps.get_data_parallel_group())
         # the loss is a sum over DP ranks; everything else a mean
         # (max-type metrics are summed here too: acceptable for logging, documented as "mean over
         # DP of the per-rank max" would need a second collective)
-        t = torch.where(torch.tensor([k == "loss" for k in keys]), t, t / dp)
+        t = torch.where(torch.tensor([k == "loss" for k in keys], device=t.device), t, t / dp)
     return dict(zip(keys, t.tolist()))
 
 

@@ -107,9 +107,24 @@ def test_nonfinite_loss_skips_step_and_counts(models, tmp_path):
     text = run_ranks(WORKER, 1, "--config", RECIPE, "--inject-nan-step", "1",
                      *overrides(models, out, "train.steps=3"), timeout=400)
     result = last_json(text, "step")
-    assert result == {"step": 3, "skipped_steps": 1}
+    assert (result["step"], result["skipped_steps"]) == (3, 1)
     rows = {r["step"]: r for r in metrics(out)}
     assert rows[2]["skipped_steps"] == 1 and rows[1]["skipped_steps"] == 0
+
+
+def test_colocated_step_phase_order(models, tmp_path):
+    """One colocated step runs rollout -> sleep -> score (each offloaded frozen model brought in and
+    parked again around its own forward) -> update -> wake -> refit, and ends with the engine awake.
+    On CPU sleep/wake/offload do no memory work, but the same calls run in this order."""
+    student, teacher = models
+    text = run_ranks(WORKER, 1, "--config", RECIPE, *overrides(
+        models, tmp_path / "phases", "train.steps=1", "objective.lam=1.25",
+        f"teachers=[{{checkpoint: {teacher}, offload: true}}]",
+        f"reference={{checkpoint: {student}, offload: true}}"), timeout=400)
+    result = last_json(text, "step")
+    assert result["phases"] == ["rollout", "sleep", "score", "onload:teachers[0]", "offload:teachers[0]",
+                                "onload:reference", "offload:reference", "update", "wake", "refit"]
+    assert result["engine_asleep"] == []
 
 
 def test_crash_while_saving_keeps_previous_checkpoint(models, tmp_path):

@@ -2,7 +2,10 @@
 
 All three share the process groups of `megatron_opd.parallel`. The student is trainable; teacher and
 reference are frozen: eval mode, `requires_grad=False`, no DDP wrapper, no grad buffers, no optimizer
-state, and optionally parked on the CPU between uses (`FrozenModel.offload()` / `onload()`).
+state, and (`offload: true`) parked in host memory between uses (`platform.offload` / `onload`).
+
+Layer spec: Transformer Engine's (flash attention, fused kernels, FP8) when CUDA and TE are present,
+else megatron-core's local spec, whose unfused attention materialises [b, heads/tp, s, s] scores.
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
+from megatron_opd import platform
 from megatron_opd.models.spec import ModelSpec
 from megatron_opd.parallel import ParallelConfig
 
 ROLES = ("student", "teacher", "reference")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,8 +36,13 @@ class PrecisionConfig:
     fp8: Optional[str] = None
     """GPU only: Transformer Engine FP8 recipe ("hybrid" or "e4m3") for the TE layer spec; None = off."""
 
-    use_transformer_engine: bool = False
-    """GPU only: build with the Transformer Engine layer spec (fused kernels, FP8). CPU: must be False."""
+    use_transformer_engine: Optional[bool] = None
+    """Transformer Engine layer spec (flash attention, fused kernels, FP8). None (auto): on when CUDA
+    and transformer_engine are present, off otherwise; true where TE cannot run is refused."""
+
+    recompute: Optional[str] = None
+    """Activation recompute: None (off) or "selective" (megatron-core's core-attention recompute: the
+    attention scores are not kept for backward; only the student's backward pass is affected)."""
 
     def __post_init__(self):
         if self.params_dtype not in ("float32", "bfloat16", "float16"):
@@ -39,13 +51,19 @@ class PrecisionConfig:
             )
         if self.fp8 is not None and self.fp8 not in ("hybrid", "e4m3"):
             raise ValueError(f"precision.fp8={self.fp8!r}: use null, 'hybrid' or 'e4m3'")
-        if (self.fp8 or self.use_transformer_engine) and not torch.cuda.is_available():
-            raise ValueError(
-                "precision.fp8 / precision.use_transformer_engine need CUDA and Transformer Engine; "
-                "set precision.fp8=null and precision.use_transformer_engine=false on CPU"
-            )
-        if self.fp8 and not self.use_transformer_engine:
-            raise ValueError("precision.fp8 needs precision.use_transformer_engine=true")
+        if self.recompute not in (None, "selective"):
+            raise ValueError(f"precision.recompute={self.recompute!r}: use null or 'selective'")
+        if self.fp8 and self.use_transformer_engine is False:
+            raise ValueError("precision.fp8 needs the Transformer Engine spec: set "
+                             "precision.use_transformer_engine=null (auto) or true")
+        platform.check_transformer_engine_request(self.use_transformer_engine, self.fp8)
+
+    @property
+    def transformer_engine(self) -> bool:
+        """Whether models are built with the TE layer spec (auto-resolved)."""
+        if self.use_transformer_engine is None:
+            return platform.has_transformer_engine()
+        return self.use_transformer_engine
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -85,20 +103,24 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, precision: Pre
         # A dense model shares the layout of an MoE teacher but has no experts to split.
         expert_model_parallel_size=parallel.expert_model_parallel_size if spec.is_moe else 1,
         expert_tensor_parallel_size=parallel.etp if spec.is_moe else None,
-        sequence_parallel=False,
+        sequence_parallel=precision.transformer_engine and parallel.tensor_model_parallel_size > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         # Same weights for any TP size from one seed, and no CUDA needed at init.
-        use_cpu_initialization=not torch.cuda.is_available(),
-        # Fused CUDA kernels are unavailable (CPU) or optional; the plain paths are exact.
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
+        use_cpu_initialization=platform.model_init_on_cpu(),
+        # Fused kernels need CUDA; on CPU the plain paths run (and are exact). There is no bias to
+        # fuse (add_bias_linear=False). RoPE fusion needs TE's kernels; gradient-accumulation fusion
+        # needs TE's and Apex's wgrad kernels, so it stays off.
+        bias_activation_fusion=platform.fused_kernels_available(),
+        masked_softmax_fusion=False,  # the local spec's softmax; the TE spec has its own attention
         persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        bias_dropout_fusion=platform.fused_kernels_available(),
+        apply_rope_fusion=precision.transformer_engine,
         gradient_accumulation_fusion=False,
+        # Sequence parallelism shards the norms/dropouts' activations over TP (TE spec only here).
+        recompute_granularity=precision.recompute,
         deallocate_pipeline_outputs=False,
         # Our losses are normalised by global token counts already (models/forward.py).
         calculate_per_token_loss=True,
@@ -126,11 +148,12 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, precision: Pre
 
 
 def layer_spec(spec: ModelSpec, config, precision: PrecisionConfig):
-    """Megatron layer spec: the local (pure-PyTorch) spec on CPU, the TE spec on GPU."""
+    """Megatron layer spec: Transformer Engine's when available (see `PrecisionConfig.transformer_engine`),
+    else the local (pure-PyTorch) spec."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     num_experts = spec.num_experts if spec.is_moe else None
-    if precision.use_transformer_engine:
+    if precision.transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=spec.is_moe, qk_layernorm=True
         )
@@ -170,8 +193,7 @@ def build_gpt_model(
         rotary_base=int(spec.rope_theta),
     )
     model.to(precision.torch_dtype)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
+    platform.place_model(model)
     model.spec = spec  # the mapping and refit read shapes from here
     if role != "student":
         freeze(model)
@@ -186,14 +208,3 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
         p.grad = None
     return model
 
-
-def offload(model: torch.nn.Module) -> None:
-    """Park a frozen model's weights in CPU memory between uses (GPU only; a no-op on CPU)."""
-    if torch.cuda.is_available():
-        model.to("cpu", non_blocking=True)
-
-
-def onload(model: torch.nn.Module) -> None:
-    """Bring a frozen model back to the GPU before its forward pass (a no-op on CPU)."""
-    if torch.cuda.is_available():
-        model.to(torch.cuda.current_device(), non_blocking=True)

@@ -76,7 +76,7 @@ def run_micro_batches(
             loss, out = loss_fn(mb, logits)
             # (loss, num_tokens, reduced dict): with calculate_per_token_loss the schedule does not
             # rescale; the dummy count is unused by our finalize hook.
-            return loss, torch.ones((), dtype=torch.int), out
+            return loss, torch.ones((), dtype=torch.int, device=logits.device), out
 
         return output, loss_func
 

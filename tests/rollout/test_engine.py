@@ -46,3 +46,29 @@ def test_kv_cache_too_small_or_context_too_long_fails_before_vllm_starts(vllm_de
         RolloutEngine(RolloutConfig(max_model_len=too_long, kv_cache_gib=1.0), vllm_dense_ckpt)
     with pytest.raises(RolloutEngineError, match="rollout.max_model_len=1024 exceeds.*=512"):
         RolloutEngine(RolloutConfig(max_model_len=1024, kv_cache_gib=2.0), vllm_dense_ckpt)
+
+
+def test_sleeping_engine_refuses_to_generate_score_or_refit():
+    """The asleep state is tracked on every platform (vLLM's own sleep call runs only on CUDA), so a
+    step that generates or refits on a sleeping engine fails on CPU as it would on a GPU."""
+    from megatron_opd.rollout.engine import RolloutEngine, RolloutEngineError
+
+    engine = RolloutEngine.__new__(RolloutEngine)  # the state machine only: no vLLM behind it
+    engine.sleep_mode, engine.asleep, engine.llm, engine.in_process, engine._staged = False, set(), None, True, []
+    engine.sleep()
+    with pytest.raises(RolloutEngineError, match="already asleep"):
+        engine.sleep()
+    with pytest.raises(RolloutEngineError, match=r"generate on an engine whose \['kv_cache', 'weights'\]"):
+        engine.generate([[1, 2]])
+    with pytest.raises(RolloutEngineError, match="score"):
+        engine.score([[1, 2]], [1])
+    with pytest.raises(RolloutEngineError, match=r"refit .*\['weights'\]"):
+        engine.commit_refit()
+    engine.wake_up(["weights"])
+    assert engine.asleep == {"kv_cache"}
+    with pytest.raises(RolloutEngineError, match=r"generate .*\['kv_cache'\]"):
+        engine.generate([[1, 2]])
+    with pytest.raises(ValueError, match="wake_up tags"):
+        engine.wake_up(["kv"])
+    engine.wake_up()
+    assert engine.asleep == set()

