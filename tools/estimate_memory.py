@@ -1,5 +1,7 @@
-"""Per-GPU memory estimate of an OPD recipe: student weights, gradients and optimizer state, frozen
-teacher(s) and reference, activations, LM-head log-prob chunk, and the colocated vLLM KV cache.
+"""Per-GPU memory estimate of an OPD recipe, phase by phase, for what the code does: the student's
+weights, gradients and optimizer state, frozen teacher(s) and reference (offloaded or resident),
+activations, attention scores (unfused kernel only), the LM-head log-prob chunk, and the colocated
+vLLM engine (asleep while the models compute, awake for rollout and refit).
 
     python -m tools.estimate_memory --recipe configs/recipes/exopd_30b_a3b_to_4b.yaml
 
@@ -7,11 +9,18 @@ Formulas (bytes per GPU; P_local = the parameters one rank holds):
   weights      P_local x bytes(dtype)
   gradients    P_local x 4          (Megatron DDP reduces gradients in fp32)
   optimizer    P_local x 12         (fp32 master copy + Adam m and v; 8 when the model is fp32)
-  frozen       sum over teacher(s)/reference of P_local x bytes(dtype) (0 if offloaded, peak 1 model)
+  frozen       sum over teacher(s)/reference of P_local x bytes(dtype); with `offload: true` a model
+               is on the GPU only while it scores, so the score phase holds the largest one
   activations  micro_batch x seq x hidden x (layers / pp) x 34 x bytes / tp  (Korthikanti et al. 2022,
-               full attention scores dropped: flash/fused attention)
-  logprobs     2 x chunk(1024) x V/tp x 4        (fp32 chunk of the vocab-parallel log-softmax)
-  kv_cache     2 x layers x kv_heads x head_dim x bytes x max_model_len x sequences_per_gpu / tp
+               attention scores excluded)
+  attention    flash (Transformer Engine spec): 0; unfused (local spec): scores + softmax,
+               2 x micro_batch x heads/tp x seq^2 x bytes per layer, kept for backward by every layer
+               of the stage (layers / pp), or by one layer at a time with precision.recompute=selective
+  logprobs     2 x chunk x V/tp x 4  (fp32 chunk of the vocab-parallel log-softmax and its gradient)
+  engine       colocated: rollout.gpu_memory_utilization x GPU memory (vLLM's own budget, weights and
+               KV cache included) while awake; ~0 asleep (sleep level 1); separate mode: 0
+Phases: train = weights + gradients + optimizer + frozen + activations + attention + logprobs (engine
+asleep); rollout = weights + gradients + optimizer + resident frozen + engine. total = the larger.
 P_local: dense params / (tp x pp); MoE experts / (ep x etp x pp) plus the dense part / (tp x pp).
 The layout is first checked against megatron-core's rules for the recipe's GPU count
 (launch.nodes x launch.gpus_per_node), so a layout that cannot start is refused, not priced.
@@ -48,12 +57,22 @@ def estimate_memory(
     dtype: str = "bfloat16",
     micro_batch: int = 1,
     seq_len: int = 4096,
-    frozen_offloaded: bool = False,
-    kv_sequences_per_gpu: int = 8,
-    kv_max_len: Optional[int] = None,
+    frozen_offloaded: Optional[list[bool]] = None,
     etp: Optional[int] = None,
+    attention: str = "flash",
+    recompute: Optional[str] = None,
+    engine_gib: float = 0.0,
 ) -> dict:
-    """Per-GPU bytes of each component and their total (GiB)."""
+    """Per-GPU GiB of each component, of the train and rollout phases, and their maximum ("total").
+
+    Args:
+        frozen_offloaded: per frozen model, whether it is parked in host memory between its uses.
+        attention: "flash" (TE spec) or "unfused" (local spec: [b, heads/tp, s, s] scores kept).
+        recompute: None or "selective" (attention recomputed in backward: one layer's scores live).
+        engine_gib: the colocated vLLM engine's budget while awake (0 for separate rollout nodes).
+    """
+    if attention not in ("flash", "unfused"):
+        raise ValueError(f"attention={attention!r}: use 'flash' or 'unfused'")
     b = _BYTES[dtype]
     p_student = local_params(student, tp, pp, ep, etp)
     out = {
@@ -61,23 +80,31 @@ def estimate_memory(
         "gradients": p_student * 4,
         "optimizer": p_student * (12 if b != 4 else 8),
     }
+    offloaded = frozen_offloaded or [False] * len(frozen)
     frozen_bytes = [local_params(s, tp, pp, ep, etp) * b for s in frozen]
-    # offloaded: only one frozen model is on the GPU at a time (the one scoring)
-    out["frozen_models"] = (max(frozen_bytes) if frozen_offloaded else sum(frozen_bytes)) if frozen else 0.0
+    resident = sum(x for x, off in zip(frozen_bytes, offloaded) if not off)
+    parked = [x for x, off in zip(frozen_bytes, offloaded) if off]
+    out["frozen_models"] = resident + (max(parked) if parked else 0.0)  # while scoring
     big = max([student, *frozen], key=lambda s: s.hidden_size * s.num_layers)
     out["activations"] = micro_batch * seq_len * big.hidden_size * (big.num_layers / pp) * 34 * b / tp
+    per_layer = 2 * micro_batch * (big.num_attention_heads / tp) * seq_len**2 * b
+    layers_kept = 1 if recompute == "selective" else big.num_layers / pp
+    out["attention_scores"] = per_layer * layers_kept if attention == "unfused" else 0.0
     # forward chunk + its gradient in backward; chunk_size="auto" on GPU budgets FUSED_CHUNK_BYTES_MAX each
     local_vocab = student.padded_vocab_size(tp) / tp
     chunk = min(auto_chunk_size(int(local_vocab), FUSED_CHUNK_BYTES_MAX), micro_batch * seq_len)
     out["logprob_chunk"] = 2 * chunk * local_vocab * 4
-    kv_len = kv_max_len or seq_len
-    out["kv_cache"] = (2 * student.num_layers * student.num_query_groups * student.head_dim * b * kv_len
-                       * kv_sequences_per_gpu / tp)
-    out["total"] = sum(out.values())
+    state = out["student_weights"] + out["gradients"] + out["optimizer"]
+    out["engine_awake"] = engine_gib * GIB
+    out["train_phase"] = state + out["frozen_models"] + out["activations"] + out["attention_scores"] \
+        + out["logprob_chunk"]
+    out["rollout_phase"] = state + resident + out["engine_awake"]
+    out["total"] = max(out["train_phase"], out["rollout_phase"])
     return {k: v / GIB for k, v in out.items()}
 
 
-def estimate_recipe(recipe: str, overrides: Optional[list[str]] = None) -> dict:
+def estimate_recipe(recipe: str, overrides: Optional[list[str]] = None, gpu_gib: float = 80.0) -> dict:
+    """The recipe's estimate on GPUs of `gpu_gib` GiB (vLLM's budget is a fraction of it)."""
     from megatron_opd.config import load_config
 
     from megatron_opd.parallel import validate_layout
@@ -88,23 +115,35 @@ def estimate_recipe(recipe: str, overrides: Optional[list[str]] = None) -> dict:
     frozen = [ModelSpec.from_yaml(t.spec) for t in cfg.teachers]
     if cfg.needs_reference and cfg.reference is not None and cfg.reference.spec:
         frozen.append(ModelSpec.from_yaml(cfg.reference.spec))
+    offloaded = [t.offload for t in cfg.teachers]
+    if len(frozen) > len(offloaded):
+        offloaded.append(bool(cfg.reference.offload))
     p = cfg.parallel
+    # The GPU build uses the TE spec (flash attention) unless the recipe turns it off; the estimate is
+    # for the cluster, so "auto" means the `gpu` extra (transformer-engine) is installed there.
+    attention = "unfused" if cfg.precision.use_transformer_engine is False else "flash"
+    engine = cfg.rollout.gpu_memory_utilization * gpu_gib \
+        if cfg.rollout.mode == "colocated" else 0.0
     return estimate_memory(
         student, frozen, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
         p.expert_model_parallel_size, cfg.precision.params_dtype, cfg.train.micro_batch_size,
-        cfg.rollout.max_model_len, frozen_offloaded=all(t.offload for t in cfg.teachers),
-        kv_max_len=cfg.rollout.max_model_len, etp=p.etp,
+        cfg.rollout.max_model_len, frozen_offloaded=offloaded, etp=p.etp, attention=attention,
+        recompute=cfg.precision.recompute, engine_gib=engine,
     )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", required=True)
+    ap.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory (H100 80GB: 80)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    est = estimate_recipe(args.recipe, args.overrides)
+    est = estimate_recipe(args.recipe, args.overrides, gpu_gib=args.gpu_gib)
     for k, v in est.items():
-        print(f"{k:16s} {v:8.2f} GiB")
+        print(f"{k:18s} {v:8.2f} GiB")
+    if est["total"] > args.gpu_gib:
+        print(f"over budget: {est['total']:.1f} GiB > {args.gpu_gib:.0f} GiB per GPU")
+        return 1
     return 0
 
 

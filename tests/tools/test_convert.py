@@ -82,16 +82,31 @@ def test_estimate_memory_hand_computed():
     spec = tiny_spec("tiny_qwen3")  # dense, fp32 here
     P = spec.num_parameters()
     est = estimate_memory(spec, [spec], tp=2, pp=2, ep=1, dtype="float32", micro_batch=2, seq_len=16,
-                          kv_sequences_per_gpu=4, kv_max_len=16)
+                          engine_gib=3.0)
     gib = 2**30
     assert est["student_weights"] == pytest.approx(P / 4 * 4 / gib)
     assert est["gradients"] == pytest.approx(P / 4 * 4 / gib)
     assert est["optimizer"] == pytest.approx(P / 4 * 8 / gib)  # fp32 model: Adam m, v only
     assert est["frozen_models"] == pytest.approx(P / 4 * 4 / gib)
     assert est["activations"] == pytest.approx(2 * 16 * 64 * (4 / 2) * 34 * 4 / 2 / gib)
-    assert est["kv_cache"] == pytest.approx(2 * 4 * 2 * 32 * 4 * 16 * 4 / 2 / gib)
     # forward chunk + its gradient: all 2 x 16 tokens fit one chunk of the 512 / 2 = 256-column slice
     assert est["logprob_chunk"] == pytest.approx(2 * (2 * 16) * 256 * 4 / gib)
+    assert est["attention_scores"] == 0.0  # flash attention keeps no scores
+    state = P / 4 * (4 + 4 + 8) / gib
+    assert est["train_phase"] == pytest.approx(state + est["frozen_models"] + est["activations"]
+                                               + est["logprob_chunk"])
+    assert est["rollout_phase"] == pytest.approx(state + est["frozen_models"] + 3.0)  # engine awake
+    assert est["total"] == max(est["train_phase"], est["rollout_phase"])
+    # unfused attention: scores + softmax [b, heads/tp, s, s] fp32 for every layer of the stage (4 / 2),
+    # or for one layer with selective recompute; an offloaded teacher is absent while the engine is awake
+    heads = spec.num_attention_heads
+    unfused = estimate_memory(spec, [spec], tp=2, pp=2, ep=1, dtype="float32", micro_batch=2, seq_len=16,
+                              attention="unfused", frozen_offloaded=[True], engine_gib=3.0)
+    assert unfused["attention_scores"] == pytest.approx(2 * 2 * (heads / 2) * 16**2 * 4 * 2 / gib)
+    assert unfused["rollout_phase"] == pytest.approx(state + 3.0)
+    selective = estimate_memory(spec, [spec], tp=2, pp=2, ep=1, dtype="float32", micro_batch=2, seq_len=16,
+                                attention="unfused", recompute="selective")
+    assert selective["attention_scores"] == pytest.approx(unfused["attention_scores"] / 2)
     moe = tiny_spec("tiny_qwen3_moe")
     experts = moe.num_layers * moe.num_experts * 3 * moe.hidden_size * moe.moe_ffn_hidden_size
     assert local_params(moe, 1, 1, 2) == pytest.approx(moe.num_parameters() - experts / 2)
@@ -109,5 +124,6 @@ def test_recipe_memory_comments_match_the_estimator():
             assert m, f"{recipe.name}: cluster recipes state the estimator's per-GPU memory"
         if m:
             assert float(m.group(1)) == round(estimate_recipe(str(recipe))["total"], 1), recipe.name
+            assert float(m.group(1)) <= 80, f"{recipe.name} does not fit an 80 GiB H100"
             checked += 1
     assert checked == 7
