@@ -16,11 +16,14 @@ Formulas (bytes per GPU; P_local = the parameters one rank holds):
   attention    flash (Transformer Engine spec): 0; unfused (local spec): scores + softmax,
                2 x micro_batch x heads/tp x seq^2 x bytes per layer, kept for backward by every layer
                of the stage (layers / pp), or by one layer at a time with precision.recompute=selective
-  logprobs     2 x chunk x V/tp x 4  (fp32 chunk of the vocab-parallel log-softmax and its gradient)
+  logits       micro_batch x seq x V/tp x (bytes + 4): the model's vocab-parallel logits, kept for
+               backward, and their fp32 gradient (the trainer scores from the logits)
+  logprobs     2 x chunk x V/tp x 4  (fp32 chunk of the vocab-parallel log-softmax and its gradient;
+               chunk from the byte budget of chunk_size="auto": 512 MiB on GPU, 8 MiB on CPU)
   engine       colocated: rollout.gpu_memory_utilization x GPU memory (vLLM's own budget, weights and
                KV cache included) while awake; ~0 asleep (sleep level 1); separate mode: 0
-Phases: train = weights + gradients + optimizer + frozen + activations + attention + logprobs (engine
-asleep); rollout = weights + gradients + optimizer + resident frozen + engine. total = the larger.
+Phases: train = weights + gradients + optimizer + frozen + activations + attention + logits + logprobs
+(engine asleep); rollout = weights + gradients + optimizer + resident frozen + engine. total = the larger.
 P_local: dense params / (tp x pp); MoE experts / (ep x etp x pp) plus the dense part / (tp x pp).
 The layout is first checked against megatron-core's rules for the recipe's GPU count
 (launch.nodes x launch.gpus_per_node), so a layout that cannot start is refused, not priced.
@@ -62,6 +65,7 @@ def estimate_memory(
     attention: str = "flash",
     recompute: Optional[str] = None,
     engine_gib: float = 0.0,
+    chunk_budget_bytes: int = FUSED_CHUNK_BYTES_MAX,
 ) -> dict:
     """Per-GPU GiB of each component, of the train and rollout phases, and their maximum ("total").
 
@@ -70,6 +74,8 @@ def estimate_memory(
         attention: "flash" (TE spec) or "unfused" (local spec: [b, heads/tp, s, s] scores kept).
         recompute: None or "selective" (attention recomputed in backward: one layer's scores live).
         engine_gib: the colocated vLLM engine's budget while awake (0 for separate rollout nodes).
+        chunk_budget_bytes: the log-prob chunk's byte budget (GPU: FUSED_CHUNK_BYTES_MAX; CPU:
+            megatron_opd.logprobs.DEFAULT_CHUNK_BYTES).
     """
     if attention not in ("flash", "unfused"):
         raise ValueError(f"attention={attention!r}: use 'flash' or 'unfused'")
@@ -90,14 +96,15 @@ def estimate_memory(
     per_layer = 2 * micro_batch * (big.num_attention_heads / tp) * seq_len**2 * b
     layers_kept = 1 if recompute == "selective" else big.num_layers / pp
     out["attention_scores"] = per_layer * layers_kept if attention == "unfused" else 0.0
-    # forward chunk + its gradient in backward; chunk_size="auto" on GPU budgets FUSED_CHUNK_BYTES_MAX each
     local_vocab = student.padded_vocab_size(tp) / tp
-    chunk = min(auto_chunk_size(int(local_vocab), FUSED_CHUNK_BYTES_MAX), micro_batch * seq_len)
+    out["logits"] = micro_batch * seq_len * local_vocab * (b + 4)
+    # forward chunk + its gradient in backward
+    chunk = min(auto_chunk_size(int(local_vocab), chunk_budget_bytes), micro_batch * seq_len)
     out["logprob_chunk"] = 2 * chunk * local_vocab * 4
     state = out["student_weights"] + out["gradients"] + out["optimizer"]
     out["engine_awake"] = engine_gib * GIB
     out["train_phase"] = state + out["frozen_models"] + out["activations"] + out["attention_scores"] \
-        + out["logprob_chunk"]
+        + out["logits"] + out["logprob_chunk"]
     out["rollout_phase"] = state + resident + out["engine_awake"]
     out["total"] = max(out["train_phase"], out["rollout_phase"])
     return {k: v / GIB for k, v in out.items()}

@@ -92,9 +92,10 @@ def test_estimate_memory_hand_computed():
     # forward chunk + its gradient: all 2 x 16 tokens fit one chunk of the 512 / 2 = 256-column slice
     assert est["logprob_chunk"] == pytest.approx(2 * (2 * 16) * 256 * 4 / gib)
     assert est["attention_scores"] == 0.0  # flash attention keeps no scores
+    assert est["logits"] == pytest.approx(2 * 16 * 256 * (4 + 4) / gib)  # fp32 logits [b, s, V/tp] + grad
     state = P / 4 * (4 + 4 + 8) / gib
     assert est["train_phase"] == pytest.approx(state + est["frozen_models"] + est["activations"]
-                                               + est["logprob_chunk"])
+                                               + est["logits"] + est["logprob_chunk"])
     assert est["rollout_phase"] == pytest.approx(state + est["frozen_models"] + 3.0)  # engine awake
     assert est["total"] == max(est["train_phase"], est["rollout_phase"])
     # unfused attention: scores + softmax [b, heads/tp, s, s] fp32 for every layer of the stage (4 / 2),
