@@ -162,6 +162,24 @@ def layer_spec(spec: ModelSpec, config, precision: PrecisionConfig):
     )
 
 
+_WARNED: set = set()
+
+
+def warn_unfused_attention(spec: ModelSpec, parallel: ParallelConfig, precision: PrecisionConfig) -> None:
+    """On an accelerator without Transformer Engine, say once what the local spec's attention costs:
+    megatron-core 0.16.1's local spec has no flash/SDPA attention (only NVIDIA's internal "kitchen"
+    backend), so it keeps [b, heads/tp, s, s] scores for backward in every layer."""
+    if not platform.on_gpu() or precision.transformer_engine or spec.name in _WARNED:
+        return
+    _WARNED.add(spec.name)
+    s, heads = spec.max_position_embeddings, spec.num_attention_heads / parallel.tensor_model_parallel_size
+    gib = 2 * heads * s * s * precision.torch_dtype.itemsize / 2**30
+    logger.warning(
+        "%s: no Transformer Engine, so attention is unfused: %.1f GiB of scores per layer and sequence at "
+        "%d tokens, kept by every layer unless precision.recompute=selective (pip install -e .[gpu])",
+        spec.name, gib, s)
+
+
 def build_gpt_model(
     spec: ModelSpec,
     parallel: ParallelConfig,
@@ -180,6 +198,7 @@ def build_gpt_model(
         raise ValueError(f"role={role!r}: use one of {ROLES}")
     precision = precision or PrecisionConfig()
     config = transformer_config(spec, parallel, precision)
+    warn_unfused_attention(spec, parallel, precision)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(spec, config, precision),

@@ -91,3 +91,27 @@ def test_production_specs_fit_recipe_layouts():
     # The 30B teacher at TP=4/EP=8 and the 4B student at TP=4, the layouts our recipes use.
     tiny_spec("qwen3_30b_a3b").validate_parallel(tp=4, pp=1, ep=8)
     tiny_spec("qwen3_4b").validate_parallel(tp=4, pp=2, ep=1)
+
+
+def test_gpu_without_transformer_engine_warns_once_with_the_attention_cost(monkeypatch, caplog):
+    """The GPU answer of `platform.on_gpu` on this CPU machine: the local spec's unfused attention is
+    named with its per-layer cost (Qwen3-4B, 20k tokens, TP 4: 2 x 8 heads x 20480^2 x 2 bytes)."""
+    import logging
+
+    from megatron_opd import platform
+    from megatron_opd.models import builder
+    from megatron_opd.models.spec import ModelSpec
+    from megatron_opd.parallel import ParallelConfig
+    from mopd_testing import REPO_ROOT
+
+    spec = ModelSpec.from_yaml(REPO_ROOT / "configs" / "models" / "qwen3_4b.yaml")
+    spec = ModelSpec(**{**spec.__dict__, "max_position_embeddings": 20480})
+    monkeypatch.setattr(platform, "on_gpu", lambda: True)
+    monkeypatch.setattr(builder, "_WARNED", set())
+    precision = builder.PrecisionConfig(params_dtype="bfloat16")
+    assert not precision.transformer_engine  # no TE installed here
+    with caplog.at_level(logging.WARNING, logger="megatron_opd.models.builder"):
+        builder.warn_unfused_attention(spec, ParallelConfig(tensor_model_parallel_size=4), precision)
+        builder.warn_unfused_attention(spec, ParallelConfig(tensor_model_parallel_size=4), precision)
+    assert len(caplog.records) == 1
+    assert "12.5 GiB of scores per layer" in caplog.text and "precision.recompute=selective" in caplog.text
