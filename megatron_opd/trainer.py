@@ -121,7 +121,8 @@ class OPDTrainer:
                            (self.reference, self.reference_offload)]:
             if model is not None and off:
                 platform.offload(model)
-        self.optimizer, self.scheduler = build_optimizer(self.student, cfg.optim, cfg.train.steps)
+        self.optimizer, self.scheduler = build_optimizer(self.student, cfg.optim, cfg.train.steps,
+                                                         updates_per_step=cfg.train.mini_batches)
 
         out = Path(cfg.train.out_dir)
         resume_meta = None
@@ -131,6 +132,8 @@ class OPDTrainer:
             self.step = resume_meta["step"]
             self.skipped_steps = resume_meta.get("skipped_steps", 0)
             self.data.train.load_state_dict(resume_meta["data"])
+            if self.rank0:
+                print(f"resuming from {ckpt} (step {self.step} of {cfg.train.steps})", flush=True)
         # Keep the metrics of steps up to the checkpoint; a fresh run (no checkpoint) starts a new file.
         self.metrics = MetricsLogger(out, enabled=self.rank0,
                                      resume_step=self.step if resume_meta else -1)
@@ -542,6 +545,13 @@ def check_batch_split(cfg: OPDConfig, dp: int) -> None:
         raise ValueError(
             f"train.prompts_per_step={cfg.train.prompts_per_step} does not split over {dp} data-parallel "
             "replicas; use a multiple of the data-parallel size (world size / (TP x PP))")
+    sequences = cfg.train.prompts_per_step // dp * cfg.rollout.n
+    micro = math.ceil(sequences / cfg.train.micro_batch_size)
+    if micro % cfg.train.mini_batches:
+        raise ValueError(
+            f"train.mini_batches={cfg.train.mini_batches} does not divide the {micro} micro-batches of a "
+            f"replica ({sequences} sequences / train.micro_batch_size={cfg.train.micro_batch_size}); every "
+            "update must see an equal share: pick a divisor, or change prompts_per_step / micro_batch_size")
 
 
 def replica_share(n: int) -> tuple[int, int]:

@@ -127,6 +127,32 @@ def test_colocated_step_phase_order(models, tmp_path):
     assert result["engine_asleep"] == []
 
 
+def test_lr_schedule_counts_mini_batches_and_extends_on_resume(models, tmp_path):
+    """Linear decay over train.steps x mini_batches optimizer updates; a finished 2-step run extended to
+    4 steps continues the decay over the new length instead of training at min_lr (the old schedule
+    length used to come back from the checkpoint)."""
+    out = tmp_path / "sched"
+    schedule = ["optim.lr=1.0e-4", "optim.lr_decay_style=linear", "train.mini_batches=2"]
+    run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, out, "train.steps=2", *schedule), timeout=400)
+    text = run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, out, "train.steps=4", *schedule),
+                     timeout=400)
+    assert f"resuming from {out / 'checkpoints' / 'step_2'} (step 2 of 4)" in text
+    lr = {r["step"]: r["lr"] for r in metrics(out) if "lr" in r}
+    # lr after step k = 1e-4 x (1 - 2k / (2 x steps)): two updates per step
+    assert lr[1] == pytest.approx(0.5e-4) and lr[2] == pytest.approx(0.0, abs=1e-12)  # 2-step run
+    assert lr[3] == pytest.approx(0.25e-4) and lr[4] == pytest.approx(0.0, abs=1e-12)  # extended to 4
+
+
+def test_mini_batches_must_divide_a_replicas_micro_batches():
+    from megatron_opd.config import load_config
+    from megatron_opd.trainer import check_batch_split
+
+    cfg = load_config(RECIPE, ["train.mini_batches=3", "teachers=[{checkpoint: null}]"])
+    with pytest.raises(ValueError, match=r"train.mini_batches=3 does not divide the 2 micro-batches"):
+        check_batch_split(cfg, dp=1)
+    check_batch_split(load_config(RECIPE, ["train.mini_batches=2", "teachers=[{checkpoint: null}]"]), dp=1)
+
+
 def test_crash_while_saving_keeps_previous_checkpoint(models, tmp_path):
     out = tmp_path / "crash"
     with pytest.raises(AssertionError, match="injected crash while saving"):

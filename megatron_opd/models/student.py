@@ -74,7 +74,7 @@ def wrap_ddp(model: torch.nn.Module):
     return wrapped
 
 
-def build_optimizer(model, config: OptimConfig, total_steps: int):
+def build_optimizer(model, config: OptimConfig, total_steps: int, updates_per_step: int = 1):
     """Megatron optimizer (AdamW, fp32 master weights when the model is bf16) and its scheduler."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -95,17 +95,24 @@ def build_optimizer(model, config: OptimConfig, total_steps: int):
         use_distributed_optimizer=False,
     )
     optimizer = get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=False)
+    # The scheduler counts optimizer updates: `updates_per_step` of them per training step
+    # (train.mini_batches), so warm-up and decay are given in training steps and scaled here.
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if config.lr_warmup_steps else config.lr,
         max_lr=config.lr,
         min_lr=config.min_lr,
-        lr_warmup_steps=config.lr_warmup_steps,
-        lr_decay_steps=max(total_steps, 1),
+        lr_warmup_steps=config.lr_warmup_steps * updates_per_step,
+        lr_decay_steps=max(total_steps * updates_per_step, 1),
         lr_decay_style=config.lr_decay_style,
         start_wd=config.weight_decay,
         end_wd=config.weight_decay,
-        wd_incr_steps=max(total_steps, 1),
+        wd_incr_steps=max(total_steps * updates_per_step, 1),
         wd_incr_style="constant",
+        # On resume the checkpoint restores the position (num_steps) only; the schedule's shape comes
+        # from this run's config, so extending train.steps continues the decay over the new length
+        # (megatron-core would otherwise reload the old length, and an extended run trains at min_lr).
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler
