@@ -328,7 +328,8 @@ class OPDConfig:
                     "teachers: with several teachers each needs a distinct `domain` "
                     f"(got {domains})"
                 )
-        if self.objective.lam != 1.0 and self.reference is None and self.objective.reward_correction:
+        if self.objective.lam != 1.0 and self.objective.reward_correction and (
+                self.reference is None or self.reference.checkpoint is None):
             raise ValueError(
                 "objective.reward_correction=true needs reference.checkpoint = the teacher's pre-RL base"
             )

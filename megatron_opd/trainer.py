@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import parallel, platform
-from megatron_opd.config import OPDConfig, config_to_dict
+from megatron_opd.config import ModelRoleConfig, OPDConfig, config_to_dict
 from megatron_opd.objectives.policy_loss import global_counts
 
 
@@ -85,6 +85,10 @@ class OPDTrainer:
                                 else cfg.student.checkpoint) if cfg.needs_reference else None
         ref_spec = (ModelSpec.from_yaml(ref_role.spec) if ref_role and ref_role.spec
                     else ref_ckpt.spec()) if ref_ckpt else None
+        if ref_ckpt is not None:  # config.yaml records the reference that actually runs
+            cfg.reference = ModelRoleConfig(checkpoint=str(ref_ckpt.path), spec=ref_role.spec if ref_role else None,
+                                            offload=bool(ref_role.offload) if ref_role else False)
+            ref_role = cfg.reference
         check_vocabularies(self.spec, teacher_specs, ref_spec, cfg)
         check_tokenizers(student_ckpt.path, [(f"teachers[{i}]", c.path) for i, c in enumerate(teacher_ckpts)]
                          + ([("reference", ref_ckpt.path)] if ref_ckpt else []))

@@ -120,8 +120,12 @@ def test_colocated_step_phase_order(models, tmp_path):
     text = run_ranks(WORKER, 1, "--config", RECIPE, *overrides(
         models, tmp_path / "phases", "train.steps=1", "objective.lam=1.25",
         f"teachers=[{{checkpoint: {teacher}, offload: true}}]",
-        f"reference={{checkpoint: {student}, offload: true}}"), timeout=400)
+        "reference={offload: true}"), timeout=400)  # no checkpoint: the student's base runs as reference
     result = last_json(text, "step")
+    import yaml
+
+    resolved = yaml.safe_load((tmp_path / "phases" / "config.yaml").read_text())
+    assert resolved["reference"] == {"checkpoint": str(student), "spec": None, "domain": None, "offload": True}
     assert result["phases"] == ["rollout", "sleep", "score", "onload:teachers[0]", "offload:teachers[0]",
                                 "onload:reference", "offload:reference", "update", "wake", "refit"]
     assert result["engine_asleep"] == []
@@ -141,6 +145,16 @@ def test_lr_schedule_counts_mini_batches_and_extends_on_resume(models, tmp_path)
     # lr after step k = 1e-4 x (1 - 2k / (2 x steps)): two updates per step
     assert lr[1] == pytest.approx(0.5e-4) and lr[2] == pytest.approx(0.0, abs=1e-12)  # 2-step run
     assert lr[3] == pytest.approx(0.25e-4) and lr[4] == pytest.approx(0.0, abs=1e-12)  # extended to 4
+
+
+def test_reward_correction_without_a_reference_checkpoint_is_refused():
+    """It needs the teacher's pre-RL base; falling back to the student's weights would be silently wrong."""
+    from megatron_opd.config import load_config
+
+    for ref in ["reference=null", "reference={offload: true}"]:
+        with pytest.raises(ValueError, match="reward_correction=true needs reference.checkpoint"):
+            load_config(RECIPE, ["objective.lam=1.25", "objective.reward_correction=true", ref,
+                                 "teachers=[{checkpoint: null}]"])
 
 
 def test_mini_batches_must_divide_a_replicas_micro_batches():
