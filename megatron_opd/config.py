@@ -62,6 +62,10 @@ class RolloutConfig:
     stop: List[str] = field(default_factory=list)
     """Stop strings (the chat template's end-of-turn token always stops)."""
 
+    enable_thinking: Optional[bool] = None
+    """Qwen3 chat-template switch: false = non-thinking prompts (Instruct-2507 / Non-Thinking
+    teachers), true = thinking; None = the template's default. Refused for a template without it."""
+
     dtype: str = "float32"
     """Engine dtype; bfloat16 differs from the fp32 trainer by up to ~0.2 nats (see TIS)."""
 

@@ -139,6 +139,19 @@ def _check_model_dir(model_dir: str | Path):
     return path, spec
 
 
+def chat_template_kwargs(cfg: RolloutConfig) -> dict:
+    """Extra variables for the chat template (Qwen3's `enable_thinking` when set)."""
+    return {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
+
+
+def check_chat_template(tokenizer, cfg: RolloutConfig, model_dir) -> None:
+    """rollout.enable_thinking on a template that never reads it would be silently ignored: refuse."""
+    if cfg.enable_thinking is not None and "enable_thinking" not in str(tokenizer.chat_template or ""):
+        raise RolloutEngineError(
+            f"rollout.enable_thinking={cfg.enable_thinking} but the chat template of {model_dir} has no "
+            "enable_thinking switch; remove rollout.enable_thinking (or use a Qwen3 tokenizer)")
+
+
 class RolloutEngine:
     """Generation and scoring with a live, refittable vLLM engine."""
 
@@ -158,6 +171,7 @@ class RolloutEngine:
         from vllm import LLM
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        check_chat_template(self.tokenizer, cfg, self.model_dir)
         kwargs = dict(model=str(self.model_dir), dtype=cfg.dtype, enforce_eager=True,
                       max_model_len=cfg.max_model_len, seed=seed)
         colocated = cfg.mode == "colocated"
@@ -190,7 +204,8 @@ class RolloutEngine:
         for p in prompts:
             messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
             messages.append({"role": "user", "content": p})
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     **chat_template_kwargs(self.cfg))
             out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
         return out
 

@@ -72,3 +72,31 @@ def test_sleeping_engine_refuses_to_generate_score_or_refit():
         engine.wake_up(["kv"])
     engine.wake_up()
     assert engine.asleep == set()
+
+
+def test_enable_thinking_reaches_the_chat_template_or_is_refused(tmp_path):
+    """Qwen3's template opens an empty think block when enable_thinking is false; a template without
+    the switch cannot honour the field, so it is refused rather than ignored."""
+    from transformers import AutoTokenizer
+
+    from megatron_opd.config import RolloutConfig
+    from megatron_opd.data.tokenizer import CHAT_TEMPLATE, train_tokenizer
+    from megatron_opd.rollout.engine import RolloutEngine, RolloutEngineError, check_chat_template
+
+    train_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    with pytest.raises(RolloutEngineError, match="rollout.enable_thinking=False but the chat template"):
+        check_chat_template(tok, RolloutConfig(enable_thinking=False), tmp_path)
+    check_chat_template(tok, RolloutConfig(), tmp_path)  # unset: fine with any template
+    # the switch as Qwen3's template has it
+    tok.chat_template = CHAT_TEMPLATE + ("{% if add_generation_prompt and enable_thinking is defined and "
+                                         "enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}")
+    engine = RolloutEngine.__new__(RolloutEngine)
+    engine.tokenizer, engine.system_prompt = tok, None
+    texts = {}
+    for flag in (None, True, False):
+        engine.cfg = RolloutConfig(enable_thinking=flag)
+        check_chat_template(tok, engine.cfg, tmp_path)
+        texts[flag] = tok.decode(engine.chat_prompt_ids(["2+2?"])[0])
+    assert texts[None] == texts[True] and "think" not in texts[True]
+    assert texts[False].endswith("<think>\n\n</think>\n\n") and texts[False].startswith(texts[True])
