@@ -596,6 +596,13 @@ def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
     if not outs:
         return {}
     keys = sorted({k for o in outs for k in o})
+    dp = ps.get_data_parallel_world_size()
+    if dp > 1:
+        # Every DP rank must all-reduce the same keys: a rank whose micro-batches were all non-finite
+        # reports only "nonfinite" (the step is then skipped everywhere; its other means are partial).
+        gathered = [None] * dp
+        dist.all_gather_object(gathered, keys, group=ps.get_data_parallel_group())
+        keys = sorted({k for ks in gathered for k in ks})
     weights = [float(mb["mask"].sum()) for mb in micro]
     total = max(sum(weights), 1.0)
     vals = []
@@ -606,7 +613,6 @@ def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
             vals.append(max(float(o.get(k, 0.0)) for o in outs))
         else:
             vals.append(sum(float(o.get(k, 0.0)) * w for o, w in zip(outs, weights)) / total)
-    dp = ps.get_data_parallel_world_size()
     t = torch.tensor(vals, dtype=torch.float64)
     if dp > 1:
         t = t.to(parallel.collective_device(ps.get_data_parallel_group()))

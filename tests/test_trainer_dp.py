@@ -132,3 +132,21 @@ def test_8_ranks_tp2_pp2_dp2_with_moe_teacher_ep2_equals_1_rank_and_resumes_afte
     resumed = (losses(killed), torch.load(killed / "weights.pt"))
     assert resumed[0][2] == full[0][2]  # the resumed step's loss, bit-identical
     assert max((resumed[1][k] - full[1][k]).abs().max().item() for k in full[1]) == 0.0
+
+
+def test_nonfinite_logprobs_on_one_dp_rank_skip_the_step_on_every_rank(ckpts, tmp_path):
+    """Rank 1's student log-probs are NaN in the second step's update: its metrics then hold only
+    "nonfinite" while rank 0's hold every key. The metric all-reduce must still agree (it used to run on
+    tensors of different lengths) and both replicas skip the step."""
+    import json
+
+    from mopd_testing import last_json
+
+    out = tmp_path / "nan_dp"
+    text = run_ranks(WORKER, 2, "--config", RECIPE, "--nan-logprobs-step", "1", "--inject-nan-rank", "1",
+                     f"student.checkpoint={ckpts['student']}", f"teachers=[{{checkpoint: {ckpts['teacher']}}}]",
+                     f"train.out_dir={out}", timeout=900)
+    assert last_json(text, "step")["skipped_steps"] == 1
+    rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert rows[1]["skipped_steps"] == 0 and rows[2]["skipped_steps"] == 1
+    assert rows[2]["nonfinite"] == 0.5  # mean over the two replicas: one of them diverged

@@ -1,6 +1,9 @@
 """Worker (torchrun): run the OPD trainer on a recipe, optionally with an injected fault.
 
 --inject-nan-step N   the objective returns a NaN loss at step N (the step must be skipped and counted)
+--inject-nan-rank R   ... only on global rank R (default: every rank)
+--nan-logprobs-step N the student's log-probs in the update of step N are NaN (a diverged student; with
+                      --inject-nan-rank only on that rank: its metrics then carry only "nonfinite")
 --crash-save-step N   the checkpoint save of step N dies half-way (previous checkpoint must survive)
 --fixed-rollout       every engine returns a fixed batch instead of sampling: each prompt's responses
                       depend only on its global index and the step, so runs of any layout (TP/PP/DP)
@@ -17,6 +20,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--inject-nan-step", type=int, default=None)
+    ap.add_argument("--inject-nan-rank", type=int, default=None)
+    ap.add_argument("--nan-logprobs-step", type=int, default=None)
     ap.add_argument("--crash-save-step", type=int, default=None)
     ap.add_argument("--fixed-rollout", action="store_true")
     ap.add_argument("--dump-weights", default=None)
@@ -33,10 +38,32 @@ def main():
         real = loss.objective_loss
 
         def nan_at_step(cfg, mb, logprobs, entropy, step):
+            import torch.distributed as dist
+
             value, metrics = real(cfg, mb, logprobs, entropy, step)
-            return (value * float("nan") if step == args.inject_nan_step else value), metrics
+            here = args.inject_nan_rank is None or dist.get_rank() == args.inject_nan_rank
+            return (value * float("nan") if step == args.inject_nan_step and here else value), metrics
 
         loss.objective_loss = nan_at_step
+    if args.nan_logprobs_step is not None:
+        import torch.distributed as dist
+
+        from megatron_opd import logprobs as lp_mod
+
+        real_lp, real_update, now = lp_mod.vocab_parallel_token_logprobs, OPDTrainer.update, {}
+
+        def update(self, micro):
+            now["step"] = self.step
+            return real_update(self, micro)
+
+        def nan_lp(*a, **k):
+            lp, ent = real_lp(*a, **k)
+            here = args.inject_nan_rank is None or dist.get_rank() == args.inject_nan_rank
+            if torch.is_grad_enabled() and now.get("step") == args.nan_logprobs_step and here:
+                lp = lp * float("nan")
+            return lp, ent
+
+        OPDTrainer.update, lp_mod.vocab_parallel_token_logprobs = update, nan_lp
     if args.crash_save_step is not None:
         from megatron.core import dist_checkpointing
 
