@@ -228,6 +228,10 @@ class DataSection:
     eval_path: Optional[str] = None
     """Held-out prompts (same formats)."""
 
+    eval_holdout: int = 0
+    """Without eval_path: carve this many prompts (the file's last ones) out of train_path for held-out
+    evaluation; they are never trained on. One of eval_path / eval_holdout is required for file data."""
+
     prompt_key: str = "prompt"
     """Field holding the prompt text."""
 
@@ -258,6 +262,11 @@ class DataSection:
     def __post_init__(self):
         if self.synthetic is None and self.train_path is None:
             raise ValueError("data.train_path is required unless data.synthetic is set")
+        if self.synthetic is None and self.eval_path is None and self.eval_holdout < 1:
+            raise ValueError("data.eval_path is unset: give held-out prompts (data.eval_path=FILE) or carve "
+                             "them out of the training file (data.eval_holdout=64)")
+        if self.eval_holdout and (self.eval_path is not None or self.synthetic is not None):
+            raise ValueError("data.eval_holdout applies only to file data without data.eval_path; remove it")
         if self.synthetic is not None and self.synthetic not in ("arithmetic", "mixed"):
             raise ValueError(f"data.synthetic={self.synthetic!r}: use 'arithmetic' or 'mixed'")
         # File existence is checked where the job runs (trainer start-up, before any model is built),

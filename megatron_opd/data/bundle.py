@@ -27,7 +27,13 @@ class DataBundle:
             keys = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, domain_key=d.domain_key,
                         default_domain=d.default_domain)
             train = load_records(d.train_path, **keys)
-            held_out = load_records(d.eval_path, **keys) if d.eval_path else train[: d.synthetic_eval_size]
+            if d.eval_path:
+                held_out = load_records(d.eval_path, **keys)
+            else:  # carved out of the training file: never trained on
+                if d.eval_holdout >= len(train):
+                    raise ValueError(f"data.eval_holdout={d.eval_holdout} leaves no training prompts in "
+                                     f"{d.train_path} ({len(train)} records); lower it or set data.eval_path")
+                train, held_out = train[:-d.eval_holdout], train[-d.eval_holdout:]
             from megatron_opd.rewards.math_verify_pool import MathVerifier
 
             self._math_verifier = MathVerifier()
