@@ -112,7 +112,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomic(root / _LATEST, final.name)
-        _prune(root, keep_last)
+        _prune(root, keep_last, step)
     _barrier()
     return final
 
@@ -140,9 +140,25 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def set_aside_earlier_run(root: str | Path) -> Optional[Path]:
+    """A fresh run (train.resume=false) into a directory holding another run's checkpoints moves them to
+    `<root>.previous` (replacing an older one) instead of mixing step numbers with them. Rank 0 only."""
+    root = Path(root)
+    if _rank() != 0 or not any(root.glob("step_*")):
+        return None
+    aside = root.with_name(root.name + ".previous")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(root, aside)
+    return aside
+
+
+def _prune(root: Path, keep_last: int, newest: int) -> None:
+    """Keep the `keep_last` newest checkpoints up to `newest` (the one just written, which `latest`
+    names); never delete it or anything after it."""
     done = sorted(
-        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
+        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+         and int(p.name.split("_")[1]) <= newest),
         key=lambda p: int(p.name.split("_")[1]),
     )
     for old in done[:-keep_last]:

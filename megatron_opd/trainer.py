@@ -64,7 +64,7 @@ class OPDTrainer:
     # setup
     # ------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from megatron_opd.checkpoint import latest_checkpoint, load_checkpoint
+        from megatron_opd.checkpoint import latest_checkpoint, load_checkpoint, set_aside_earlier_run
         from megatron_opd.metrics import MetricsLogger
         from megatron_opd.models.builder import build_gpt_model
         from megatron_opd.models.hf_mapping import HFCheckpoint, load_hf_into_megatron
@@ -131,6 +131,11 @@ class OPDTrainer:
         out = Path(cfg.train.out_dir)
         resume_meta = None
         ckpt = latest_checkpoint(out / "checkpoints") if cfg.train.resume else None
+        if ckpt is None:
+            aside = set_aside_earlier_run(out / "checkpoints")
+            if aside is not None:
+                print(f"train.resume=false: the earlier run's checkpoints in {out / 'checkpoints'} were "
+                      f"moved to {aside}", flush=True)
         if ckpt is not None:
             resume_meta = load_checkpoint(ckpt, self.student, self.optimizer, self.scheduler)
             self.step = resume_meta["step"]

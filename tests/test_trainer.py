@@ -147,6 +147,21 @@ def test_lr_schedule_counts_mini_batches_and_extends_on_resume(models, tmp_path)
     assert lr[3] == pytest.approx(0.25e-4) and lr[4] == pytest.approx(0.0, abs=1e-12)  # extended to 4
 
 
+def test_fresh_run_into_an_earlier_runs_directory_keeps_its_own_checkpoint(models, tmp_path):
+    """train.resume=false into a directory holding higher steps: pruning used to keep the highest step
+    numbers and delete the checkpoint just written while `latest` named it (the demo did this)."""
+    from megatron_opd.checkpoint import latest_checkpoint
+
+    out = tmp_path / "again"
+    run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, out, "train.steps=2", "train.keep_last=1"),
+              timeout=400)
+    text = run_ranks(WORKER, 1, "--config", RECIPE, *overrides(
+        models, out, "train.steps=1", "train.keep_last=1", "train.resume=false"), timeout=400)
+    assert "moved to" in text and latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step_1"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_1"]
+    assert (out / "checkpoints.previous" / "step_2" / "meta.json").is_file()  # the earlier run, kept aside
+
+
 def test_reward_correction_without_a_reference_checkpoint_is_refused():
     """It needs the teacher's pre-RL base; falling back to the student's weights would be silently wrong."""
     from megatron_opd.config import load_config
