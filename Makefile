@@ -6,7 +6,7 @@ setup:
 	bash scripts/setup_env.sh
 
 demo: setup
-	$(PY) -m megatron_opd.cli demo
+	$(PY) -m megatron_opd.cli demo $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -m "not slow and not gpu" tests

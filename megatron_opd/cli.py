@@ -48,6 +48,25 @@ def _eval(args) -> int:
     return 0
 
 
+def _init_tiny(args) -> int:
+    """Write a tiny random Qwen3 student and teacher (and their tokenizer) for configs/recipes/tiny_opd.yaml."""
+    from pathlib import Path
+
+    from megatron_opd.data.tokenizer import train_tokenizer
+    from megatron_opd.models.hf_tiny import save_tiny_checkpoint
+    from megatron_opd.models.spec import ModelSpec
+
+    out = Path(args.dir)
+    spec = ModelSpec.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny_qwen3.yaml")
+    train_tokenizer(out / "tokenizer")
+    for role, seed in (("student", 0), ("teacher", 1)):
+        save_tiny_checkpoint(spec, out / role, seed=seed, tokenizer_dir=out / "tokenizer", init_std=0.1)
+    env = "" if str(out) == "runs/tiny_models" else f"MOPD_TINY_DIR={out} "
+    print(f"wrote {out}/student and {out}/teacher (tiny random Qwen3, {spec.num_parameters():,} parameters)\n"
+          f"next: {env}megatron-opd train --config configs/recipes/tiny_opd.yaml")
+    return 0
+
+
 def _demo(args) -> int:
     from megatron_opd.demo import DemoConfig, run_demo
 
@@ -69,6 +88,9 @@ def main(argv=None) -> int:
     p_eval.add_argument("--output", default=None, help="write the metrics JSON here")
     p_eval.add_argument("overrides", nargs="*", help="key=value overrides")
     p_eval.set_defaults(func=_eval)
+    p_tiny = sub.add_parser("init-tiny", help="write a tiny random student + teacher for tiny_opd.yaml")
+    p_tiny.add_argument("dir", nargs="?", default="runs/tiny_models", help="output directory")
+    p_tiny.set_defaults(func=_init_tiny)
     p_demo = sub.add_parser("demo", help="the embedded demo: build a teacher, distil a student on CPU")
     p_demo.add_argument("--out-dir", default="runs/demo", help="run directory (teacher cache inside)")
     p_demo.add_argument("overrides", nargs="*", help="key=value overrides of DemoConfig fields")
