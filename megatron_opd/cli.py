@@ -19,9 +19,18 @@ def _train(args) -> int:
     trainer = OPDTrainer(cfg)
     try:
         trainer.setup()
-        trainer.train()
+        final = trainer.train()
     finally:
         trainer.cleanup()
+    if trainer.rank0:
+        from megatron_opd.checkpoint import latest_checkpoint
+
+        out = cfg.train.out_dir
+        shown = {k: round(v, 4) for k, v in final.items() if k in ("eval/accuracy", "eval/pass@k")}
+        print(f"done: step {trainer.step} of {cfg.train.steps}{', ' if shown else ''}"
+              f"{', '.join(f'{k} {v}' for k, v in shown.items())}\n"
+              f"outputs: {out}/metrics.jsonl, {out}/curves.png, {out}/tensorboard/, "
+              f"checkpoint {latest_checkpoint(f'{out}/checkpoints')}", flush=True)
     return 0
 
 
@@ -77,6 +86,7 @@ def _demo(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-opd", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="run an on-policy distillation recipe")
     p_train.add_argument("--config", required=True, help="recipe YAML (configs/recipes/)")
@@ -96,7 +106,26 @@ def main(argv=None) -> int:
     p_demo.add_argument("overrides", nargs="*", help="key=value overrides of DemoConfig fields")
     p_demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from megatron_opd.quiet import quiet_libraries
+
+    quiet_libraries()
+    from megatron_opd.rollout.engine import RolloutEngineError
+
+    try:
+        return args.func(args)
+    except (*USER_ERRORS, RolloutEngineError) as exc:
+        if args.debug:
+            raise
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"megatron-opd: error: {exc}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+#: Errors a user causes (config, paths, layouts, checkpoints or an engine that do not fit): one message,
+#: no traceback (RolloutEngineError too: an engine that cannot start names the field to change).
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 if __name__ == "__main__":

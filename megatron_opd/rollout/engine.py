@@ -173,7 +173,7 @@ class RolloutEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         check_chat_template(self.tokenizer, cfg, self.model_dir)
         kwargs = dict(model=str(self.model_dir), dtype=cfg.dtype, enforce_eager=True,
-                      max_model_len=cfg.max_model_len, seed=seed)
+                      max_model_len=cfg.max_model_len, seed=seed, use_tqdm_on_load=False)
         colocated = cfg.mode == "colocated"
         kwargs.update(platform.vllm_engine_options(cfg.gpu_memory_utilization, colocated=colocated))
         # Sleep mode releases the engine's memory while the trainer runs: only where vLLM has it (CUDA)
