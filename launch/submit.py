@@ -113,11 +113,12 @@ def _render(cfg, cluster: ClusterConfig, recipe: str, overrides: list[str]) -> s
         executor.assign("dryrun", cluster.job_dir, name, name)
         from nemo_run.run.torchx_backend.packaging import merge_executables
 
-        app = merge_executables(
-            [package(f"{name}-train", train_script, executor.resource_group[0].executor
-                     if hasattr(executor.resource_group[0], "executor") else trainer),
-             package(f"{name}-rollout", serve, executor.resource_group[1].executor
-                     if hasattr(executor.resource_group[1], "executor") else rollout)], name)
+        roles = [group.executor if hasattr(group, "executor") else fallback
+                 for group, fallback in zip(executor.resource_group, (trainer, rollout))]
+        for role in roles:  # package each role's configs into the job directory, not the working one
+            role.job_dir = executor.job_dir
+        app = merge_executables([package(f"{name}-train", train_script, roles[0]),
+                                 package(f"{name}-rollout", serve, roles[1])], name)
     info = create_scheduler(session_name="mopd")._submit_dryrun(app, executor)
     return info.request.materialize()
 
