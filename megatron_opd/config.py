@@ -370,12 +370,23 @@ class OPDConfig:
         return self.objective.name == "gopd" and self.objective.lam != 1.0 or self.objective.kl_coef > 0
 
 
+def _resolve_spec_paths(cfg, recipe_dir: Path) -> None:
+    """A relative `spec:` in a recipe is relative to that recipe's file, like `base:` (so a recipe works
+    from any working directory); on the command line it stays relative to the working directory."""
+    roles = [cfg.get("student"), cfg.get("reference"), *(cfg.get("teachers") or [])]
+    for role in roles:
+        spec = role.get("spec") if role is not None and hasattr(role, "get") else None
+        if isinstance(spec, str) and "${" not in spec and not os.path.isabs(spec):
+            role["spec"] = str((recipe_dir / spec).resolve())
+
+
 def _load_yaml_chain(path: Path):
     from omegaconf import OmegaConf
 
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     cfg = OmegaConf.load(path)
+    _resolve_spec_paths(cfg, path.parent)
     base = cfg.pop("base", None)
     if base is None:
         return cfg

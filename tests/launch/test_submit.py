@@ -40,7 +40,9 @@ def test_dryrun_renders_sbatch_and_torchrun(recipe, capsys):
 
 
 def test_heterogeneous_job_renders_two_groups(capsys):
+    before = sorted((REPO_ROOT / "configs").rglob("*"))
     text = _render("exopd_separate_rollout", capsys)
+    assert sorted((REPO_ROOT / "configs").rglob("*")) == before  # it used to write role configs there
     assert text.count("#SBATCH hetjob") == 1
     assert re.search(r"#SBATCH --nodes=4.*#SBATCH hetjob.*#SBATCH --nodes=2", text, re.S)
     train = [l for l in text.splitlines() if l.startswith("srun --het-group=0")]
