@@ -28,3 +28,11 @@ def test_parallel_loss_and_grads_equal_tp1(tiny_dense_ckpt, reference_grads, tmp
         torch.testing.assert_close(got["grads"][name], ref, atol=1e-5, rtol=1e-4, msg=name)
     # Sanity: gradients are not all zero (the comparison would then be vacuous).
     assert sum(g.abs().sum().item() for g in got["grads"].values()) > 0
+
+
+def test_selective_recompute_gives_the_same_gradients():
+    from mopd_testing import last_json
+
+    r = last_json(run_ranks(Path(__file__).parent / "workers" / "recompute_parity.py", 1), "modes")
+    assert r["modes"] == [None, "selective"] and r["grad_norm"] > 0
+    assert r["max_diff"] == 0.0

@@ -1,0 +1,36 @@
+"""Worker: precision.recompute=selective (megatron-core's core-attention recompute) gives the same
+gradients as keeping the attention activations (one process, local spec)."""
+
+import json
+
+import torch
+
+
+def main():
+    from megatron_opd import parallel
+    from megatron_opd.models.builder import PrecisionConfig, build_gpt_model
+    from megatron_opd.models.forward import run_micro_batches
+    from megatron_opd.models.student import wrap_ddp
+    from megatron_opd.models.spec import ModelSpec
+
+    parallel.initialize(parallel.ParallelConfig(), seed=0)
+    from pathlib import Path
+
+    spec = ModelSpec.from_yaml(Path(__file__).resolve().parents[3] / "configs" / "models" / "tiny_qwen3.yaml")
+    ids = torch.randint(0, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads, modes = [], []
+    for recompute in (None, "selective"):
+        torch.manual_seed(0)
+        model = wrap_ddp(build_gpt_model(spec, parallel.ParallelConfig(), PrecisionConfig(recompute=recompute)))
+        modes.append(model.module.config.recompute_granularity)
+        model.zero_grad_buffer()
+        run_micro_batches(model, [{"input_ids": ids}], lambda mb, logits: (logits.float().pow(2).mean(), {}),
+                          forward_only=False)
+        grads.append(torch.cat([b.grad_data.clone() for b in model.buffers]))
+    print(json.dumps({"modes": modes, "max_diff": (grads[0] - grads[1]).abs().max().item(),
+                      "grad_norm": grads[0].norm().item()}), flush=True)
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
