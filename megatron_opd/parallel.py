@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 
@@ -188,11 +187,3 @@ def launched_world_size() -> int:
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-
-def collective_device(group=None) -> torch.device:
-    """Where a tensor for a collective on `group` must live (see `platform.collective_device`)."""
-    from megatron_opd import platform
-
-    return platform.collective_device(group)

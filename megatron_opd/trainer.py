@@ -120,10 +120,8 @@ class OPDTrainer:
             self.reference = build_gpt_model(ref_spec, cfg.parallel, cfg.precision, role="reference")
             load_hf_into_megatron(self.reference, ref_spec, ref_ckpt)
         # Frozen roles with `offload: true` wait in host memory until they score (see `on_device`).
-        self.reference_offload = bool(ref_role.offload) if ref_role is not None else False
-        for model, off in [*zip(self.teachers, [t.offload for t in cfg.teachers]),
-                           (self.reference, self.reference_offload)]:
-            if model is not None and off:
+        for model, role in [*zip(self.teachers, cfg.teachers), (self.reference, cfg.reference)]:
+            if model is not None and role.offload:
                 platform.offload(model)
         self.optimizer, self.scheduler = build_optimizer(self.student, cfg.optim, cfg.train.steps,
                                                          updates_per_step=cfg.train.mini_batches)
@@ -263,7 +261,7 @@ class OPDTrainer:
         if not self.has_moe or p.etp * p.expert_model_parallel_size <= p.tensor_model_parallel_size \
                 or ps.get_data_parallel_world_size() == 1:
             return None
-        longest = torch.tensor([result.max_length()], device=parallel.collective_device())
+        longest = torch.tensor([result.max_length()], device=platform.collective_device())
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
         return int(longest.item())
 
@@ -320,7 +318,7 @@ class OPDTrainer:
                 mb["teacher_logprobs"] = lp if k == 0 else torch.where(
                     (mb["teacher_index"] == k)[:, None], lp, mb["teacher_logprobs"])
         if self.reference is not None:
-            with self.on_device("reference", self.reference, self.reference_offload):
+            with self.on_device("reference", self.reference, self.cfg.reference.offload):
                 outs = run_micro_batches(self.reference, micro, self._logprob_fn(), forward_only=True)
             for mb, out in zip(micro, outs):
                 mb["reference_logprobs"] = out["logprobs"]
@@ -398,11 +396,17 @@ class OPDTrainer:
                     valid_vocab_size=self.spec.vocab_size, compute_entropy=need_entropy,
                 )  # [b, s-1]
                 lp = lp.float()
-                if not bool(torch.isfinite(lp).all()):
-                    # A diverged student: keep the graph (the schedule backpropagates) but contribute
-                    # nothing; the step is skipped below and counted.
-                    return torch.nan_to_num(lp, 0.0, 0.0, 0.0).sum() * 0.0, {"nonfinite": 1.0}
+                finite = bool(torch.isfinite(lp).all())
+                if not finite:
+                    # A diverged student: the step is skipped below and counted. The objective still
+                    # runs (on zeroed log-probs) so that this rank reports the same metric keys as
+                    # every other DP rank for reduce_metrics' all-reduce; its loss is kept in the
+                    # graph (the schedule backpropagates) but multiplied by 0.
+                    lp = torch.nan_to_num(lp, 0.0, 0.0, 0.0)
+                    ent = torch.nan_to_num(ent, 0.0, 0.0, 0.0) if ent is not None else None
                 loss, metrics = objective_loss(cfg.objective, mb, lp, ent, step=self.step)
+                if not finite:
+                    return loss * 0.0, {**metrics, "loss": 0.0, "nonfinite": 1.0}
                 return loss, {**metrics, "loss": loss.detach(), "nonfinite": 0.0}
 
             self.student.zero_grad_buffer()
@@ -467,13 +471,13 @@ class OPDTrainer:
         buffers = list(self.student.buffers) + list(self.student.expert_parallel_buffers)
         ok = metrics.get("nonfinite", 0.0) == 0.0 and all(
             bool(torch.isfinite(b.grad_data).all()) for b in buffers)
-        flag = torch.tensor([0.0 if ok else 1.0], device=parallel.collective_device())
+        flag = torch.tensor([0.0 if ok else 1.0], device=platform.collective_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
     def _preemption_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.preempt.requested else 0.0], device=parallel.collective_device())
+        flag = torch.tensor([1.0 if self.preempt.requested else 0.0], device=platform.collective_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks must agree to checkpoint
         return bool(flag.item())
@@ -600,14 +604,8 @@ def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
 
     if not outs:
         return {}
-    keys = sorted({k for o in outs for k in o})
+    keys = sorted({k for o in outs for k in o})  # the same on every DP rank (see update's loss_fn)
     dp = ps.get_data_parallel_world_size()
-    if dp > 1:
-        # Every DP rank must all-reduce the same keys: a rank whose micro-batches were all non-finite
-        # reports only "nonfinite" (the step is then skipped everywhere; its other means are partial).
-        gathered = [None] * dp
-        dist.all_gather_object(gathered, keys, group=ps.get_data_parallel_group())
-        keys = sorted({k for ks in gathered for k in ks})
     weights = [float(mb["mask"].sum()) for mb in micro]
     total = max(sum(weights), 1.0)
     vals = []
@@ -620,7 +618,7 @@ def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
             vals.append(sum(float(o.get(k, 0.0)) * w for o, w in zip(outs, weights)) / total)
     t = torch.tensor(vals, dtype=torch.float64)
     if dp > 1:
-        t = t.to(parallel.collective_device(ps.get_data_parallel_group()))
+        t = t.to(platform.collective_device(ps.get_data_parallel_group()))
         dist.all_reduce(t, group=ps.get_data_parallel_group())
         # the loss is a sum over DP ranks; everything else a mean
         # (max-type metrics are summed here too: acceptable for logging, documented as "mean over

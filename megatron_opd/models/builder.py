@@ -10,10 +10,9 @@ else megatron-core's local spec, whose unfused attention materialises [b, heads/
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
-
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +102,7 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, precision: Pre
         # A dense model shares the layout of an MoE teacher but has no experts to split.
         expert_model_parallel_size=parallel.expert_model_parallel_size if spec.is_moe else 1,
         expert_tensor_parallel_size=parallel.etp if spec.is_moe else None,
+        # Sequence parallelism shards the norms' and dropouts' activations over TP (TE spec only here).
         sequence_parallel=precision.transformer_engine and parallel.tensor_model_parallel_size > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -110,16 +110,15 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, precision: Pre
         fp16=dtype == torch.float16,
         # Same weights for any TP size from one seed, and no CUDA needed at init.
         use_cpu_initialization=platform.model_init_on_cpu(),
-        # Fused kernels need CUDA; on CPU the plain paths run (and are exact). There is no bias to
-        # fuse (add_bias_linear=False). RoPE fusion needs TE's kernels; gradient-accumulation fusion
-        # needs TE's and Apex's wgrad kernels, so it stays off.
+        # Fused kernels need CUDA; on CPU the plain paths run (and are exact). With no linear bias
+        # the "bias" fusions are SwiGLU and residual-add fusions. RoPE fusion needs TE's kernels;
+        # gradient-accumulation fusion needs TE's and Apex's wgrad kernels, so it stays off.
         bias_activation_fusion=platform.fused_kernels_available(),
         masked_softmax_fusion=False,  # the local spec's softmax; the TE spec has its own attention
         persist_layer_norm=False,
         bias_dropout_fusion=platform.fused_kernels_available(),
         apply_rope_fusion=precision.transformer_engine,
         gradient_accumulation_fusion=False,
-        # Sequence parallelism shards the norms/dropouts' activations over TP (TE spec only here).
         recompute_granularity=precision.recompute,
         deallocate_pipeline_outputs=False,
         # Our losses are normalised by global token counts already (models/forward.py).

@@ -65,13 +65,12 @@ def global_counts(masks: list[torch.Tensor], group=None) -> tuple[float, float]:
     """
     from megatron_opd.platform import collective_device
 
-    distributed = group is not None and dist.is_available() and dist.is_initialized() \
-        and dist.get_world_size(group) > 1
-    t = torch.zeros(2, dtype=torch.float64, device=collective_device(group) if distributed else "cpu")
+    t = torch.zeros(2, dtype=torch.float64, device=masks[0].device if masks else "cpu")  # beside the masks
     for m in masks:
-        t[0] += m.sum().double().to(t.device)
-        t[1] += (m.sum(-1) > 0).sum().double().to(t.device)
-    if distributed:
+        t[0] += m.sum()
+        t[1] += (m.sum(-1) > 0).sum()
+    if group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        t = t.to(collective_device(group))
         dist.all_reduce(t, group=group)
     return t[0].item(), t[1].item()
 

@@ -87,7 +87,7 @@ def _agree(error: Optional[str]) -> None:
         if error is not None:
             raise RefitError(error)
         return
-    from megatron_opd.parallel import collective_device
+    from megatron_opd.platform import collective_device
 
     flag = torch.tensor([0.0 if error is None else 1.0], device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
