@@ -1,5 +1,7 @@
 """Student checkpoints: Megatron dist_checkpointing (model + optimizer, layout-independent), plus the
-scheduler, RNG states, data position and step.
+scheduler, RNG states, data position, step and the config that wrote it (meta.json), and the model's
+spec and tokenizer files, so `tools.convert_megatron_to_hf` turns a training checkpoint into an HF
+directory with no other input.
 
 Atomic: a checkpoint is written to `step_<n>.tmp/` and renamed to `step_<n>/` only once every rank has
 finished and the metadata is on disk; `latest` is replaced atomically afterwards. A crash while saving
@@ -21,8 +23,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import platform
+from megatron_opd.faults import maybe_fail
 
 _LATEST = "latest"
+SPEC_FILE = "megatron_opd_spec.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "generation_config.json", "chat_template.jinja")
 
 
 def _rank() -> int:
@@ -84,11 +90,15 @@ def save_checkpoint(
     scheduler,
     extra: Optional[dict[str, Any]] = None,
     keep_last: int = 2,
+    spec=None,
+    tokenizer_dir: Optional[str | Path] = None,
 ) -> Path:
     """Collective: save the student at `step` under `root/step_<step>/`, atomically.
 
     Args:
-        extra: JSON-serialisable run state (data position, counters) stored in meta.json.
+        extra: JSON-serialisable run state (data position, counters, config) stored in meta.json.
+        spec / tokenizer_dir: the model's ModelSpec and the HF directory whose tokenizer files are copied
+            beside the weights (for export without extra arguments).
     """
     from megatron.core import dist_checkpointing
 
@@ -103,14 +113,20 @@ def save_checkpoint(
     _barrier()
     dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    maybe_fail("checkpoint_files_written")
     _barrier()
     if _rank() == 0:
+        if spec is not None:
+            write_spec(tmp, spec)
+        if tokenizer_dir is not None:
+            copy_tokenizer(Path(tokenizer_dir), tmp)
         meta = {"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
                 **(extra or {})}
         _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, default=_json_default))
         if final.exists():  # re-saving a step (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        maybe_fail("checkpoint_renamed")
         _write_atomic(root / _LATEST, final.name)
         _prune(root, keep_last, step)
     _barrier()
@@ -132,6 +148,33 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return meta
+
+
+def read_meta(path: str | Path) -> dict:
+    """meta.json of a complete checkpoint (cheap: no tensors)."""
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def write_spec(out: Path, spec) -> None:
+    import dataclasses
+
+    (Path(out) / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+
+
+def read_spec(path: Path):
+    from megatron_opd.models.spec import ModelSpec
+
+    f = Path(path) / SPEC_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} is not a megatron_opd Megatron checkpoint (no {SPEC_FILE}); "
+                                "pass --spec configs/models/<model>.yaml")
+    return ModelSpec.from_dict(json.loads(f.read_text()), source=str(f))
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -15,6 +15,8 @@ def _train(args) -> int:
     from megatron_opd.config import load_config
     from megatron_opd.trainer import OPDTrainer
 
+    from megatron_opd.signals import PREEMPTED_EXIT_CODE
+
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before compute
     trainer = OPDTrainer(cfg)
     try:
@@ -27,21 +29,23 @@ def _train(args) -> int:
 
         out = cfg.train.out_dir
         shown = {k: round(v, 4) for k, v in final.items() if k in ("eval/accuracy", "eval/pass@k")}
-        print(f"done: step {trainer.step} of {cfg.train.steps}{', ' if shown else ''}"
+        how = "preempted: checkpointed at" if trainer.preempted else "done:"
+        print(f"{how} step {trainer.step} of {cfg.train.steps}{', ' if shown else ''}"
               f"{', '.join(f'{k} {v}' for k, v in shown.items())}\n"
               f"outputs: {out}/metrics.jsonl, {out}/curves.png, {out}/tensorboard/, "
               f"checkpoint {latest_checkpoint(f'{out}/checkpoints')}", flush=True)
-    return 0
+    return PREEMPTED_EXIT_CODE if trainer.preempted else 0
 
 
 def _eval(args) -> int:
-    """Held-out avg@k of one HF checkpoint with the recipe's data and rollout settings."""
+    """Held-out avg@k of one HF checkpoint with the recipe's data and rollout settings (no teacher is
+    needed; a recipe's teachers are not loaded)."""
     import json
 
     from megatron_opd.config import load_config
     from megatron_opd.trainer import build_data, build_engine
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, require_teachers=False)
     data = build_data(cfg, args.checkpoint)
     engine = build_engine(cfg, args.checkpoint)
     try:

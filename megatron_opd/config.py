@@ -9,6 +9,7 @@ may name another with `base: <path>` (inheritance); command-line `key=value` ove
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -139,8 +140,10 @@ class TrainConfig:
     out_dir: str = "runs/opd"
     """Run directory: checkpoints, metrics.jsonl, TensorBoard events, plots."""
 
-    resume: bool = True
-    """Continue from the newest checkpoint in out_dir if one exists."""
+    resume: str = "true"
+    """true: continue from the newest checkpoint in out_dir if one exists, refusing a config that changed
+    in anything but the run length, evaluation or logging (RESUMABLE_CHANGES); force: continue even so;
+    false: start afresh (an earlier run's checkpoints are moved to checkpoints.previous/)."""
 
     skip_nonfinite: bool = True
     """Skip (and count) an update whose loss or grad norm is not finite instead of stopping."""
@@ -153,6 +156,9 @@ class TrainConfig:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0")
+        self.resume = str(self.resume).lower()  # YAML booleans arrive as "True" / "False"
+        if self.resume not in ("true", "false", "force"):
+            raise ValueError(f"train.resume={self.resume!r}: use true, false or force")
 
 
 @dataclass
@@ -332,7 +338,7 @@ class OPDConfig:
     """Cluster placement (launch/)."""
 
     def __post_init__(self):
-        if not self.teachers:
+        if not self.teachers and _REQUIRE_TEACHERS.get():
             raise ValueError("teachers: at least one teacher is required (teachers: [{checkpoint: ...}])")
         if len(self.teachers) > 1:
             domains = [t.domain for t in self.teachers]
@@ -394,8 +400,18 @@ def _load_yaml_chain(path: Path):
     return OmegaConf.merge(_load_yaml_chain(base_path.resolve()), cfg)
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> OPDConfig:
+#: Whether OPDConfig demands a teacher. Only `megatron-opd eval` (which samples the student and scores it
+#: with the verifier) lifts it, through load_config(require_teachers=False): a context variable because
+#: OmegaConf builds the dataclass (and runs __post_init__) itself.
+_REQUIRE_TEACHERS: ContextVar[bool] = ContextVar("require_teachers", default=True)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                require_teachers: bool = True) -> OPDConfig:
     """Recipe YAML (+ its `base:` chain) + `key=value` overrides -> validated OPDConfig.
+
+    Args:
+        require_teachers: False for commands that use no teacher (evaluation).
 
     Raises:
         ValueError: with the offending key path, for unknown keys, wrong types and bad values.
@@ -403,6 +419,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    token = _REQUIRE_TEACHERS.set(require_teachers)
     try:
         schema = OmegaConf.structured(OPDConfig)
         merged = schema
@@ -413,9 +430,39 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ValueError(f"config error: {exc}") from None
+    finally:
+        _REQUIRE_TEACHERS.reset(token)
 
 
 def config_to_dict(cfg: OPDConfig) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+#: What may change when a run resumes (`train.resume=true`): its length, evaluation, checkpoint cadence
+#: and logging. Anything else (model, data, objective, optimizer, sampling, layout) would silently turn
+#: the continuation into a different experiment, so it is refused unless `train.resume=force`.
+RESUMABLE_CHANGES = (
+    "train.steps", "train.eval_every", "train.eval_samples", "train.save_every", "train.keep_last",
+    "train.resume", "train.out_dir", "data.eval_path", "data.synthetic_eval_size", "launch.time",
+)
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every leaf that differs between two config_to_dict() trees, except the
+    RESUMABLE_CHANGES."""
+
+    def leaves(tree, prefix=""):
+        if isinstance(tree, dict):
+            for k, v in tree.items():
+                yield from leaves(v, f"{prefix}{k}.")
+        elif isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+            for i, v in enumerate(tree):
+                yield from leaves(v, f"{prefix[:-1]}[{i}].")
+        else:
+            yield prefix[:-1], tree
+
+    a, b = dict(leaves(old)), dict(leaves(new))
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
+            if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)]

@@ -1,11 +1,17 @@
-"""SLURM preemption: SIGTERM (and SIGUSR1, which `#SBATCH --signal` can send before the time limit)
-set a flag; the training loop checkpoints at the next step boundary and exits with code 0, so SLURM
-requeues the job and it resumes from that checkpoint."""
+"""Preemption: SIGTERM (and SIGUSR1, which `#SBATCH --signal` can send before the time limit) set a
+flag; the trainer agrees on it over all ranks between phases, abandons a step whose update has not run
+(or keeps one that has), checkpoints, and `megatron-opd train` exits with PREEMPTED_EXIT_CODE. Whatever
+runs the job decides what that code means (a SLURM batch script requeues on it); a run started again
+on the same out_dir resumes from that checkpoint."""
 
 from __future__ import annotations
 
 import signal
 import threading
+
+PREEMPTED_EXIT_CODE = 75
+"""Exit code of a run that stopped on a preemption signal after checkpointing (EX_TEMPFAIL: "try
+again"), distinct from success (0), a user error (2) and a crash."""
 
 
 class PreemptionFlag:

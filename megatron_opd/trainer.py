@@ -29,7 +29,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import parallel, platform
-from megatron_opd.config import ModelRoleConfig, OPDConfig, config_to_dict
+from megatron_opd.checkpoint import rng_state, set_rng_state
+from megatron_opd.config import ModelRoleConfig, OPDConfig, config_changes, config_to_dict
+from megatron_opd.faults import maybe_fail
 from megatron_opd.objectives.policy_loss import global_counts
 
 
@@ -45,6 +47,10 @@ class StepBatch:
     response_lengths: torch.Tensor  # [B]
 
 
+class StepAbandoned(Exception):
+    """A preemption arrived before the step's update: the step's rollout and scores are discarded."""
+
+
 class OPDTrainer:
     """Setup / train / cleanup around one readable `train_step`."""
 
@@ -55,6 +61,9 @@ class OPDTrainer:
         self.engine = None
         self.metrics = None
         self.preempt = None
+        self.preempted = False
+        """Set when a preemption signal ended the run (its last state is checkpointed): the CLI then
+        exits with signals.PREEMPTED_EXIT_CODE."""
         self.rank0 = True
         self.phases: list[str] = []
         """What the current step did, in order (rollout, sleep, onload:ROLE, score, ...): read by tests
@@ -100,7 +109,12 @@ class OPDTrainer:
         self.has_moe = any(s.is_moe for s in [self.spec, *teacher_specs, *([ref_spec] if ref_spec else [])])
         layout = parallel.validate_layout(cfg.parallel, parallel.launched_world_size())
         check_batch_split(cfg, layout.dp)
+        out = Path(cfg.train.out_dir)
+        ckpt = latest_checkpoint(out / "checkpoints") if cfg.train.resume != "false" else None
+        if ckpt is not None and cfg.train.resume == "true":
+            check_resumable(ckpt, cfg)
 
+        self.student_dir = student_ckpt.path
         self.data = build_data(cfg, student_ckpt.path)  # bad data paths/fields fail here, cheaply
 
         parallel.initialize(cfg.parallel, seed=cfg.train.seed)
@@ -126,9 +140,7 @@ class OPDTrainer:
         self.optimizer, self.scheduler = build_optimizer(self.student, cfg.optim, cfg.train.steps,
                                                          updates_per_step=cfg.train.mini_batches)
 
-        out = Path(cfg.train.out_dir)
         resume_meta = None
-        ckpt = latest_checkpoint(out / "checkpoints") if cfg.train.resume else None
         if ckpt is None:
             aside = set_aside_earlier_run(out / "checkpoints")
             if aside is not None:
@@ -140,7 +152,8 @@ class OPDTrainer:
             self.skipped_steps = resume_meta.get("skipped_steps", 0)
             self.data.train.load_state_dict(resume_meta["data"])
             if self.rank0:
-                print(f"resuming from {ckpt} (step {self.step} of {cfg.train.steps})", flush=True)
+                forced = " with a changed config (train.resume=force)" if cfg.train.resume == "force" else ""
+                print(f"resuming from {ckpt} (step {self.step} of {cfg.train.steps}){forced}", flush=True)
         # Keep the metrics of steps up to the checkpoint; a fresh run (no checkpoint) starts a new file.
         self.metrics = MetricsLogger(out, enabled=self.rank0,
                                      resume_step=self.step if resume_meta else -1)
@@ -169,9 +182,20 @@ class OPDTrainer:
             if self.rank0:
                 self.metrics.log(0, initial)
         while self.step < cfg.train.steps:
-            metrics = self.train_step()
+            start = {"data": self.data.train.state_dict(), "rng": rng_state()}
+            try:
+                metrics = self.train_step()
+            except StepAbandoned:
+                # Preempted before the update: nothing of this step is kept. The checkpoint holds the
+                # state the step started from, so the resumed run draws and samples it again exactly.
+                self.data.train.load_state_dict(start["data"])
+                set_rng_state(start["rng"])
+                self.save()
+                self.preempted = True
+                break
             self.step += 1
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
+            if not self.preempted and (cfg.train.eval_every and self.step % cfg.train.eval_every == 0
+                                       or self.step == cfg.train.steps):
                 final_eval = self.evaluate()
                 metrics.update(final_eval)
             if self.rank0:
@@ -179,11 +203,14 @@ class OPDTrainer:
                 bar.update(1)
                 bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("loss", "reward/mean", "eval/accuracy")
                                  if k in metrics and metrics[k] is not None})
-            save_now = cfg.train.save_every and self.step % cfg.train.save_every == 0
-            if self._preemption_requested():
+            maybe_fail("step_logged")
+            # A preemption during the refit (self.preempted, agreed in train_step) ends the run after
+            # this step's save; one that arrived since is agreed here.
+            if self.preempted or self._preemption_requested():
                 self.save()
+                self.preempted = True
                 break
-            if save_now or self.step == cfg.train.steps:
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0 or self.step == cfg.train.steps:
                 self.save()
         bar.close()
         return final_eval or {}
@@ -191,7 +218,11 @@ class OPDTrainer:
     def train_step(self) -> dict:
         """One colocated step: rollout -> sleep -> score -> update -> wake -> refit. The engine's
         memory is released while the models compute (`RolloutEngine.sleep`; vLLM sleep mode on GPU, a
-        tracked no-op on CPU), and its weights are woken before the refit, its KV cache after it."""
+        tracked no-op on CPU), and its weights are woken before the refit, its KV cache after it.
+
+        Preemption (SIGTERM / SIGUSR1 on any rank) is agreed between phases: before the update the step
+        is abandoned (StepAbandoned); after it the step is kept and the refit skipped (`self.preempted`),
+        so a signal is acted on within one phase, not one step."""
         self.phases = []
         timings = {}
         t0 = time.perf_counter()
@@ -199,6 +230,7 @@ class OPDTrainer:
         # 1. rollout: each replica's engine -> that replica's ranks
         with self.phase("rollout", timings):
             batch, rollout_metrics = self.rollout()
+        self._abandon_if_preempted()
         with self.phase("sleep", timings):
             if self.engine is not None:
                 self.engine.sleep()
@@ -207,19 +239,23 @@ class OPDTrainer:
         with self.phase("score", timings):
             micro = self.micro_batches(batch)
             self.score(micro)
+        self._abandon_if_preempted()
 
         # 3. update: one optimizer step per mini-batch
         with self.phase("update", timings):
             update_metrics = self.update(micro)
 
         # 4. wake the engine's weights, refit them, then wake its KV cache for the next rollout
-        with self.phase("wake", timings):
-            if self.engine is not None:
-                self.engine.wake_up(["weights"])
-        with self.phase("refit", timings):
-            refit_stats = self.refit()
-            if self.engine is not None:
-                self.engine.wake_up(["kv_cache"])
+        refit_stats = {}
+        self.preempted = self._preemption_requested()  # the step is kept; the engine is not needed again
+        if not self.preempted:
+            with self.phase("wake", timings):
+                if self.engine is not None:
+                    self.engine.wake_up(["weights"])
+            with self.phase("refit", timings):
+                refit_stats = self.refit()
+                if self.engine is not None:
+                    self.engine.wake_up(["kv_cache"])
 
         timings["time/step"] = time.perf_counter() - t0
         tokens = int(batch.response_mask.sum().item())
@@ -334,10 +370,15 @@ class OPDTrainer:
 
             select_reopold_tokens(self.cfg.objective, micro, self.step, parallel.dp_group())
 
+    def _abandon_if_preempted(self) -> None:
+        if self._preemption_requested():
+            raise StepAbandoned(f"preempted during step {self.step + 1} before its update")
+
     @contextlib.contextmanager
     def phase(self, name: str, timings: Optional[dict] = None):
         """Record `name` in `self.phases` (and its duration as timings["time/NAME"])."""
         self.phases.append(name)
+        maybe_fail(f"phase_{name}")  # fault-injection point (tests): kills and signals at every phase
         t = time.perf_counter()
         yield
         if timings is not None:
@@ -462,8 +503,8 @@ class OPDTrainer:
         save_checkpoint(
             Path(self.cfg.train.out_dir) / "checkpoints", self.step, self.student, self.optimizer,
             self.scheduler, extra={"data": self.data.train.state_dict(),
-                                   "skipped_steps": self.skipped_steps},
-            keep_last=self.cfg.train.keep_last,
+                                   "skipped_steps": self.skipped_steps, "config": config_to_dict(self.cfg)},
+            keep_last=self.cfg.train.keep_last, spec=self.spec, tokenizer_dir=self.student_dir,
         )
 
     def _all_finite(self, metrics: dict) -> bool:
@@ -550,6 +591,24 @@ def check_tokenizers(student_dir, others: list[tuple[str, object]]) -> None:
         if o_template is not None and template is not None and o_template != template:
             raise ValueError(f"{role} ({path}) has a different chat template from the student; the "
                              "sampled responses are formatted by the student's")
+
+
+def check_resumable(ckpt: Path, cfg: OPDConfig) -> None:
+    """train.resume=true continues a run only with the config that wrote its checkpoint, up to the run
+    length, evaluation and logging (config.RESUMABLE_CHANGES). Checked from meta.json, before compute."""
+    from megatron_opd.checkpoint import read_meta
+
+    old = read_meta(ckpt).get("config")
+    if old is None:  # written before checkpoints recorded their config
+        return
+    changes = config_changes(old, config_to_dict(cfg))
+    if changes:
+        shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+        raise ValueError(
+            f"train.resume: {ckpt} was written with a different config ({shown}). Only the run length, "
+            "evaluation and logging may change on resume. Set train.resume=force to continue with the new "
+            "config, train.resume=false to start afresh (the old checkpoints move to checkpoints.previous/), "
+            "or use another train.out_dir")
 
 
 def check_batch_split(cfg: OPDConfig, dp: int) -> None:

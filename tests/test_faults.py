@@ -27,3 +27,19 @@ def test_malformed_spec_names_the_variable(monkeypatch):
     monkeypatch.setenv(faults.ENV, "refit bucket")
     with pytest.raises(ValueError, match="MEGATRON_OPD_FAULT.*POINT\\[@RANK\\]\\[#INDEX\\]"):
         faults.maybe_fail("refit_bucket")
+
+
+def test_signal_action_sends_the_signal_instead_of_raising(monkeypatch):
+    import signal
+
+    monkeypatch.setattr(faults, "_seen", faults.Counter())
+    monkeypatch.setenv(faults.ENV, "phase_score#1:SIGUSR1")
+    got = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        faults.maybe_fail("phase_score")
+        assert got == []
+        faults.maybe_fail("phase_score")  # occurrence 1: the signal, no exception
+        assert got == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

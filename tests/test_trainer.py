@@ -1,5 +1,5 @@
-"""The OPD trainer end to end on tiny random models: TP=2 / PP=2 runs, resume after kill -9,
-SIGTERM, non-finite steps, vocabulary mismatch, crash while saving."""
+"""The OPD trainer end to end on tiny random models: TP=2 / PP=2 runs, resume after kill -9, SIGTERM
+mid-step, a changed config on resume, non-finite steps, vocabulary mismatch, crash while saving."""
 
 import json
 import os
@@ -71,35 +71,78 @@ def _wait_for(path: Path, proc, timeout=300):
         time.sleep(0.2)
 
 
-def test_kill9_then_resume_gives_same_next_step_loss(models, tmp_path):
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def reference_run(models, tmp_path_factory):
+    """An uninterrupted 3-step run: what every interrupted-and-resumed run must reproduce exactly."""
+    ref = tmp_path_factory.mktemp("ref")
     run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, ref, "train.steps=3"), timeout=400)
+    return {r["step"]: r for r in metrics(ref)}
+
+
+def test_kill9_then_resume_gives_same_next_step_loss(models, reference_run, tmp_path):
     killed = tmp_path / "killed"
     proc = _launch(models, killed, 3)
     _wait_for(killed / "checkpoints" / "step_1" / "meta.json", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9 mid-run (the engine subprocess too)
     proc.wait()
     run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, killed, "train.steps=3"), timeout=400)
-    a = {r["step"]: r for r in metrics(ref)}
+    a = reference_run
     b = {r["step"]: r for r in metrics(killed)}
     assert sorted(b) == [0, 1, 2, 3], "metrics.jsonl must hold each step once after resume"
     assert b[3]["loss"] == a[3]["loss"] and b[2]["loss"] == a[2]["loss"]
 
 
-def test_sigterm_checkpoints_and_exits_zero(models, tmp_path):
+def _cli_train(models, out, *extra, fault=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    if fault:
+        env["MEGATRON_OPD_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "megatron_opd.cli", "train", "--config", RECIPE,
+                           *overrides(models, out, "train.steps=3", "train.save_every=1", *extra)],
+                          env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.parametrize("fault, kept, why", [
+    ("phase_score#1:SIGTERM", 1, "step 2 abandoned before its update"),
+    ("phase_update#1:SIGTERM", 2, "step 2 kept, its refit skipped"),
+], ids=["during_score", "during_update"])
+def test_sigterm_mid_step_checkpoints_exits_preempted_and_resumes_exactly(models, reference_run, tmp_path,
+                                                                         fault, kept, why):
+    """A preemption signal is acted on between phases, not only between steps: before the update the
+    step is abandoned (the checkpoint holds the state it started from: data position and RNG), after
+    it the step is kept. Either way the run exits with PREEMPTED_EXIT_CODE and the resumed run equals
+    the uninterrupted one."""
+    from megatron_opd.signals import PREEMPTED_EXIT_CODE
+
     out = tmp_path / "term"
-    proc = _launch(models, out, 50, "train.save_every=0")
-    _wait_for(out / "metrics.jsonl", proc)
-    time.sleep(3)
-    os.kill(proc.pid, signal.SIGTERM)
-    text, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, text[-3000:]
-    latest = (out / "checkpoints" / "latest").read_text().strip()
-    step = int(latest.split("_")[1])
-    assert 1 <= step < 50
-    # loadable: a resumed run continues from it
-    run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, out, f"train.steps={step + 1}"), timeout=400)
-    assert metrics(out)[-1]["step"] == step + 1
+    done = _cli_train(models, out, fault=fault)
+    assert done.returncode == PREEMPTED_EXIT_CODE, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"preempted: checkpointed at step {kept} of 3" in done.stdout, why
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{kept}"
+    assert [r["step"] for r in metrics(out)] == list(range(kept + 1))
+    resumed = _cli_train(models, out)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoints' / f'step_{kept}'}" in resumed.stdout
+    got = {r["step"]: r for r in metrics(out)}
+    assert sorted(got) == [0, 1, 2, 3]
+    assert [got[k]["loss"] for k in (1, 2, 3)] == [reference_run[k]["loss"] for k in (1, 2, 3)]
+
+
+def test_resume_with_a_changed_config_is_refused_unless_forced(models, tmp_path):
+    """Continuing a run with another objective used to go on silently (and overwrite config.yaml)."""
+    from megatron_opd.config import config_to_dict, load_config
+    from megatron_opd.trainer import OPDTrainer, check_resumable
+
+    out = tmp_path / "changed"
+    ckpt = out / "checkpoints" / "step_1"
+    ckpt.mkdir(parents=True)
+    written = config_to_dict(load_config(RECIPE, overrides(models, out)))
+    (ckpt / "meta.json").write_text(json.dumps({"step": 1, "config": written}))
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"train.resume: .*step_1 was written with a different config "
+                                         r"\(optim.lr: 0.0001 -> 3e-05\).*train.resume=force"):
+        OPDTrainer(load_config(RECIPE, overrides(models, out, "optim.lr=3e-5"))).setup()
+    assert time.time() - t0 < 30 and not (out / "config.yaml").exists()  # before any compute or write
+    check_resumable(ckpt, load_config(RECIPE, overrides(models, out, "train.steps=7", "train.eval_every=1")))
 
 
 def test_nonfinite_loss_skips_step_and_counts(models, tmp_path):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-SPEC_FILE = "megatron_opd_spec.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "generation_config.json", "chat_template.jinja")
+from megatron_opd.checkpoint import SPEC_FILE, TOKENIZER_FILES, copy_tokenizer, read_spec, write_spec  # noqa: F401
 
 
 def add_layout_args(ap) -> None:
@@ -26,13 +23,6 @@ def refuse_existing(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")
 
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    import shutil
-
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
 
 
 def megatron_logits(model, spec, input_ids: torch.Tensor):
@@ -71,18 +61,3 @@ def verify_against_transformers(model, spec, hf_dir: Path, atol: float = 1e-4) -
     if err.item() > atol:
         raise RuntimeError(f"--verify failed: logits differ from transformers by {err.item():.3g} > {atol}")
     return err.item()
-
-
-def write_spec(out: Path, spec) -> None:
-    import dataclasses
-
-    (out / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=2))
-
-
-def read_spec(path: Path):
-    from megatron_opd.models.spec import ModelSpec
-
-    f = path / SPEC_FILE
-    if not f.is_file():
-        raise FileNotFoundError(f"{path} is not a megatron_opd Megatron checkpoint (no {SPEC_FILE})")
-    return ModelSpec.from_dict(json.loads(f.read_text()), source=str(f))

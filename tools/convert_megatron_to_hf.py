@@ -1,8 +1,13 @@
-"""Megatron dist_checkpointing checkpoint (from convert_hf_to_megatron or a training run's
-`checkpoints/step_N`) -> HF safetensors checkpoint.
+"""Megatron dist_checkpointing checkpoint (from convert_hf_to_megatron or a training run) -> HF
+safetensors checkpoint.
 
+    python -m tools.convert_megatron_to_hf --megatron runs/tiny_opd --out runs/tiny_opd/hf
     torchrun --nproc_per_node 2 -m tools.convert_megatron_to_hf --megatron <dir> --out <dir> --pp 2 \
         [--spec configs/models/x.yaml] [--tokenizer <hf dir>] [--verify]
+
+--megatron takes a checkpoint (`checkpoints/step_N`), a run's `checkpoints/` or the run directory itself
+(its newest checkpoint). Both kinds of checkpoint carry their model spec and tokenizer files, so --spec
+and --tokenizer are only needed for checkpoints written by other tools.
 """
 
 from __future__ import annotations
@@ -32,9 +37,7 @@ def main(argv=None) -> int:
     from megatron_opd.models.spec import ModelSpec
     from tools._common import copy_tokenizer, read_spec, refuse_existing, verify_against_transformers
 
-    src, out = Path(args.megatron), Path(args.out)
-    if not (src / "metadata.json").is_file():
-        raise FileNotFoundError(f"--megatron {src} is not a dist_checkpointing checkpoint (no metadata.json)")
+    src, out = resolve_checkpoint(Path(args.megatron)), Path(args.out)
     spec = ModelSpec.from_yaml(args.spec) if args.spec else read_spec(src)
     spec.validate_parallel(args.tp, args.pp, args.ep)
     refuse_existing(out)
@@ -52,9 +55,23 @@ def main(argv=None) -> int:
         if dist.get_rank() == 0:
             print(f"verify: max |logits - transformers| = {err:.3g}")
     if dist.get_rank() == 0:
-        print(f"wrote {out}")
+        print(f"wrote {out} (from {src})")
     parallel.destroy()
     return 0
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or the newest complete one of a run (`<run>` or `<run>/checkpoints`)."""
+    from megatron_opd.checkpoint import latest_checkpoint
+
+    if (path / "metadata.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_checkpoint(root) if root.is_dir() else None
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"--megatron {path} is neither a dist_checkpointing checkpoint (no metadata.json) "
+                            "nor a run directory with checkpoints/step_N")
 
 
 if __name__ == "__main__":

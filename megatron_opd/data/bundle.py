@@ -11,6 +11,20 @@ from megatron_opd.rewards.evaluation import metrics_at_k
 from megatron_opd.rewards.synthetic import boxed_match_reward
 
 
+def check_domains(records: list[dict], teacher_domains: list, source: str) -> None:
+    """With several teachers every training prompt's domain must name one (checked before any model
+    starts; a single teacher scores every domain)."""
+    if len(teacher_domains) < 2:
+        return
+    unknown = sorted({r["domain"] for r in records} - set(teacher_domains))
+    if unknown:
+        count = sum(r["domain"] in unknown for r in records)
+        raise ValueError(
+            f"{source}: {count} prompt(s) have domain(s) {unknown} that no teacher serves (teachers[*].domain: "
+            f"{teacher_domains}); add a teacher for them, fix the data's domain field (data.domain_key), or set "
+            "data.default_domain for prompts without one")
+
+
 class DataBundle:
     """Built identically on every rank from the config (so every rank draws the same prompts)."""
 
@@ -37,12 +51,23 @@ class DataBundle:
             from megatron_opd.rewards.math_verify_pool import MathVerifier
 
             self._math_verifier = MathVerifier()
-        self.train = PromptDataset(train, seed=cfg.train.seed)
-        self.held_out = held_out
         self.teacher_domains = [t.domain for t in cfg.teachers]
+        source = "data.synthetic" if d.synthetic else "data.train_path"
+        check_domains(train, self.teacher_domains, source)
+        self.train = PromptDataset(train, seed=cfg.train.seed, source=source)
+        if not held_out:
+            raise ValueError(f"{d.eval_path if d.eval_path else 'the held-out set'} has no prompts: held-out "
+                             "evaluation needs at least one (data.eval_path / data.eval_holdout / "
+                             "data.synthetic_eval_size)")
+        self.held_out = held_out
         self.seed = cfg.train.seed
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        from megatron_opd.rollout.engine import check_prompt_lengths
+
+        check_prompt_lengths(tok, [s["prompt"] for s in train], cfg.rollout, source, d.system_prompt)
+        check_prompt_lengths(tok, [s["prompt"] for s in held_out], cfg.rollout,
+                             "data.eval_path" if d.eval_path else "held-out prompts", d.system_prompt)
 
     def score(self, responses: list[str], answers: list[str]) -> list[float]:
         if self._math_verifier is None:

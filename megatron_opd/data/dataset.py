@@ -35,6 +35,9 @@ def load_records(
             raise ValueError(f"data file {path}: unknown format {p.suffix!r}; use .jsonl, .json or .parquet")
         if not p.is_file():
             raise ValueError(f"data file {path} does not exist")
+        if p.suffix != ".parquet" and not _has_text(p):  # `datasets` would fail with StopIteration
+            raise ValueError(f"data file {path} is empty: it needs one record per line with "
+                             f"{prompt_key!r} and {answer_key!r} fields")
         ds = datasets.load_dataset(_LOCAL_FORMATS[p.suffix], data_files=str(p), split="train")
     else:  # a dataset name on the Hugging Face hub (needs network; offline machines use local files)
         ds = datasets.load_dataset(path, split=split)
@@ -49,12 +52,18 @@ def load_records(
     ]
 
 
+def _has_text(path: Path) -> bool:
+    """Whether a text file holds anything but whitespace (reads up to its first non-blank line)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return any(line.strip() for line in f)
+
+
 class PromptDataset:
     """Epoch-shuffled prompts with a resumable position."""
 
-    def __init__(self, records: list[dict], seed: int = 0):
+    def __init__(self, records: list[dict], seed: int = 0, source: str = "the prompt dataset"):
         if not records:
-            raise ValueError("the prompt dataset is empty")
+            raise ValueError(f"{source} has no prompts: training needs at least one")
         self.records = records
         self.seed = seed
         self.epoch = 0

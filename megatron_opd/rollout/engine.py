@@ -144,6 +144,42 @@ def chat_template_kwargs(cfg: RolloutConfig) -> dict:
     return {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
 
 
+def chat_prompt_ids(tokenizer, prompts: Sequence[str], cfg: RolloutConfig,
+                    system_prompt: Optional[str] = None) -> list[list[int]]:
+    """Token ids the engine is given for each prompt: the chat template with the generation prompt."""
+    out = []
+    for p in prompts:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": p})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            **chat_template_kwargs(cfg))
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def check_prompt_lengths(tokenizer, prompts: Sequence[str], cfg: RolloutConfig, source: str,
+                         system_prompt: Optional[str] = None) -> None:
+    """Every prompt, after the chat template, must leave room for a response in rollout.max_model_len
+    (vLLM would otherwise refuse it only at the first rollout). The template's own tokens are measured
+    once and prompt lengths counted in one batched call; only prompts near the limit are templated."""
+    if not prompts:
+        return
+    overhead = len(chat_prompt_ids(tokenizer, [""], cfg, system_prompt)[0])
+    plain = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    margin = 8  # tokens merging across the template's boundaries
+    near = [i for i, ids in enumerate(plain) if overhead + len(ids) + margin >= cfg.max_model_len]
+    exact = dict(zip(near, (len(x) for x in chat_prompt_ids(tokenizer, [prompts[i] for i in near], cfg,
+                                                            system_prompt))))
+    too_long = [i for i in near if exact[i] >= cfg.max_model_len]
+    if too_long:
+        worst = max(too_long, key=exact.get)
+        raise ValueError(
+            f"{source}: {len(too_long)} prompt(s) leave no room for a response in rollout.max_model_len="
+            f"{cfg.max_model_len} (prompt {too_long[0]} has {exact[too_long[0]]} tokens after the chat "
+            f"template, the longest {exact[worst]}): raise rollout.max_model_len above {exact[worst]} + the "
+            "response length, or remove those prompts from the data")
+
+
 def check_chat_template(tokenizer, cfg: RolloutConfig, model_dir) -> None:
     """rollout.enable_thinking on a template that never reads it would be silently ignored: refuse."""
     if cfg.enable_thinking is not None and "enable_thinking" not in str(tokenizer.chat_template or ""):
@@ -200,14 +236,7 @@ class RolloutEngine:
 
     # --------------------------------------------------------------------------------------------
     def chat_prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
-        out = []
-        for p in prompts:
-            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-            messages.append({"role": "user", "content": p})
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     **chat_template_kwargs(self.cfg))
-            out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-        return out
+        return chat_prompt_ids(self.tokenizer, prompts, self.cfg, self.system_prompt)
 
     def generate(self, prompts: Sequence[str] | Sequence[list[int]], n: Optional[int] = None,
                  seed: Optional[int] = None, temperature: Optional[float] = None,
