@@ -1,6 +1,7 @@
 """The OPD trainer end to end on tiny random models: TP=2 / PP=2 runs, resume after kill -9, SIGTERM
 mid-step, a changed config on resume, non-finite steps, vocabulary mismatch, crash while saving."""
 
+import contextlib
 import json
 import os
 import signal
@@ -301,3 +302,97 @@ def test_reference_with_different_chat_special_token_is_refused(models, tmp_path
                                          r"student has '<\|im_end\|>'"):
         check_tokenizers(models[0], [("teachers[0]", models[1]), ("reference", ref)])
     check_tokenizers(models[0], [("teachers[0]", models[1])])  # identical tokenizers pass
+
+
+#: Where a SIGKILL can land, by phase (faults.py names the points; a kill inside a phase leaves the same
+#: files on disk as one at its start, so the points that matter are the phases and every stage of a save).
+KILL_POINTS = {
+    "rollout": ["phase_rollout", "phase_sleep"],
+    "scoring": ["phase_score"],
+    "update": ["phase_update"],
+    "refit": ["phase_wake", "phase_refit", "refit_bucket"],
+    "checkpoint": ["step_logged", "checkpoint_files_written", "checkpoint_renamed"],
+}
+
+
+def _checkpoint_state(ckpt: Path) -> dict:
+    """Every tensor of a dist_checkpointing checkpoint (model and optimizer moments, read with torch's
+    own DCP reader, not megatron_opd's), its common state (optimizer steps) and meta.json's scheduler,
+    data position and counters."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = ckpt.parent / f"{ckpt.name}.flat.pt"
+    dcp_to_torch_save(str(ckpt), str(flat))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta.pop("config")  # names its own out_dir
+    return {"tensors": torch.load(flat, weights_only=False), "meta": meta,
+            "common": torch.load(ckpt / "common.pt", weights_only=False)}
+
+
+def _assert_identical(a, b, path="state"):
+    import torch
+
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), f"{path}: keys differ"
+        for k in a:
+            _assert_identical(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{path}: max |diff| {(a.float() - b.float()).abs().max().item()}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_ends_bit_identical(models, tmp_path):
+    """SIGKILL at >= 6 random points spread over rollout, scoring, update, refit and checkpoint writing,
+    each time resumed from what was on disk: the final student weights, optimizer state, scheduler and
+    data position equal an uninterrupted run's bit for bit, and metrics.jsonl holds each step once with
+    the same losses."""
+    import random
+
+    steps, seed = 8, 20261124
+    rng = random.Random(seed)
+    points = [rng.choice(group) for group in KILL_POINTS.values()]
+    points += rng.sample([p for group in KILL_POINTS.values() for p in group], 2)
+    rng.shuffle(points)
+    kills = [f"{p}#{rng.randint(0, 1)}:SIGKILL" for p in points]  # <= 1 step of progress each: all land
+
+    ref = tmp_path / "ref"
+    run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, ref, f"train.steps={steps}",
+                                                        "train.save_every=1"), timeout=600)
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, str(WORKER), "--config", RECIPE,
+           *overrides(models, out, f"train.steps={steps}", "train.save_every=1")]
+
+    def launch(fault=None) -> tuple[int, str]:
+        # Its own session, output to a file, and the whole group killed afterwards: a SIGKILLed trainer
+        # leaves megatron's checkpoint-writer Manager process behind (it would hold a pipe open).
+        log = tmp_path / f"launch_{len(list(tmp_path.glob('launch_*.log')))}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, env={**env, **({"MEGATRON_OPD_FAULT": fault} if fault else {})},
+                                    stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                code = proc.wait(timeout=600)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        return code, log.read_text()[-3000:]
+
+    for fault in kills:
+        code, text = launch(fault)
+        assert code == -signal.SIGKILL, (
+            f"seed {seed}, {fault}: expected the process to die by SIGKILL, got exit {code}\n{text}")
+    code, text = launch()
+    assert code == 0, text
+
+    final = out / "checkpoints" / f"step_{steps}"
+    _assert_identical(_checkpoint_state(ref / "checkpoints" / f"step_{steps}"), _checkpoint_state(final))
+    a, b = metrics(ref), metrics(out)
+    assert [r["step"] for r in b] == list(range(steps + 1)), f"seed {seed}, kills {kills}"
+    assert [r.get("loss") for r in b] == [r.get("loss") for r in a]
