@@ -5,8 +5,8 @@
 
 Without --cluster the job runs on this machine with nemo-run's LocalExecutor (torchrun). Everything is
 validated (recipe, cluster, GPU count vs. parallel layout) before anything is written or submitted.
-With `launch.rollout_nodes > 0` and `rollout.mode: separate` the job is heterogeneous: group 0 is the
-trainer (torchrun over launch.nodes x gpus_per_node), group 1 the vLLM rollout servers.
+Rollout engines are colocated with the trainer (one per data-parallel replica); there is no separate
+rollout job.
 """
 
 from __future__ import annotations
@@ -43,34 +43,25 @@ def train_command(recipe: str, overrides: list[str]) -> list[str]:
     return ["-m", "megatron_opd.cli", "train", "--config", recipe, *overrides]
 
 
-def build_executors(cfg, cluster: Optional[ClusterConfig]):
-    """(trainer executor, rollout executor or None)."""
+def build_executor(cfg, cluster: Optional[ClusterConfig]):
+    """The trainer's executor: torchrun on this machine, or a SLURM job through nemo-run."""
     import nemo_run as run
 
     if cluster is None:
-        ex = run.LocalExecutor(ntasks_per_node=cfg.launch.gpus_per_node, launcher="torchrun")
-        return ex, None
-    hetero = cfg.launch.rollout_nodes > 0
-
-    def slurm(nodes: int, name: str):
-        ex = run.SlurmExecutor(
-            account=cluster.account, partition=cluster.partition, nodes=nodes,
-            # One task per node: torchrun spawns one trainer rank per GPU; a vLLM server uses all GPUs.
-            ntasks_per_node=1, gpus_per_node=cluster.gpus_per_node,
-            time=cfg.launch.time or cluster.time, container_image=cluster.container_image,
-            container_mounts=list(cluster.mounts), env_vars=dict(cluster.env),
-            job_name_prefix=cluster.job_name_prefix, signal=cluster.preempt_signal,
-            additional_parameters={"requeue": True}, heterogeneous=hetero,
-            tunnel=run.LocalTunnel(job_dir=cluster.job_dir),
-        )
-        if name == "trainer":
-            ex.launcher = "torchrun"
-            ex.torchrun_nproc_per_node = cluster.gpus_per_node
-        return ex
-
-    trainer = slurm(cfg.launch.nodes, "trainer")
-    rollout = slurm(cfg.launch.rollout_nodes, "rollout") if hetero else None
-    return trainer, rollout
+        return run.LocalExecutor(ntasks_per_node=cfg.launch.gpus_per_node, launcher="torchrun")
+    ex = run.SlurmExecutor(
+        account=cluster.account, partition=cluster.partition, nodes=cfg.launch.nodes,
+        # One task per node: torchrun spawns one trainer rank per GPU.
+        ntasks_per_node=1, gpus_per_node=cluster.gpus_per_node,
+        time=cfg.launch.time or cluster.time, container_image=cluster.container_image,
+        container_mounts=list(cluster.mounts), env_vars=dict(cluster.env),
+        job_name_prefix=cluster.job_name_prefix, signal=cluster.preempt_signal,
+        additional_parameters={"requeue": True},
+        tunnel=run.LocalTunnel(job_dir=cluster.job_dir),
+    )
+    ex.launcher = "torchrun"
+    ex.torchrun_nproc_per_node = cluster.gpus_per_node
+    return ex
 
 
 def render_sbatch(cfg, cluster: ClusterConfig, recipe: str, overrides: list[str]) -> str:
@@ -94,31 +85,12 @@ def _render(cfg, cluster: ClusterConfig, recipe: str, overrides: list[str]) -> s
     from nemo_run.run.torchx_backend.packaging import package
     from nemo_run.run.torchx_backend.schedulers.slurm import create_scheduler
 
-    trainer, rollout = build_executors(cfg, cluster)
+    executor = build_executor(cfg, cluster)
     cmd = train_command(recipe, overrides)
     train_script = run.Script(path=cmd[1], args=cmd[2:], entrypoint="python", m=True)
     name = Path(recipe).stem
-    if rollout is None:
-        executor = trainer
-        executor.assign("dryrun", cluster.job_dir, name, name)
-        app = package(name, train_script, executor)
-    else:
-        # Heterogeneous job: het-group 0 = trainer (torchrun), het-group 1 = vLLM rollout servers.
-        serve = run.Script(path="vllm.entrypoints.openai.api_server",
-                           args=["--model", str(cfg.student.checkpoint), "--dtype", cfg.rollout.dtype,
-                                 "--data-parallel-size", str(cluster.gpus_per_node)],
-                           entrypoint="python", m=True)
-        executor = run.SlurmExecutor.merge([trainer, rollout], num_tasks=2)
-        executor.run_as_group = True
-        executor.assign("dryrun", cluster.job_dir, name, name)
-        from nemo_run.run.torchx_backend.packaging import merge_executables
-
-        roles = [group.executor if hasattr(group, "executor") else fallback
-                 for group, fallback in zip(executor.resource_group, (trainer, rollout))]
-        for role in roles:  # package each role's configs into the job directory, not the working one
-            role.job_dir = executor.job_dir
-        app = merge_executables([package(f"{name}-train", train_script, roles[0]),
-                                 package(f"{name}-rollout", serve, roles[1])], name)
+    executor.assign("dryrun", cluster.job_dir, name, name)
+    app = package(name, train_script, executor)
     info = create_scheduler(session_name="mopd")._submit_dryrun(app, executor)
     return info.request.materialize()
 
@@ -142,7 +114,7 @@ def main(argv=None) -> int:
         return 0
     import nemo_run as run
 
-    trainer, rollout = build_executors(cfg, cluster)
+    trainer = build_executor(cfg, cluster)
     script = run.Script(path="megatron_opd.cli", args=train_command(args.recipe, args.overrides)[2:],
                         entrypoint="python", m=True)
     with run.Experiment(f"mopd-{Path(args.recipe).stem}", executor=trainer) as exp:

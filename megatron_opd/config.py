@@ -76,10 +76,6 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     """GPU engine: fraction of device memory vLLM may take (colocated with training)."""
 
-    mode: str = "colocated"
-    """"colocated" (engine beside the trainer, sleeps during training on GPU) or "separate"
-    (dedicated rollout nodes; see launch/)."""
-
     refit_bucket_mb: int = 256
     """Refit streams weights in buckets of about this many MiB."""
 
@@ -100,8 +96,6 @@ class RolloutConfig:
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"rollout.dtype={self.dtype!r}: use float32, bfloat16 or float16")
-        if self.mode not in ("colocated", "separate"):
-            raise ValueError(f"rollout.mode={self.mode!r}: use 'colocated' or 'separate'")
         if self.refit_bucket_mb < 1:
             raise ValueError("rollout.refit_bucket_mb must be >= 1")
 
@@ -289,15 +283,12 @@ class LaunchSection:
     gpus_per_node: int = 8
     """GPUs (= trainer processes) per node."""
 
-    rollout_nodes: int = 0
-    """>0 with rollout.mode='separate': a heterogeneous job with this many vLLM rollout nodes."""
-
     time: str = "04:00:00"
     """SLURM time limit."""
 
     def __post_init__(self):
-        if self.nodes < 1 or self.gpus_per_node < 1 or self.rollout_nodes < 0:
-            raise ValueError("launch.nodes and launch.gpus_per_node must be >= 1, rollout_nodes >= 0")
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError("launch.nodes and launch.gpus_per_node must be >= 1")
 
 
 @dataclass
@@ -367,8 +358,6 @@ class OPDConfig:
                              "can be parked in host memory; the student trains every step")
         if self.student.domain is not None:
             raise ValueError("student.domain is a teacher field (multi-teacher routing); remove it")
-        if self.rollout.mode == "separate" and self.launch.rollout_nodes < 1:
-            raise ValueError("rollout.mode='separate' needs launch.rollout_nodes >= 1")
 
     @property
     def needs_reference(self) -> bool:

@@ -21,7 +21,7 @@ Formulas (bytes per GPU; P_local = the parameters one rank holds):
   logprobs     2 x chunk x V/tp x 4  (fp32 chunk of the vocab-parallel log-softmax and its gradient;
                chunk from the byte budget of chunk_size="auto": 512 MiB on GPU, 8 MiB on CPU)
   engine       colocated: rollout.gpu_memory_utilization x GPU memory (vLLM's own budget, weights and
-               KV cache included) while awake; ~0 asleep (sleep level 1); separate mode: 0
+               KV cache included) while awake; ~0 asleep (sleep level 1)
 Phases: train = weights + gradients + optimizer + frozen + activations + attention + logits + logprobs
 (engine asleep); rollout = weights + gradients + optimizer + resident frozen + engine. total = the larger.
 P_local: dense params / (tp x pp); MoE experts / (ep x etp x pp) plus the dense part / (tp x pp).
@@ -73,7 +73,7 @@ def estimate_memory(
         frozen_offloaded: per frozen model, whether it is parked in host memory between its uses.
         attention: "flash" (TE spec) or "unfused" (local spec: [b, heads/tp, s, s] scores kept).
         recompute: None or "selective" (attention recomputed in backward: one layer's scores live).
-        engine_gib: the colocated vLLM engine's budget while awake (0 for separate rollout nodes).
+        engine_gib: the colocated vLLM engine's budget while awake.
         chunk_budget_bytes: the log-prob chunk's byte budget (GPU: FUSED_CHUNK_BYTES_MAX; CPU:
             megatron_opd.logprobs.DEFAULT_CHUNK_BYTES).
     """
@@ -129,8 +129,7 @@ def estimate_recipe(recipe: str, overrides: Optional[list[str]] = None, gpu_gib:
     # The GPU build uses the TE spec (flash attention) unless the recipe turns it off; the estimate is
     # for the cluster, so "auto" means the `gpu` extra (transformer-engine) is installed there.
     attention = "unfused" if cfg.precision.use_transformer_engine is False else "flash"
-    engine = cfg.rollout.gpu_memory_utilization * gpu_gib \
-        if cfg.rollout.mode == "colocated" else 0.0
+    engine = cfg.rollout.gpu_memory_utilization * gpu_gib  # colocated: the engine shares the GPU
     return estimate_memory(
         student, frozen, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
         p.expert_model_parallel_size, cfg.precision.params_dtype, cfg.train.micro_batch_size,

@@ -210,11 +210,10 @@ class RolloutEngine:
         check_chat_template(self.tokenizer, cfg, self.model_dir)
         kwargs = dict(model=str(self.model_dir), dtype=cfg.dtype, enforce_eager=True,
                       max_model_len=cfg.max_model_len, seed=seed, use_tqdm_on_load=False)
-        colocated = cfg.mode == "colocated"
-        kwargs.update(platform.vllm_engine_options(cfg.gpu_memory_utilization, colocated=colocated))
-        # Sleep mode releases the engine's memory while the trainer runs: only where vLLM has it (CUDA)
-        # and only for an engine that shares its GPU with the trainer.
-        self.sleep_mode = colocated and platform.supports_sleep()
+        # The engine shares its device with the trainer (colocated, the only mode): sleep mode releases
+        # its memory while the models compute, where vLLM has it (CUDA).
+        kwargs.update(platform.vllm_engine_options(cfg.gpu_memory_utilization, colocated=True))
+        self.sleep_mode = platform.supports_sleep()
         self.asleep: set[str] = set()  # the pools a sleep released and no wake_up restored yet
         kwargs["worker_extension_cls"] = "megatron_opd.rollout.worker_ext.WeightReceiver"
         try:

@@ -21,7 +21,7 @@ A failure inside the export's own collectives (a rank that dies) reaches the oth
 collective timeout (`parallel.timeout_minutes`).
 
 GPU modes (written, not run on a GPU): colocated engines sleep during training and wake for the
-refit; separate rollout nodes (launch/ heterogeneous job) would receive buckets over NCCL instead.
+refit.
 """
 
 from __future__ import annotations

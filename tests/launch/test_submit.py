@@ -1,7 +1,6 @@
 """launch.submit: rendered sbatch of every cluster recipe (dry run), and validation before submission."""
 
 import io
-import re
 import sys
 
 import pytest
@@ -39,16 +38,23 @@ def test_dryrun_renders_sbatch_and_torchrun(recipe, capsys):
     assert "/tmp/mopd_dryrun_" not in text  # the real job_dir is shown, nothing was written there
 
 
-def test_heterogeneous_job_renders_two_groups(capsys):
-    before = sorted((REPO_ROOT / "configs").rglob("*"))
-    text = _render("exopd_separate_rollout", capsys)
-    assert sorted((REPO_ROOT / "configs").rglob("*")) == before  # it used to write role configs there
-    assert text.count("#SBATCH hetjob") == 1
-    assert re.search(r"#SBATCH --nodes=4.*#SBATCH hetjob.*#SBATCH --nodes=2", text, re.S)
-    train = [l for l in text.splitlines() if l.startswith("srun --het-group=0")]
-    serve = [l for l in text.splitlines() if l.startswith("srun --het-group=1")]
-    assert train and "torchrun" in train[0] and "--nnodes 4" in train[0]
-    assert serve and "vllm.entrypoints.openai.api_server" in serve[0] and "torchrun" not in serve[0]
+def test_dryruns_write_nothing_into_the_checkout(capsys):
+    """Rendering used to write nemo-run role configs into ./configs (two such files were committed)."""
+    def files():
+        return sorted([*REPO_ROOT.glob("*"), *(REPO_ROOT / "configs").rglob("*")])
+
+    before = files()
+    for recipe in RECIPES:
+        _render(recipe, capsys)
+    assert files() == before
+
+
+def test_separate_rollout_mode_is_gone():
+    """`rollout.mode: separate` never reached its servers (the trainer built its own engine): removed,
+    and refused as an unknown key rather than accepted and ignored."""
+    for key in ("rollout.mode=separate", "launch.rollout_nodes=2"):
+        with pytest.raises(ValueError, match="config error"):
+            load_config(REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml", [key])
 
 
 def test_missing_cluster_field(tmp_path):
