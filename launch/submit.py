@@ -7,12 +7,21 @@ Without --cluster the job runs on this machine with nemo-run's LocalExecutor (to
 validated (recipe, cluster, GPU count vs. parallel layout) before anything is written or submitted.
 Rollout engines are colocated with the trainer (one per data-parallel replica); there is no separate
 rollout job.
+
+On SLURM, preemption works like this (tested against a one-node SLURM, tests/launch/test_slurm_local.py):
+`--signal=USR1@300` reaches torchrun on every node; torchrun forwards it to the trainer ranks
+(PET_SIGNALS_TO_HANDLE) and waits `cluster.shutdown_timeout_s` for them; the trainer checkpoints, writes
+<out_dir>/PREEMPTED and exits; the batch script's exit trap sees that file and runs
+`scontrol requeue $SLURM_JOB_ID`; the requeued job resumes from the checkpoint (the run directory is
+absolute: `cluster.runs_dir`). A trainer failure is requeued at most `cluster.max_crash_retries` times.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -43,24 +52,81 @@ def train_command(recipe: str, overrides: list[str]) -> list[str]:
     return ["-m", "megatron_opd.cli", "train", "--config", recipe, *overrides]
 
 
-def build_executor(cfg, cluster: Optional[ClusterConfig]):
+def run_dir(cfg, cluster: ClusterConfig) -> str:
+    """The run's absolute directory as the job sees it: the same for every (re)submission of a recipe,
+    so the next job resumes where the last one stopped."""
+    out = Path(cfg.train.out_dir)
+    if out.is_absolute():
+        return str(out)
+    if cluster.runs_dir is None:
+        raise ValueError(f"train.out_dir={cfg.train.out_dir!r} is relative: on a cluster it would land in "
+                         "each job's own directory and a resubmission could not resume. Set cluster.runs_dir "
+                         "(an absolute shared path) or an absolute train.out_dir")
+    return str(Path(cluster.runs_dir) / out.name)
+
+
+def requeue_lines(run_dir: str, cluster: ClusterConfig, log_glob: str) -> str:
+    """Batch-script lines (nemo-run's setup_lines): torchrun forwards the preemption signal to the
+    trainer and waits for its checkpoint; on exit the job requeues itself if the trainer was preempted,
+    or after a failure while crash retries remain."""
+    retries = cluster.max_crash_retries
+    return f"""
+# megatron_opd (launch/submit.py): preemption -> checkpoint -> requeue; a failure -> at most {retries} requeue(s)
+export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+export PET_SHUTDOWN_TIMEOUT={cluster.shutdown_timeout_s}
+mopd_run_dir={shlex.quote(run_dir)}
+rm -f "$mopd_run_dir/PREEMPTED"
+mopd_on_exit() {{
+    local rc=$?
+    set +e
+    if [ -f "$mopd_run_dir/PREEMPTED" ]; then
+        echo "megatron_opd: preempted, checkpointed at step $(cat "$mopd_run_dir/PREEMPTED"); requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    if [ "$rc" -ne 0 ]; then
+        if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {retries} ]; then
+            echo "megatron_opd: the trainer failed (exit $rc); requeue $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )) of {retries}"
+            scontrol requeue "$SLURM_JOB_ID"
+            exit 0
+        fi
+        echo "megatron_opd: the trainer failed (exit $rc) after ${{SLURM_RESTART_COUNT:-0}} restart(s) (cluster.max_crash_retries={retries}); logs: {log_glob}" >&2
+    fi
+    exit $rc
+}}
+trap mopd_on_exit EXIT
+"""
+
+
+def build_executor(cfg, cluster: Optional[ClusterConfig], out_dir: Optional[str] = None):
     """The trainer's executor: torchrun on this machine, or a SLURM job through nemo-run."""
     import nemo_run as run
 
     if cluster is None:
         return run.LocalExecutor(ntasks_per_node=cfg.launch.gpus_per_node, launcher="torchrun")
+    env = dict(cluster.env)
+    extra = {}
+    if cluster.container_image is None:
+        # No container: the job runs this checkout in place (a shared filesystem) with the submitting
+        # Python environment, instead of a `git archive HEAD` copy.
+        extra = dict(packager=run.Packager(), srun_args=["--chdir", str(REPO)])
+        env["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
     ex = run.SlurmExecutor(
         account=cluster.account, partition=cluster.partition, nodes=cfg.launch.nodes,
-        # One task per node: torchrun spawns one trainer rank per GPU.
-        ntasks_per_node=1, gpus_per_node=cluster.gpus_per_node,
+        # One task per node: torchrun spawns the node's trainer ranks.
+        ntasks_per_node=1, gpus_per_node=cluster.gpus_per_node or None,
         time=cfg.launch.time or cluster.time, container_image=cluster.container_image,
-        container_mounts=list(cluster.mounts), env_vars=dict(cluster.env),
+        container_mounts=list(cluster.mounts), env_vars=env,
         job_name_prefix=cluster.job_name_prefix, signal=cluster.preempt_signal,
         additional_parameters={"requeue": True},
-        tunnel=run.LocalTunnel(job_dir=cluster.job_dir),
+        # nemo-run writes the experiment (sbatch script, code) under <base_dir>/experiments and sbatch
+        # reads it under the tunnel's job_dir: the same directory (see main's base_dir).
+        tunnel=run.LocalTunnel(job_dir=f"{cluster.job_dir.rstrip('/')}/experiments"), **extra,
     )
     ex.launcher = "torchrun"
-    ex.torchrun_nproc_per_node = cluster.gpus_per_node
+    ex.torchrun_nproc_per_node = cluster.ranks_per_node
+    if out_dir is not None:
+        ex.setup_lines = requeue_lines(out_dir, cluster, f"{cluster.job_dir}/.../log-*.out")
     return ex
 
 
@@ -85,14 +151,27 @@ def _render(cfg, cluster: ClusterConfig, recipe: str, overrides: list[str]) -> s
     from nemo_run.run.torchx_backend.packaging import package
     from nemo_run.run.torchx_backend.schedulers.slurm import create_scheduler
 
-    executor = build_executor(cfg, cluster)
-    cmd = train_command(recipe, overrides)
+    out_dir = run_dir(cfg, cluster)
+    executor = build_executor(cfg, cluster, out_dir)
+    cmd = train_command(recipe, [*overrides, f"train.out_dir={out_dir}"])
     train_script = run.Script(path=cmd[1], args=cmd[2:], entrypoint="python", m=True)
     name = Path(recipe).stem
     executor.assign("dryrun", cluster.job_dir, name, name)
     app = package(name, train_script, executor)
     info = create_scheduler(session_name="mopd")._submit_dryrun(app, executor)
     return info.request.materialize()
+
+
+def refuse_uncommitted() -> None:
+    """nemo-run ships `git archive HEAD` into the container: uncommitted edits would be dropped silently."""
+    import subprocess
+
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    if dirty:
+        shown = ", ".join(line[3:] for line in dirty[:5]) + (" ..." if len(dirty) > 5 else "")
+        raise ValueError(f"uncommitted changes ({shown}): the job runs `git archive HEAD`, which would drop "
+                         "them; commit or stash them first")
 
 
 def main(argv=None) -> int:
@@ -107,17 +186,27 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     cluster = ClusterConfig.from_yaml(args.cluster) if args.cluster else None
-    check_layout(cfg, cluster.gpus_per_node if cluster else cfg.launch.gpus_per_node)
+    check_layout(cfg, cluster.ranks_per_node if cluster else cfg.launch.gpus_per_node)
     if cluster is not None and args.dryrun:
         sys.stdin = io.StringIO()  # nemo-run may prompt; a dry run must never block
         print(render_sbatch(cfg, cluster, args.recipe, args.overrides))
         return 0
     import nemo_run as run
 
-    trainer = build_executor(cfg, cluster)
-    script = run.Script(path="megatron_opd.cli", args=train_command(args.recipe, args.overrides)[2:],
+    overrides = list(args.overrides)
+    out_dir = None
+    if cluster is not None:
+        out_dir = run_dir(cfg, cluster)
+        overrides.append(f"train.out_dir={out_dir}")
+        if cluster.container_image is not None:
+            refuse_uncommitted()
+    trainer = build_executor(cfg, cluster, out_dir)
+    script = run.Script(path="megatron_opd.cli", args=train_command(args.recipe, overrides)[2:],
                         entrypoint="python", m=True)
-    with run.Experiment(f"mopd-{Path(args.recipe).stem}", executor=trainer) as exp:
+    # The experiment lives in the cluster's job_dir, which is where the SLURM job reads its sbatch script
+    # and code (nemo-run's default ~/.nemo_run is not shared with the nodes).
+    base = {"base_dir": cluster.job_dir} if cluster is not None else {}
+    with run.Experiment(f"mopd-{Path(args.recipe).stem}", executor=trainer, **base) as exp:
         exp.add(script, executor=trainer, name="train")
         if args.dryrun:
             exp.dryrun()

@@ -133,6 +133,23 @@ def save_checkpoint(
     return final
 
 
+def start_writer_helpers() -> None:
+    """Start megatron's checkpoint-writer helper process now, shielded from preemption signals.
+
+    Workaround, isolated here: megatron-core 0.16 creates a multiprocessing Manager (a separate process)
+    at the first save (`filesystem_async._get_write_results_queue`). Under SLURM the preemption signal
+    reaches every process of the job step, and that Manager, with default handlers, dies before the
+    trainer's preemption checkpoint is written (BrokenPipeError, found on the local SLURM). Creating it
+    early inside `shielded_children` makes it ignore SIGTERM/SIGUSR1; it still exits with the trainer.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_opd.signals import shielded_children
+
+    with shielded_children():
+        filesystem_async._get_write_results_queue()
+
+
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     """Collective: restore model, optimizer, scheduler and this rank's RNG; return meta.json."""
     from megatron.core import dist_checkpointing

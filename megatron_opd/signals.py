@@ -6,12 +6,30 @@ on the same out_dir resumes from that checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
 PREEMPTED_EXIT_CODE = 75
 """Exit code of a run that stopped on a preemption signal after checkpointing (EX_TEMPFAIL: "try
 again"), distinct from success (0), a user error (2) and a crash."""
+
+
+@contextlib.contextmanager
+def shielded_children():
+    """Processes started inside never receive SIGTERM or SIGUSR1: the signals are blocked while they
+    start, and a blocked mask survives fork and exec. SLURM delivers a job's preemption signal to every
+    process of the step, not only to the trainer: helper processes (megatron's checkpoint-writer Manager,
+    vLLM's engine core) would otherwise die before the trainer has written its checkpoint. This process
+    loses nothing: a signal that arrives meanwhile stays pending and is handled when the block lifts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, PreemptionFlag.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PreemptionFlag.SIGNALS)
 
 
 class PreemptionFlag:

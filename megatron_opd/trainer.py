@@ -47,6 +47,11 @@ class StepBatch:
     response_lengths: torch.Tensor  # [B]
 
 
+PREEMPTED_MARKER = "PREEMPTED"
+"""Written into the run directory (holding the checkpointed step) when a preemption ended the run;
+removed when a run starts there."""
+
+
 class StepAbandoned(Exception):
     """A preemption arrived before the step's update: the step's rollout and scores are discarded."""
 
@@ -73,7 +78,8 @@ class OPDTrainer:
     # setup
     # ------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from megatron_opd.checkpoint import latest_checkpoint, load_checkpoint, set_aside_earlier_run
+        from megatron_opd.checkpoint import (latest_checkpoint, load_checkpoint, set_aside_earlier_run,
+                                             start_writer_helpers)
         from megatron_opd.metrics import MetricsLogger
         from megatron_opd.models.builder import build_gpt_model
         from megatron_opd.models.hf_mapping import HFCheckpoint, load_hf_into_megatron
@@ -120,6 +126,7 @@ class OPDTrainer:
         parallel.initialize(cfg.parallel, seed=cfg.train.seed)
         self.rank0 = parallel.is_rank0()
         self.preempt = PreemptionFlag().install()
+        start_writer_helpers()  # before any signal can arrive (see checkpoint.start_writer_helpers)
 
         student = build_gpt_model(self.spec, cfg.parallel, cfg.precision, role="student")
         load_hf_into_megatron(student, self.spec, student_ckpt)
@@ -159,11 +166,15 @@ class OPDTrainer:
                                      resume_step=self.step if resume_meta else -1)
         if self.rank0:
             out.mkdir(parents=True, exist_ok=True)
+            (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # this run has not been preempted (yet)
             import yaml
 
             (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         if is_replica_leader():  # one engine per data-parallel replica
-            self.engine = build_engine(cfg, student_ckpt.path)
+            from megatron_opd.signals import shielded_children
+
+            with shielded_children():  # its engine-core process must outlive a preemption signal
+                self.engine = build_engine(cfg, student_ckpt.path)
         # The engine starts from the HF checkpoint; after a resume it must serve the restored weights.
         if resume_meta is not None:
             self.refit()
@@ -190,8 +201,7 @@ class OPDTrainer:
                 # state the step started from, so the resumed run draws and samples it again exactly.
                 self.data.train.load_state_dict(start["data"])
                 set_rng_state(start["rng"])
-                self.save()
-                self.preempted = True
+                self._save_preempted()
                 break
             self.step += 1
             if not self.preempted and (cfg.train.eval_every and self.step % cfg.train.eval_every == 0
@@ -207,8 +217,7 @@ class OPDTrainer:
             # A preemption during the refit (self.preempted, agreed in train_step) ends the run after
             # this step's save; one that arrived since is agreed here.
             if self.preempted or self._preemption_requested():
-                self.save()
-                self.preempted = True
+                self._save_preempted()
                 break
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 or self.step == cfg.train.steps:
                 self.save()
@@ -506,6 +515,14 @@ class OPDTrainer:
                                    "skipped_steps": self.skipped_steps, "config": config_to_dict(self.cfg)},
             keep_last=self.cfg.train.keep_last, spec=self.spec, tokenizer_dir=self.student_dir,
         )
+
+    def _save_preempted(self) -> None:
+        """Checkpoint, then leave <out_dir>/PREEMPTED (the step) for whatever runs the job: under torchrun
+        the trainer's exit code does not survive, so a SLURM batch script requeues on this file."""
+        self.save()
+        self.preempted = True
+        if self.rank0:
+            (Path(self.cfg.train.out_dir) / PREEMPTED_MARKER).write_text(f"{self.step}\n")
 
     def _all_finite(self, metrics: dict) -> bool:
         """Loss (last stage) and every gradient (all ranks) finite? Agreed across all ranks."""

@@ -43,3 +43,32 @@ def test_signal_action_sends_the_signal_instead_of_raising(monkeypatch):
         assert got == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_children_started_shielded_ignore_preemption_signals_and_the_parent_loses_none():
+    """SLURM signals every process of a job step; helpers started inside `shielded_children` must
+    survive it, while this process still sees the signal once the block lifts."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from megatron_opd.signals import PreemptionFlag, shielded_children
+
+    flag = PreemptionFlag().install()
+    try:
+        with shielded_children():
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+            os.kill(os.getpid(), signal.SIGUSR1)  # arrives while blocked: pending, not lost
+            assert not flag.requested
+        assert flag.requested
+        time.sleep(1)
+        child.send_signal(signal.SIGUSR1)
+        child.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert child.poll() is None, "a shielded helper died of a preemption signal"
+        child.kill()
+        child.wait()
+    finally:
+        flag.uninstall()
