@@ -52,6 +52,16 @@ def train_command(recipe: str, overrides: list[str]) -> list[str]:
     return ["-m", "megatron_opd.cli", "train", "--config", recipe, *overrides]
 
 
+def job_recipe(recipe: str) -> str:
+    """The recipe's path as the job sees it: relative to the repository, which the job runs from (the
+    packaged code in a container, the checkout itself otherwise)."""
+    path = Path(recipe).resolve()
+    if not path.is_relative_to(REPO):
+        raise ValueError(f"--recipe {recipe} is outside the repository ({REPO}): the job only sees the "
+                         "repository's files; put the recipe under configs/")
+    return str(path.relative_to(REPO))
+
+
 def run_dir(cfg, cluster: ClusterConfig) -> str:
     """The run's absolute directory as the job sees it: the same for every (re)submission of a recipe,
     so the next job resumes where the last one stopped."""
@@ -153,7 +163,7 @@ def _render(cfg, cluster: ClusterConfig, recipe: str, overrides: list[str]) -> s
 
     out_dir = run_dir(cfg, cluster)
     executor = build_executor(cfg, cluster, out_dir)
-    cmd = train_command(recipe, [*overrides, f"train.out_dir={out_dir}"])
+    cmd = train_command(job_recipe(recipe), [*overrides, f"train.out_dir={out_dir}"])
     train_script = run.Script(path=cmd[1], args=cmd[2:], entrypoint="python", m=True)
     name = Path(recipe).stem
     executor.assign("dryrun", cluster.job_dir, name, name)
@@ -201,7 +211,8 @@ def main(argv=None) -> int:
         if cluster.container_image is not None:
             refuse_uncommitted()
     trainer = build_executor(cfg, cluster, out_dir)
-    script = run.Script(path="megatron_opd.cli", args=train_command(args.recipe, overrides)[2:],
+    recipe = job_recipe(args.recipe) if cluster is not None else args.recipe
+    script = run.Script(path="megatron_opd.cli", args=train_command(recipe, overrides)[2:],
                         entrypoint="python", m=True)
     # The experiment lives in the cluster's job_dir, which is where the SLURM job reads its sbatch script
     # and code (nemo-run's default ~/.nemo_run is not shared with the nodes).

@@ -2,6 +2,7 @@
 
 import io
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +34,15 @@ def test_dryrun_renders_sbatch_and_torchrun(recipe, capsys):
     srun = [l for l in text.splitlines() if l.startswith("srun") and "torchrun" in l]
     assert len(srun) == 1
     assert f"--nnodes {cfg.launch.nodes}" in srun[0] and "--nproc-per-node 8" in srun[0]
-    assert f"-m megatron_opd.cli train --config" in srun[0] and srun[0].rstrip().endswith(f"{recipe}.yaml")
+    assert f"-m megatron_opd.cli train --config configs/recipes/{recipe}.yaml" in srun[0]
+    # an absolute run directory from the cluster's runs_dir: a resubmission resumes
+    assert srun[0].rstrip().endswith(f"train.out_dir=/workspace/megatron_opd/runs/{Path(cfg.train.out_dir).name}")
+    # preemption: torchrun forwards SIGUSR1 and waits; the exit trap requeues on PREEMPTED, retries crashes
+    for line in ("export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                 "export PET_SHUTDOWN_TIMEOUT=280", 'if [ -f "$mopd_run_dir/PREEMPTED" ]; then',
+                 'scontrol requeue "$SLURM_JOB_ID"', "trap mopd_on_exit EXIT"):
+        assert line in text, line
+    assert text.index("trap mopd_on_exit EXIT") < text.index("srun --output")
     assert "--container-image nvcr.io/nvidia/nemo:25.09" in srun[0]
     assert "/tmp/mopd_dryrun_" not in text  # the real job_dir is shown, nothing was written there
 
@@ -78,3 +87,26 @@ def test_gpu_count_must_fit_layout():
     with pytest.raises(ValueError, match="exceeds gpus_per_node"):
         check_layout(load_config(REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml",
                                  ["parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=1"]), 4)
+
+
+def test_relative_out_dir_without_runs_dir_is_refused(tmp_path):
+    """A relative train.out_dir used to land inside each job's directory: a resubmission could not resume."""
+    from launch.submit import run_dir
+
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("account: a\npartition: b\n")
+    cfg = load_config(REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml")
+    with pytest.raises(ValueError, match="train.out_dir='runs/.*' is relative.*Set cluster.runs_dir"):
+        run_dir(cfg, ClusterConfig.from_yaml(cluster))
+    cluster.write_text("account: a\npartition: b\nruns_dir: /shared/runs\n")
+    assert run_dir(cfg, ClusterConfig.from_yaml(cluster)) == f"/shared/runs/{Path(cfg.train.out_dir).name}"
+
+
+def test_cluster_preemption_settings_are_validated(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("account: a\npartition: b\nshutdown_timeout_s: 400\n")
+    with pytest.raises(ValueError, match=r"shutdown_timeout_s=400 must be below the preempt_signal lead time"):
+        ClusterConfig.from_yaml(bad)
+    bad.write_text("account: a\npartition: b\ngpus_per_node: 0\n")
+    with pytest.raises(ValueError, match="needs cluster.processes_per_node"):
+        ClusterConfig.from_yaml(bad)
