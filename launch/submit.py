@@ -75,11 +75,17 @@ def run_dir(cfg, cluster: ClusterConfig) -> str:
     return str(Path(cluster.runs_dir) / out.name)
 
 
-def requeue_lines(run_dir: str, cluster: ClusterConfig, log_glob: str) -> str:
-    """Batch-script lines (nemo-run's setup_lines): torchrun forwards the preemption signal to the
+def requeue_lines(run_dir: str, cluster: ClusterConfig, log_glob: str, nodes: int) -> str:
+    """Batch-script lines (nemo-run's setup_lines): the stack's versions are checked on every node first
+    (a wrong image fails in seconds, never retried); torchrun forwards the preemption signal to the
     trainer and waits for its checkpoint; on exit the job requeues itself if the trainer was preempted,
     or after a failure while crash retries remain."""
     retries = cluster.max_crash_retries
+    where = (["--container-image", cluster.container_image, *(["--container-mounts", ",".join(cluster.mounts)]
+                                                              if cluster.mounts else [])]
+             if cluster.container_image else ["--chdir", str(REPO)])
+    check = shlex.join(["srun", f"--nodes={nodes}", "--ntasks-per-node=1", *where,
+                        "python", "-m", "megatron_opd.cli", "check-env"])
     return f"""
 # megatron_opd (launch/submit.py): preemption -> checkpoint -> requeue; a failure -> at most {retries} requeue(s)
 export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
@@ -94,7 +100,7 @@ mopd_on_exit() {{
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi
-    if [ "$rc" -ne 0 ]; then
+    if [ "$rc" -ne 0 ] && [ -z "${{mopd_env_failed:-}}" ]; then
         if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {retries} ]; then
             echo "megatron_opd: the trainer failed (exit $rc); requeue $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )) of {retries}"
             scontrol requeue "$SLURM_JOB_ID"
@@ -105,6 +111,11 @@ mopd_on_exit() {{
     exit $rc
 }}
 trap mopd_on_exit EXIT
+if ! {check}; then
+    mopd_env_failed=1
+    echo "megatron_opd: the job's environment does not match the pins (see above); not retried" >&2
+    exit 3
+fi
 """
 
 
@@ -112,15 +123,18 @@ def build_executor(cfg, cluster: Optional[ClusterConfig], out_dir: Optional[str]
     """The trainer's executor: torchrun on this machine, or a SLURM job through nemo-run."""
     import nemo_run as run
 
+    # The job uses this Python environment (torchrun included) even when it is not activated.
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
     if cluster is None:
-        return run.LocalExecutor(ntasks_per_node=cfg.launch.gpus_per_node, launcher="torchrun")
+        return run.LocalExecutor(ntasks_per_node=cfg.launch.gpus_per_node, launcher="torchrun",
+                                 env_vars={"PATH": path})
     env = dict(cluster.env)
     extra = {}
     if cluster.container_image is None:
         # No container: the job runs this checkout in place (a shared filesystem) with the submitting
         # Python environment, instead of a `git archive HEAD` copy.
         extra = dict(packager=run.Packager(), srun_args=["--chdir", str(REPO)])
-        env["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+        env["PATH"] = path
     ex = run.SlurmExecutor(
         account=cluster.account, partition=cluster.partition, nodes=cfg.launch.nodes,
         # One task per node: torchrun spawns the node's trainer ranks.
@@ -136,7 +150,8 @@ def build_executor(cfg, cluster: Optional[ClusterConfig], out_dir: Optional[str]
     ex.launcher = "torchrun"
     ex.torchrun_nproc_per_node = cluster.ranks_per_node
     if out_dir is not None:
-        ex.setup_lines = requeue_lines(out_dir, cluster, f"{cluster.job_dir}/.../log-*.out")
+        ex.setup_lines = requeue_lines(out_dir, cluster, f"{cluster.job_dir}/experiments/.../log-*.out",
+                                       nodes=cfg.launch.nodes)
     return ex
 
 
@@ -170,6 +185,21 @@ def _render(cfg, cluster: ClusterConfig, recipe: str, overrides: list[str]) -> s
     app = package(name, train_script, executor)
     info = create_scheduler(session_name="mopd")._submit_dryrun(app, executor)
     return info.request.materialize()
+
+
+def write_merged_config(recipe: str, overrides: list[str]) -> str:
+    """The recipe (its `base:` chain) with the overrides merged in, as one YAML file in the temp dir."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from megatron_opd.config import merged_config
+
+    fd, path = tempfile.mkstemp(prefix=f"mopd_{Path(recipe).stem}_", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"# {recipe} {' '.join(shlex.quote(o) for o in overrides)}\n")
+        f.write(OmegaConf.to_yaml(merged_config(recipe, overrides)))
+    return path
 
 
 def refuse_uncommitted() -> None:
@@ -211,9 +241,16 @@ def main(argv=None) -> int:
         if cluster.container_image is not None:
             refuse_uncommitted()
     trainer = build_executor(cfg, cluster, out_dir)
-    recipe = job_recipe(args.recipe) if cluster is not None else args.recipe
-    script = run.Script(path="megatron_opd.cli", args=train_command(recipe, overrides)[2:],
-                        entrypoint="python", m=True)
+    if cluster is not None:
+        script_args = train_command(job_recipe(args.recipe), overrides)[2:]
+    else:
+        # nemo-run's torchrun component shell-quotes every argument (right for an sbatch script), but the
+        # local scheduler runs the command without a shell, so an override such as
+        # "teachers=[{checkpoint: x}]" would arrive with literal quotes. Locally the recipe and its
+        # overrides travel as one merged YAML file instead (interpolations kept, resolved by the job).
+        local_config = write_merged_config(args.recipe, overrides)
+        script_args = train_command(local_config, [])[2:]
+    script = run.Script(path="megatron_opd.cli", args=script_args, entrypoint="python", m=True)
     # The experiment lives in the cluster's job_dir, which is where the SLURM job reads its sbatch script
     # and code (nemo-run's default ~/.nemo_run is not shared with the nodes).
     base = {"base_dir": cluster.job_dir} if cluster is not None else {}
@@ -223,6 +260,15 @@ def main(argv=None) -> int:
             exp.dryrun()
         else:
             exp.run(detach=cluster is not None)
+    if cluster is None:
+        os.unlink(local_config)
+    if cluster is None and not args.dryrun:
+        state = exp.status(return_dict=True) or {}
+        failed = [name for name, task in state.items() if str(task.get("status", "")).upper() != "SUCCEEDED"]
+        if failed:
+            print(f"launch.submit: the local job {failed[0]} did not succeed ({state[failed[0]].get('status')}); "
+                  f"logs: {exp._exp_dir}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -80,6 +80,18 @@ def _init_tiny(args) -> int:
     return 0
 
 
+def _check_env(args) -> int:
+    """Installed torch / megatron-core / vLLM against the pins (megatron_opd/versions.py)."""
+    from megatron_opd.versions import check_env
+
+    try:
+        print(f"environment ok: {check_env()}")
+    except EnvironmentError as exc:
+        print(f"megatron-opd: error: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def _demo(args) -> int:
     from megatron_opd.demo import DemoConfig, run_demo
 
@@ -105,6 +117,8 @@ def main(argv=None) -> int:
     p_tiny = sub.add_parser("init-tiny", help="write a tiny random student + teacher for tiny_opd.yaml")
     p_tiny.add_argument("dir", nargs="?", default="runs/tiny_models", help="output directory")
     p_tiny.set_defaults(func=_init_tiny)
+    p_env = sub.add_parser("check-env", help="installed torch/megatron-core/vLLM vs. the pins (exit 3 if not)")
+    p_env.set_defaults(func=_check_env)
     p_demo = sub.add_parser("demo", help="the embedded demo: build a teacher, distil a student on CPU")
     p_demo.add_argument("--out-dir", default="runs/demo", help="run directory (teacher cache inside)")
     p_demo.add_argument("overrides", nargs="*", help="key=value overrides of DemoConfig fields")

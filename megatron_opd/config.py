@@ -410,17 +410,28 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
     token = _REQUIRE_TEACHERS.set(require_teachers)
     try:
-        schema = OmegaConf.structured(OPDConfig)
-        merged = schema
-        if path is not None:
-            merged = OmegaConf.merge(merged, _load_yaml_chain(Path(path)))
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged_config(path, overrides))
     except OmegaConfBaseException as exc:
         raise ValueError(f"config error: {exc}") from None
     finally:
         _REQUIRE_TEACHERS.reset(token)
+
+
+def merged_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None):
+    """The OmegaConf tree of schema + recipe chain + overrides, interpolations unresolved (load_config
+    validates it; launch.submit ships it as one file)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.structured(OPDConfig)
+        if path is not None:
+            merged = OmegaConf.merge(merged, _load_yaml_chain(Path(path)))
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return merged
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"config error: {exc}") from None
 
 
 def config_to_dict(cfg: OPDConfig) -> dict[str, Any]:

@@ -126,3 +126,19 @@ def test_a_crashing_trainer_is_retried_a_bounded_number_of_times(slurm):
     text = batch_log(slurm, job_id)
     assert "the trainer failed (exit" in text and "after 1 restart(s) (cluster.max_crash_retries=1); logs:" in text
     assert job(slurm, job_id)["Restarts"] == "1"
+
+
+def test_a_wrong_environment_fails_in_seconds_without_retries(slurm):
+    """The batch script checks the stack's versions on every node before torchrun (a fake pin here)."""
+    env = dict(slurm["env"], MEGATRON_OPD_REQUIRE="megatron-core==9.9.9")  # sbatch exports it to the job
+    out = subprocess.run([sys.executable, "-m", "launch.submit", "--recipe", RECIPE, "--cluster",
+                          str(slurm["cluster"]), "train.out_dir=wrong_env"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    job_id = squeue(slurm)[0]
+    t0 = time.time()
+    wait(lambda: job(slurm, job_id)["JobState"] == "FAILED", f"job {job_id} to fail", timeout=120)
+    assert time.time() - t0 < 60 and job(slurm, job_id)["Restarts"] == "0"
+    text = batch_log(slurm, job_id)
+    assert "megatron-core: installed 0.16.1, required 9.9.9" in text and "not retried" in text
+    assert not (slurm["root"] / "runs" / "wrong_env").exists()  # no trainer ever started

@@ -40,9 +40,10 @@ def test_dryrun_renders_sbatch_and_torchrun(recipe, capsys):
     # preemption: torchrun forwards SIGUSR1 and waits; the exit trap requeues on PREEMPTED, retries crashes
     for line in ("export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
                  "export PET_SHUTDOWN_TIMEOUT=280", 'if [ -f "$mopd_run_dir/PREEMPTED" ]; then',
-                 'scontrol requeue "$SLURM_JOB_ID"', "trap mopd_on_exit EXIT"):
+                 'scontrol requeue "$SLURM_JOB_ID"', "trap mopd_on_exit EXIT",
+                 f"srun --nodes={cfg.launch.nodes} --ntasks-per-node=1 --container-image nvcr.io/nvidia/nemo:25.09"):
         assert line in text, line
-    assert text.index("trap mopd_on_exit EXIT") < text.index("srun --output")
+    assert text.index("trap mopd_on_exit EXIT") < text.index("megatron_opd.cli check-env") < text.index("srun --output")
     assert "--container-image nvcr.io/nvidia/nemo:25.09" in srun[0]
     assert "/tmp/mopd_dryrun_" not in text  # the real job_dir is shown, nothing was written there
 
@@ -110,3 +111,29 @@ def test_cluster_preemption_settings_are_validated(tmp_path):
     bad.write_text("account: a\npartition: b\ngpus_per_node: 0\n")
     with pytest.raises(ValueError, match="needs cluster.processes_per_node"):
         ClusterConfig.from_yaml(bad)
+
+
+@pytest.mark.vllm
+def test_local_run_keeps_overrides_with_spaces_and_reports_a_failed_job(tmp_path):
+    """Through nemo-run's LocalExecutor: an override with spaces and brackets used to reach the job with
+    literal quotes (YAML error inside the job) while launch.submit exited 0."""
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOPD_TINY_DIR=str(tmp_path / "tiny"),
+               PYTHONPATH=str(REPO_ROOT))
+    subprocess.run([sys.executable, "-m", "megatron_opd.cli", "init-tiny", str(tmp_path / "tiny")], env=env,
+                   check=True, capture_output=True, timeout=300)
+
+    def submit(*overrides):
+        return subprocess.run([sys.executable, "-m", "launch.submit", "--recipe", "configs/recipes/tiny_opd.yaml",
+                               "launch.gpus_per_node=1", "train.steps=1", *overrides], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    ok = submit(f"teachers=[{{checkpoint: {tmp_path / 'tiny' / 'teacher'}}}]", f"train.out_dir={tmp_path / 'run'}")
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]
+    bad = submit("teachers=[{checkpoint: /nonexistent/teacher}]", f"train.out_dir={tmp_path / 'bad'}")
+    assert bad.returncode == 1 and "the local job train did not succeed (FAILED); logs:" in bad.stderr
