@@ -68,6 +68,7 @@ SlurmUser=root
 SlurmdUser=root
 MpiDefault=none
 KillWait=30
+MinJobAge=3600
 NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF

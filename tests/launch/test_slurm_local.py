@@ -62,6 +62,7 @@ def squeue(slurm) -> list[int]:
 
 
 def job(slurm, job_id: int) -> dict:
+    """scontrol's view of the job ({} while the controller does not answer, e.g. under load)."""
     out = subprocess.run(["scontrol", "show", "job", str(job_id)], env=slurm["env"], capture_output=True,
                          text=True).stdout
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
@@ -72,6 +73,14 @@ def wait(predicate, what: str, timeout: float = 400):
     while not predicate():
         assert time.time() - t0 < timeout, f"timed out waiting for {what}"
         time.sleep(1)
+
+
+def release(slurm, job_id: int) -> None:
+    """Start a requeued job now instead of after SLURM's requeue delay. Only once it is back to PENDING
+    and its previous instance is cleaned up: started earlier, slurmd kills it ("Job credential revoked")."""
+    wait(lambda: job(slurm, job_id).get("JobState") == "PENDING", f"job {job_id} to be pending again")
+    time.sleep(5)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm["env"], check=True)
 
 
 def batch_log(slurm, job_id: int) -> str:
@@ -85,7 +94,7 @@ def losses(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(slurm):
     job_id = submit(slurm, "train.steps=5", "train.out_dir=plain")
-    wait(lambda: job(slurm, job_id)["JobState"] == "COMPLETED", f"job {job_id} to complete")
+    wait(lambda: job(slurm, job_id).get("JobState") == "COMPLETED", f"job {job_id} to complete")
     return slurm["root"] / "runs" / "plain"
 
 
@@ -101,9 +110,8 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_result(slurm, u
     subprocess.run(["scancel", "--signal=USR1", str(job_id)], env=slurm["env"], check=True)  # = --signal=USR1@300
     wait(lambda: job(slurm, job_id).get("Restarts") == "1", f"job {job_id} to requeue itself")
     assert "megatron_opd: preempted, checkpointed at step" in batch_log(slurm, job_id)
-    # SLURM holds a requeued job for its requeue delay: release it now
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm["env"], check=True)
-    wait(lambda: job(slurm, job_id)["JobState"] == "COMPLETED", f"the requeued job {job_id} to complete")
+    release(slurm, job_id)  # SLURM holds a requeued job for its requeue delay
+    wait(lambda: job(slurm, job_id).get("JobState") == "COMPLETED", f"the requeued job {job_id} to complete")
     logs = "".join(p.read_text() for p in (slurm["root"] / "jobs").rglob(f"log-*_{job_id}_1.out"))
     assert f"resuming from {run / 'checkpoints'}/step_" in logs
     assert losses(run) == losses(uninterrupted)  # every step once, the same losses
@@ -120,12 +128,12 @@ def test_a_crashing_trainer_is_retried_a_bounded_number_of_times(slurm):
     kill_trainer()
     wait(lambda: job(slurm, job_id).get("Restarts") == "1", f"job {job_id} to be retried once")
     (run / "metrics.jsonl").unlink()
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm["env"], check=True)
+    release(slurm, job_id)
     kill_trainer()
-    wait(lambda: job(slurm, job_id)["JobState"] == "FAILED", f"job {job_id} to fail for good")
+    wait(lambda: job(slurm, job_id).get("JobState") == "FAILED", f"job {job_id} to fail for good")
     text = batch_log(slurm, job_id)
     assert "the trainer failed (exit" in text and "after 1 restart(s) (cluster.max_crash_retries=1); logs:" in text
-    assert job(slurm, job_id)["Restarts"] == "1"
+    assert job(slurm, job_id).get("Restarts") == "1"
 
 
 def test_a_wrong_environment_fails_in_seconds_without_retries(slurm):
@@ -137,8 +145,8 @@ def test_a_wrong_environment_fails_in_seconds_without_retries(slurm):
     assert out.returncode == 0, out.stderr[-3000:]
     job_id = squeue(slurm)[0]
     t0 = time.time()
-    wait(lambda: job(slurm, job_id)["JobState"] == "FAILED", f"job {job_id} to fail", timeout=120)
-    assert time.time() - t0 < 60 and job(slurm, job_id)["Restarts"] == "0"
+    wait(lambda: job(slurm, job_id).get("JobState") == "FAILED", f"job {job_id} to fail", timeout=120)
+    assert time.time() - t0 < 60 and job(slurm, job_id).get("Restarts") == "0"
     text = batch_log(slurm, job_id)
     assert "megatron-core: installed 0.16.1, required 9.9.9" in text and "not retried" in text
     assert not (slurm["root"] / "runs" / "wrong_env").exists()  # no trainer ever started
