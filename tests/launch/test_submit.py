@@ -41,10 +41,10 @@ def test_dryrun_renders_sbatch_and_torchrun(recipe, capsys):
     for line in ("export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
                  "export PET_SHUTDOWN_TIMEOUT=280", 'if [ -f "$mopd_run_dir/PREEMPTED" ]; then',
                  'scontrol requeue "$SLURM_JOB_ID"', "trap mopd_on_exit EXIT",
-                 f"srun --nodes={cfg.launch.nodes} --ntasks-per-node=1 --container-image nvcr.io/nvidia/nemo:25.09"):
+                 f"srun --nodes={cfg.launch.nodes} --ntasks-per-node=1 --container-image /lustre/megatron_opd/images/megatron_opd-0.1.0.sqsh"):
         assert line in text, line
     assert text.index("trap mopd_on_exit EXIT") < text.index("megatron_opd.cli check-env") < text.index("srun --output")
-    assert "--container-image nvcr.io/nvidia/nemo:25.09" in srun[0]
+    assert "--container-image /lustre/megatron_opd/images/megatron_opd-0.1.0.sqsh" in srun[0]
     assert "/tmp/mopd_dryrun_" not in text  # the real job_dir is shown, nothing was written there
 
 
