@@ -16,5 +16,6 @@ test-all: setup
 
 # launch.submit against a one-node SLURM on this machine (needs root; installs slurm-wlm and munge).
 test-slurm: setup
-	command -v slurmctld >/dev/null || (apt-get update -qq && apt-get install -y -qq slurm-wlm munge)
+	command -v slurmctld >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) \
+	  || echo "slurm-wlm/munge could not be installed: the SLURM tests will skip"
 	$(PY) -m pytest -q -m slurm tests/launch
