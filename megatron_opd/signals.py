@@ -16,20 +16,25 @@ again"), distinct from success (0), a user error (2) and a crash."""
 
 
 @contextlib.contextmanager
-def shielded_children():
+def shielded_children(signals: tuple = (signal.SIGTERM, signal.SIGUSR1)):
     """Processes started inside never receive SIGTERM or SIGUSR1: the signals are blocked while they
     start, and a blocked mask survives fork and exec. SLURM delivers a job's preemption signal to every
     process of the step, not only to the trainer: helper processes (megatron's checkpoint-writer Manager,
     vLLM's engine core) would otherwise die before the trainer has written its checkpoint. This process
-    loses nothing: a signal that arrives meanwhile stays pending and is handled when the block lifts."""
+    loses nothing: a signal that arrives meanwhile stays pending and is handled when the block lifts.
+
+    Args:
+        signals: the signals to block (a helper that is itself stopped with SIGTERM, like vLLM's engine
+            core, must keep receiving it: pass (SIGUSR1,)).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, PreemptionFlag.SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, PreemptionFlag.SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
 
 class PreemptionFlag:

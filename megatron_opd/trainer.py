@@ -171,9 +171,13 @@ class OPDTrainer:
 
             (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         if is_replica_leader():  # one engine per data-parallel replica
+            import signal
+
             from megatron_opd.signals import shielded_children
 
-            with shielded_children():  # its engine-core process must outlive a preemption signal
+            # Its engine-core process must outlive SLURM's advance preemption signal (SIGUSR1); vLLM
+            # itself stops that process with SIGTERM, so SIGTERM stays deliverable.
+            with shielded_children((signal.SIGUSR1,)):
                 self.engine = build_engine(cfg, student_ckpt.path)
         # The engine starts from the HF checkpoint; after a resume it must serve the restored weights.
         if resume_meta is not None:
