@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from launch.cluster import ClusterConfig
+from megatron_opd.signals import PREEMPTED_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def run_dir(cfg, cluster: ClusterConfig) -> str:
     return str(Path(cluster.runs_dir) / out.name)
 
 
-def requeue_lines(run_dir: str, cluster: ClusterConfig, log_glob: str, nodes: int) -> str:
+def requeue_lines(out_dir: str, cluster: ClusterConfig, log_glob: str, nodes: int) -> str:
     """Batch-script lines (nemo-run's setup_lines): the stack's versions are checked on every node first
     (a wrong image fails in seconds, never retried); torchrun forwards the preemption signal to the
     trainer and waits for its checkpoint; on exit the job requeues itself if the trainer was preempted,
@@ -90,13 +91,13 @@ def requeue_lines(run_dir: str, cluster: ClusterConfig, log_glob: str, nodes: in
 # megatron_opd (launch/submit.py): preemption -> checkpoint -> requeue; a failure -> at most {retries} requeue(s)
 export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 export PET_SHUTDOWN_TIMEOUT={cluster.shutdown_timeout_s}
-mopd_run_dir={shlex.quote(run_dir)}
-rm -f "$mopd_run_dir/PREEMPTED"
+mopd_preempted={shlex.quote(f"{out_dir}/{PREEMPTED_MARKER}")}
+rm -f "$mopd_preempted"
 mopd_on_exit() {{
     local rc=$?
     set +e
-    if [ -f "$mopd_run_dir/PREEMPTED" ]; then
-        echo "megatron_opd: preempted, checkpointed at step $(cat "$mopd_run_dir/PREEMPTED"); requeueing job $SLURM_JOB_ID"
+    if [ -f "$mopd_preempted" ]; then
+        echo "megatron_opd: preempted, checkpointed at step $(cat "$mopd_preempted"); requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi
@@ -254,14 +255,16 @@ def main(argv=None) -> int:
     # The experiment lives in the cluster's job_dir, which is where the SLURM job reads its sbatch script
     # and code (nemo-run's default ~/.nemo_run is not shared with the nodes).
     base = {"base_dir": cluster.job_dir} if cluster is not None else {}
-    with run.Experiment(f"mopd-{Path(args.recipe).stem}", executor=trainer, **base) as exp:
-        exp.add(script, executor=trainer, name="train")
-        if args.dryrun:
-            exp.dryrun()
-        else:
-            exp.run(detach=cluster is not None)
-    if cluster is None:
-        os.unlink(local_config)
+    try:
+        with run.Experiment(f"mopd-{Path(args.recipe).stem}", executor=trainer, **base) as exp:
+            exp.add(script, executor=trainer, name="train")
+            if args.dryrun:
+                exp.dryrun()
+            else:
+                exp.run(detach=cluster is not None)
+    finally:
+        if cluster is None:
+            os.unlink(local_config)
     if cluster is None and not args.dryrun:
         state = exp.status(return_dict=True) or {}
         failed = [name for name, task in state.items() if str(task.get("status", "")).upper() != "SUCCEEDED"]

@@ -139,8 +139,8 @@ def start_writer_helpers() -> None:
     Workaround, isolated here: megatron-core 0.16 creates a multiprocessing Manager (a separate process)
     at the first save (`filesystem_async._get_write_results_queue`). Under SLURM the preemption signal
     reaches every process of the job step, and that Manager, with default handlers, dies before the
-    trainer's preemption checkpoint is written (BrokenPipeError, found on the local SLURM). Creating it
-    early inside `shielded_children` makes it ignore SIGTERM/SIGUSR1; it still exits with the trainer.
+    trainer's preemption checkpoint is written (BrokenPipeError, found on the local SLURM). Created early
+    inside `shielded_children`, it never receives SIGTERM/SIGUSR1; it still exits with the trainer.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 

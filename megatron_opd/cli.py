@@ -13,9 +13,8 @@ import sys
 
 def _train(args) -> int:
     from megatron_opd.config import load_config
-    from megatron_opd.trainer import OPDTrainer
-
     from megatron_opd.signals import PREEMPTED_EXIT_CODE
+    from megatron_opd.trainer import OPDTrainer
 
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before compute
     trainer = OPDTrainer(cfg)

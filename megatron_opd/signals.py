@@ -14,6 +14,11 @@ PREEMPTED_EXIT_CODE = 75
 """Exit code of a run that stopped on a preemption signal after checkpointing (EX_TEMPFAIL: "try
 again"), distinct from success (0), a user error (2) and a crash."""
 
+PREEMPTED_MARKER = "PREEMPTED"
+"""File the trainer writes into its run directory (holding the checkpointed step) when a preemption ended
+the run, and removes when a run starts there. Under torchrun the exit code does not survive (torchrun
+exits 1 after forwarding a signal), so a SLURM batch script requeues on this file (launch/submit.py)."""
+
 
 @contextlib.contextmanager
 def shielded_children(signals: tuple = (signal.SIGTERM, signal.SIGUSR1)):

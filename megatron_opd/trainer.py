@@ -32,6 +32,7 @@ from megatron_opd import parallel, platform
 from megatron_opd.checkpoint import rng_state, set_rng_state
 from megatron_opd.config import ModelRoleConfig, OPDConfig, config_changes, config_to_dict
 from megatron_opd.faults import maybe_fail
+from megatron_opd.signals import PREEMPTED_MARKER
 from megatron_opd.objectives.policy_loss import global_counts
 
 
@@ -45,11 +46,6 @@ class StepBatch:
     teacher_index: torch.Tensor  # [B] which teacher scores each sample (multi-teacher routing)
     rewards: torch.Tensor  # [B] outcome reward of each response (verifier), for metrics
     response_lengths: torch.Tensor  # [B]
-
-
-PREEMPTED_MARKER = "PREEMPTED"
-"""Written into the run directory (holding the checkpointed step) when a preemption ended the run;
-removed when a run starts there."""
 
 
 class StepAbandoned(Exception):
@@ -521,8 +517,7 @@ class OPDTrainer:
         )
 
     def _save_preempted(self) -> None:
-        """Checkpoint, then leave <out_dir>/PREEMPTED (the step) for whatever runs the job: under torchrun
-        the trainer's exit code does not survive, so a SLURM batch script requeues on this file."""
+        """Checkpoint, then leave <out_dir>/PREEMPTED_MARKER (the step) for whatever runs the job."""
         self.save()
         self.preempted = True
         if self.rank0:

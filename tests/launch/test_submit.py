@@ -39,7 +39,8 @@ def test_dryrun_renders_sbatch_and_torchrun(recipe, capsys):
     assert srun[0].rstrip().endswith(f"train.out_dir=/workspace/megatron_opd/runs/{Path(cfg.train.out_dir).name}")
     # preemption: torchrun forwards SIGUSR1 and waits; the exit trap requeues on PREEMPTED, retries crashes
     for line in ("export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-                 "export PET_SHUTDOWN_TIMEOUT=280", 'if [ -f "$mopd_run_dir/PREEMPTED" ]; then',
+                 "export PET_SHUTDOWN_TIMEOUT=280", 'if [ -f "$mopd_preempted" ]; then',
+                 f"mopd_preempted=/workspace/megatron_opd/runs/{Path(cfg.train.out_dir).name}/PREEMPTED",
                  'scontrol requeue "$SLURM_JOB_ID"', "trap mopd_on_exit EXIT",
                  f"srun --nodes={cfg.launch.nodes} --ntasks-per-node=1 --container-image /lustre/megatron_opd/images/megatron_opd-0.1.0.sqsh"):
         assert line in text, line
@@ -67,13 +68,17 @@ def test_separate_rollout_mode_is_gone():
             load_config(REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml", [key])
 
 
-def test_missing_cluster_field(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("partition: batch\n", r"missing required cluster field\(s\) \['account'\]"),
+    ("account: a\npartition: b\nmounts: ['/nocolon']\n", "host_path:container_path"),
+    ("account: a\npartition: b\nshutdown_timeout_s: 400\n",
+     r"shutdown_timeout_s=400 must be below the preempt_signal lead time"),
+    ("account: a\npartition: b\ngpus_per_node: 0\n", "needs cluster.processes_per_node"),
+], ids=["missing_account", "bad_mount", "grace_above_signal_lead", "cpu_nodes_without_processes"])
+def test_bad_cluster_yaml_is_one_message(tmp_path, text, message):
     bad = tmp_path / "c.yaml"
-    bad.write_text("partition: batch\n")
-    with pytest.raises(ValueError, match=r"missing required cluster field\(s\) \['account'\]"):
-        ClusterConfig.from_yaml(bad)
-    bad.write_text("account: a\npartition: b\nmounts: ['/nocolon']\n")
-    with pytest.raises(ValueError, match="host_path:container_path"):
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=message):
         ClusterConfig.from_yaml(bad)
 
 
@@ -101,16 +106,6 @@ def test_relative_out_dir_without_runs_dir_is_refused(tmp_path):
         run_dir(cfg, ClusterConfig.from_yaml(cluster))
     cluster.write_text("account: a\npartition: b\nruns_dir: /shared/runs\n")
     assert run_dir(cfg, ClusterConfig.from_yaml(cluster)) == f"/shared/runs/{Path(cfg.train.out_dir).name}"
-
-
-def test_cluster_preemption_settings_are_validated(tmp_path):
-    bad = tmp_path / "c.yaml"
-    bad.write_text("account: a\npartition: b\nshutdown_timeout_s: 400\n")
-    with pytest.raises(ValueError, match=r"shutdown_timeout_s=400 must be below the preempt_signal lead time"):
-        ClusterConfig.from_yaml(bad)
-    bad.write_text("account: a\npartition: b\ngpus_per_node: 0\n")
-    with pytest.raises(ValueError, match="needs cluster.processes_per_node"):
-        ClusterConfig.from_yaml(bad)
 
 
 @pytest.mark.vllm
