@@ -111,7 +111,22 @@ class TrainConfig:
     """Prompts per step across all data-parallel ranks (paper: 1024)."""
 
     micro_batch_size: int = 4
-    """Sequences per forward/backward micro-batch on one rank."""
+    """Sequences per forward/backward micro-batch on one rank; with max_tokens_per_micro_batch, the
+    most sequences one micro-batch may hold."""
+
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Token budget of a micro-batch (rows x its longest sequence, padding included): each mini-batch's
+    sequences are sorted by length and cut into micro-batches of varying row count that fit it, each
+    padded only to its own longest sequence. null: micro_batch_size rows in rollout order, each padded to
+    its own longest. Must be >= rollout.max_model_len (one sequence always fits). The loss and gradients
+    of a step do not depend on the cut (losses are normalised by the step's global token count)."""
+
+    logprob_impl: str = "auto"
+    """How every model's log p(sampled token) is computed from its last layer: "fused" (the LM-head GEMM,
+    softmax statistics and their backward in token chunks over the response positions only, so no
+    [tokens, V/tp] logits exist), "logits" (megatron's output layer materialises [b, s, V/tp] logits,
+    then a chunked vocab-parallel softmax over the response positions) or "auto" (= fused; see README,
+    "One OPD step", for the measurements)."""
 
     mini_batches: int = 1
     """Optimizer updates per rollout batch (>1: several clipped PPO-style updates on one batch)."""
@@ -150,6 +165,11 @@ class TrainConfig:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ValueError(f"train.max_tokens_per_micro_batch must be >= 1 or null, got "
+                             f"{self.max_tokens_per_micro_batch}")
+        if self.logprob_impl not in ("auto", "fused", "logits"):
+            raise ValueError(f"train.logprob_impl={self.logprob_impl!r}: use auto, fused or logits")
         self.resume = str(self.resume).lower()  # YAML booleans arrive as "True" / "False"
         if self.resume not in ("true", "false", "force"):
             raise ValueError(f"train.resume={self.resume!r}: use true, false or force")
@@ -358,6 +378,12 @@ class OPDConfig:
                              "can be parked in host memory; the student trains every step")
         if self.student.domain is not None:
             raise ValueError("student.domain is a teacher field (multi-teacher routing); remove it")
+        budget = self.train.max_tokens_per_micro_batch
+        if budget is not None and budget < self.rollout.max_model_len:
+            raise ValueError(
+                f"train.max_tokens_per_micro_batch={budget} is below rollout.max_model_len="
+                f"{self.rollout.max_model_len}: a sequence of that length would fit no micro-batch; raise "
+                "the budget to at least max_model_len")
 
     @property
     def needs_reference(self) -> bool:

@@ -46,6 +46,7 @@ class StepBatch:
     teacher_index: torch.Tensor  # [B] which teacher scores each sample (multi-teacher routing)
     rewards: torch.Tensor  # [B] outcome reward of each response (verifier), for metrics
     response_lengths: torch.Tensor  # [B]
+    seq_lengths: torch.Tensor  # [B] prompt + response tokens of each row
 
 
 class StepAbandoned(Exception):
@@ -121,6 +122,18 @@ class OPDTrainer:
 
         parallel.initialize(cfg.parallel, seed=cfg.train.seed)
         self.rank0 = parallel.is_rank0()
+        self.experts_span_replicas = experts_span_replicas(cfg, self.has_moe, layout.dp)
+        if self.experts_span_replicas and cfg.train.max_tokens_per_micro_batch is not None:
+            raise ValueError(
+                "train.max_tokens_per_micro_batch: the MoE layers' expert groups (ETP x EP = "
+                f"{cfg.parallel.etp * cfg.parallel.expert_model_parallel_size} ranks) span data-parallel "
+                "replicas, which must then feed micro-batches of one shape; set it to null (fixed "
+                "train.micro_batch_size rows) or use ETP x EP <= TP")
+        from megatron_opd.models.forward import resolve_logprob_impl
+
+        self.logprob_impl = resolve_logprob_impl(cfg.train.logprob_impl, platform.device())
+        self.teacher_sequences = 0
+        """Sequences pushed through teacher forwards in the current step (routing: each sample once)."""
         self.preempt = PreemptionFlag().install()
         start_writer_helpers()  # before any signal can arrive (see checkpoint.start_writer_helpers)
 
@@ -273,6 +286,7 @@ class OPDTrainer:
             "throughput/tokens_per_s": tokens / max(timings["time/step"], 1e-9),
             "lr": self.optimizer.param_groups[0]["lr"],
             "skipped_steps": self.skipped_steps,
+            "score/teacher_sequences": float(self.teacher_sequences),
         }
 
     # ------------------------------------------------------------------------------------------
@@ -296,15 +310,11 @@ class OPDTrainer:
         return batch, rollout_metrics(result, rewards)
 
     def _common_length(self, result) -> Optional[int]:
-        """When the MoE layers' expert groups (ETP x EP ranks) are wider than a replica's TP group,
-        they span data-parallel replicas, and megatron-core's token dispatcher all-gathers routing
-        maps of equal size over them: every replica must then feed micro-batches of one shape, so all
-        pad to the longest sequence of the step. Otherwise each replica pads to its own longest."""
+        """When the MoE layers' expert groups span data-parallel replicas (`experts_span_replicas`),
+        every replica must feed micro-batches of one shape: all pad to the step's longest sequence."""
         from megatron.core import parallel_state as ps
 
-        p = self.cfg.parallel
-        if not self.has_moe or p.etp * p.expert_model_parallel_size <= p.tensor_model_parallel_size \
-                or ps.get_data_parallel_world_size() == 1:
+        if not self.experts_span_replicas:
             return None
         longest = torch.tensor([result.max_length()], device=platform.collective_device())
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
@@ -320,29 +330,30 @@ class OPDTrainer:
     # 2. micro-batches and scoring
     # ------------------------------------------------------------------------------------------
     def micro_batches(self, batch: StepBatch) -> list[dict]:
-        """This replica's rollout batch cut into equal-shape micro-batches, with the step's global
-        token/sequence counts (over all micro-batches and data-parallel replicas)."""
-        B = batch.input_ids.shape[0]
-        mbs = self.cfg.train.micro_batch_size
-        rows = torch.arange(B)
+        """This replica's rollout batch cut into micro-batches (`batching.plan_micro_batches`: fixed
+        rows, or a token budget), each padded only to its own longest sequence and tagged with its
+        mini-batch ("mini"), with the step's global token/sequence counts (over all micro-batches and
+        data-parallel replicas)."""
+        from megatron_opd.batching import plan_micro_batches
+
+        train = self.cfg.train
+        lengths = batch.seq_lengths.tolist()
+        plan = plan_micro_batches(lengths, train.mini_batches, train.micro_batch_size,
+                                  train.max_tokens_per_micro_batch)
         micro = []
-        for i in range(0, B, mbs):
-            idx = rows[i:i + mbs]
-            if len(idx) < mbs and self.cfg.parallel.pipeline_model_parallel_size > 1:
-                # PP stages exchange fixed [s, b, H] tensors: pad with a fully masked row.
-                idx = torch.cat([idx, idx[:1].repeat(mbs - len(idx))])
-                pad_rows = mbs - len(rows[i:i + mbs])
-            else:
-                pad_rows = 0
-            mb = {
-                "input_ids": batch.input_ids[idx],
-                "mask": batch.response_mask[idx].clone(),
-                "rollout_logprobs": batch.rollout_logprobs[idx],
-                "teacher_index": batch.teacher_index[idx],
-            }
-            if pad_rows:
-                mb["mask"][-pad_rows:] = 0
-            micro.append(platform.to_device(mb))  # the one host -> device move of the step's data
+        for m, mini in enumerate(plan):
+            for rows in mini:
+                idx = torch.tensor(rows)
+                # Expert groups spanning replicas need one shape everywhere: keep the common length.
+                width = batch.input_ids.shape[1] if self.experts_span_replicas else max(lengths[r] for r in rows)
+                mb = {
+                    "input_ids": batch.input_ids[idx, :width],
+                    "mask": batch.response_mask[idx, :width - 1],
+                    "rollout_logprobs": batch.rollout_logprobs[idx, :width - 1],
+                    "teacher_index": batch.teacher_index[idx],
+                    "mini": m,
+                }
+                micro.append(platform.to_device(mb))  # the one host -> device move of the step's data
         # Global counts over all micro-batches and DP ranks: losses normalise by these, so
         # summing micro-batch losses and DP gradients gives exactly the full-batch objective.
         counts = global_counts([mb["mask"] for mb in micro], parallel.dp_group())
@@ -352,32 +363,65 @@ class OPDTrainer:
 
     @torch.no_grad()
     def score(self, micro: list[dict]) -> None:
-        """Attach teacher (and reference / old-student) log-probs to each micro-batch (last PP stage)."""
-        from megatron_opd.models.forward import run_micro_batches
+        """Attach teacher (and reference / old-student) log-probs to each micro-batch (last PP stage).
 
+        With several teachers each scores only the samples routed to it (its rows of every
+        micro-batch), so K teachers cost one teacher's compute, not K. Where expert groups span
+        replicas (every replica must run the same forwards) each teacher scores every sample and the
+        routed one is selected."""
+        self.teacher_sequences = 0
+        routed = len(self.teachers) > 1 and not self.experts_span_replicas
         for k, teacher in enumerate(self.teachers):
+            if routed:
+                parts = [(mb, (mb["teacher_index"] == k).nonzero().squeeze(1)) for mb in micro]
+                parts = [(mb, rows) for mb, rows in parts if len(rows)]
+                inputs = [{"input_ids": mb["input_ids"][rows], "mask": mb["mask"][rows]} for mb, rows in parts]
+            else:
+                inputs = micro
+            self.teacher_sequences += sum(int(mb["input_ids"].shape[0]) for mb in inputs)
             with self.on_device(f"teachers[{k}]", teacher, self.cfg.teachers[k].offload):
-                outs = run_micro_batches(teacher, micro, self._logprob_fn(), forward_only=True)
-            for mb, out in zip(micro, outs):
-                lp = out["logprobs"]
-                mb["teacher_logprobs"] = lp if k == 0 else torch.where(
-                    (mb["teacher_index"] == k)[:, None], lp, mb["teacher_logprobs"])
+                outs = self.run_logprobs(teacher, inputs)
+            for i, out in enumerate(outs):  # last pipeline stage only
+                if routed:
+                    mb, rows = parts[i]
+                    mb.setdefault("teacher_logprobs", torch.zeros_like(mb["mask"], dtype=torch.float32))
+                    mb["teacher_logprobs"][rows] = out["logprobs"]
+                else:
+                    mb, lp = micro[i], out["logprobs"]
+                    mb["teacher_logprobs"] = lp if k == 0 else torch.where(
+                        (mb["teacher_index"] == k)[:, None], lp, mb["teacher_logprobs"])
         if self.reference is not None:
             with self.on_device("reference", self.reference, self.cfg.reference.offload):
-                outs = run_micro_batches(self.reference, micro, self._logprob_fn(), forward_only=True)
+                outs = self.run_logprobs(self.reference, micro)
             for mb, out in zip(micro, outs):
                 mb["reference_logprobs"] = out["logprobs"]
         # pi_old: needed when one rollout batch feeds several updates, and for REOPOLD's entropy mask
         # (which must be known for the whole batch before the first update). Otherwise the update's
         # own forward pass provides it (detached), saving a full forward.
         if self.cfg.train.mini_batches > 1 or self.cfg.objective.name == "reopold":
-            outs = run_micro_batches(self.student, micro, self._logprob_fn(entropy=True), forward_only=True)
+            outs = self.run_logprobs(self.student, micro, entropy=True)
             for mb, out in zip(micro, outs):
                 mb["old_logprobs"], mb["old_entropy"] = out["logprobs"], out["entropy"]
         if self.cfg.objective.name == "reopold":
             from megatron_opd.loss import select_reopold_tokens
 
             select_reopold_tokens(self.cfg.objective, micro, self.step, parallel.dp_group())
+
+    def run_logprobs(self, model, micro: list[dict], entropy: bool = False) -> list[dict]:
+        """Forward-only log-probs (and entropy) of the response tokens of each micro-batch (last
+        pipeline stage; [] elsewhere)."""
+        from megatron_opd.models import forward
+
+        def fn(mb, out):  # out: [b, s, H] hidden states (fused) or [b, s, V/tp] logits
+            lp, ent = forward.response_logprobs(
+                model, out, mb, self.logprob_impl, tp_group=parallel.tp_group(),
+                valid_vocab_size=self.spec.vocab_size, compute_entropy=entropy)  # [b, s-1]
+            return out.new_zeros(()), {"logprobs": lp, "entropy": ent}
+
+        return forward.run_micro_batches(model, micro, fn, forward_only=True, output=self._output())
+
+    def _output(self) -> str:
+        return "hidden" if self.logprob_impl == "fused" else "logits"
 
     def _abandon_if_preempted(self) -> None:
         if self._preemption_requested():
@@ -405,47 +449,28 @@ class OPDTrainer:
         platform.offload(model)
         self.phases.append(f"offload:{role}")
 
-    def _logprob_fn(self, entropy: bool = False):
-        from megatron_opd.logprobs import vocab_parallel_token_logprobs
-
-        vocab = self.spec.vocab_size
-
-        def fn(mb, logits):  # logits [b, s, V/tp]
-            lp, ent = vocab_parallel_token_logprobs(
-                logits[:, :-1], mb["input_ids"][:, 1:], tp_group=parallel.tp_group(),
-                valid_vocab_size=vocab, compute_entropy=entropy,
-            )  # [b, s-1]
-            return logits.new_zeros(()), {"logprobs": lp.float(), "entropy": ent}
-
-        return fn
-
     # ------------------------------------------------------------------------------------------
     # 3. update
     # ------------------------------------------------------------------------------------------
     def update(self, micro: list[dict]) -> dict:
-        from megatron_opd.models.forward import run_micro_batches
+        from megatron_opd.models import forward
         from megatron_opd.loss import objective_loss
 
         cfg = self.cfg
-        n_mini = cfg.train.mini_batches
-        per_mini = max(1, math.ceil(len(micro) / n_mini))
+        need_entropy = cfg.objective.entropy_coef > 0  # REOPOLD's entropy is pi_old's, from `score`
         all_metrics: list[dict] = []
-        for m in range(0, len(micro), per_mini):
-            mini = micro[m:m + per_mini]
-            if n_mini > 1:  # re-normalise counts to this mini-batch (each optimizer step sees its own)
+        for m in sorted({mb["mini"] for mb in micro}):
+            mini = [mb for mb in micro if mb["mini"] == m]
+            if cfg.train.mini_batches > 1:  # re-normalise counts to this mini-batch (each optimizer step sees its own)
                 counts = global_counts([mb["mask"] for mb in mini], parallel.dp_group())
                 for mb in mini:
                     mb["global_tokens"], mb["global_seqs"] = counts
 
-            def loss_fn(mb, logits):
-                from megatron_opd.logprobs import vocab_parallel_token_logprobs
-
-                need_entropy = cfg.objective.entropy_coef > 0 or cfg.objective.name == "reopold"
-                lp, ent = vocab_parallel_token_logprobs(
-                    logits[:, :-1], mb["input_ids"][:, 1:], tp_group=parallel.tp_group(),
+            def loss_fn(mb, out):
+                lp, ent = forward.response_logprobs(
+                    self.student, out, mb, self.logprob_impl, tp_group=parallel.tp_group(),
                     valid_vocab_size=self.spec.vocab_size, compute_entropy=need_entropy,
                 )  # [b, s-1]
-                lp = lp.float()
                 finite = bool(torch.isfinite(lp).all())
                 if not finite:
                     # A diverged student: the step is skipped below and counted. The objective still
@@ -461,7 +486,8 @@ class OPDTrainer:
 
             self.student.zero_grad_buffer()
             self.optimizer.zero_grad()
-            outs = run_micro_batches(self.student, mini, loss_fn, forward_only=False)
+            outs = forward.run_micro_batches(self.student, mini, loss_fn, forward_only=False,
+                                             output=self._output())
             metrics = reduce_metrics(outs, mini)
             if self._all_finite(metrics):
                 ok, grad_norm, _ = self.optimizer.step()
@@ -627,6 +653,14 @@ def check_resumable(ckpt: Path, cfg: OPDConfig) -> None:
             "or use another train.out_dir")
 
 
+def experts_span_replicas(cfg: OPDConfig, has_moe: bool, dp: int) -> bool:
+    """Whether the MoE layers' expert groups (ETP x EP ranks) are wider than a replica's TP group and
+    so span data-parallel replicas: megatron-core's token dispatcher then all-gathers routing maps of
+    equal size over them, so every replica must run the same forwards on micro-batches of one shape."""
+    p = cfg.parallel
+    return has_moe and p.etp * p.expert_model_parallel_size > p.tensor_model_parallel_size and dp > 1
+
+
 def check_batch_split(cfg: OPDConfig, dp: int) -> None:
     """Every data-parallel replica serves an equal share of the step's prompts."""
     if cfg.train.prompts_per_step % dp:
@@ -634,6 +668,13 @@ def check_batch_split(cfg: OPDConfig, dp: int) -> None:
             f"train.prompts_per_step={cfg.train.prompts_per_step} does not split over {dp} data-parallel "
             "replicas; use a multiple of the data-parallel size (world size / (TP x PP))")
     sequences = cfg.train.prompts_per_step // dp * cfg.rollout.n
+    if cfg.train.max_tokens_per_micro_batch is not None:
+        if sequences % cfg.train.mini_batches:
+            raise ValueError(
+                f"train.mini_batches={cfg.train.mini_batches} does not divide the {sequences} sequences of a "
+                "replica (prompts_per_step / data-parallel size x rollout.n): every update must see an equal "
+                "share; pick a divisor")
+        return
     micro = math.ceil(sequences / cfg.train.micro_batch_size)
     if micro % cfg.train.mini_batches:
         raise ValueError(
@@ -747,6 +788,7 @@ def make_step_batch(result, samples, rewards, teacher_domains, pad_id, max_len,
         input_ids=t["input_ids"], response_mask=t["response_mask"],
         rollout_logprobs=t["rollout_logprobs"], teacher_index=index,
         rewards=torch.tensor(rewards, dtype=torch.float32), response_lengths=t["response_lengths"],
+        seq_lengths=t["seq_lengths"],
     )
 
 

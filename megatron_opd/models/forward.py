@@ -10,9 +10,14 @@ no token count, so megatron does not rescale the gradients either.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import contextlib
+from typing import Callable, Optional
 
 import torch
+
+from megatron_opd.logprobs import fused_lm_head_token_logprobs, vocab_parallel_token_logprobs
+
+LOGPROB_IMPLS = ("auto", "fused", "logits")
 
 
 def _finalize_grads_without_token_scaling(models, num_tokens=None, **kwargs):
@@ -41,53 +46,53 @@ def run_micro_batches(
     micro_batches: list[dict],
     loss_fn: Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict]],
     forward_only: bool,
+    output: str = "logits",
 ) -> list[dict]:
     """Run `model` over micro-batches with megatron's (pipeline) schedule.
 
     Args:
         model: this rank's model chunk (GPTModel or its DDP wrapper).
-        micro_batches: dicts with at least "input_ids" [b, s]; every micro-batch must share one
-            padded shape [b, s] when pipeline parallelism is on (the stages exchange [s, b, H]).
-        loss_fn: on the last pipeline stage, called as loss_fn(micro_batch, logits [b, s, V/tp]) and
-            returns (scalar loss, dict of outputs); the dicts are returned in order.
+        micro_batches: dicts with at least "input_ids" [b, s]; b and s may differ between
+            micro-batches (token-budget micro-batches): under pipeline parallelism the stages then
+            exchange each activation's shape first (megatron's `variable_seq_lengths`).
+        loss_fn: on the last pipeline stage, called as loss_fn(micro_batch, out) and returns
+            (scalar loss, dict of outputs); the dicts are returned in order.
         forward_only: score without building a graph (teacher, reference, old student).
+        output: "logits": `out` is [b, s, V/tp]; "hidden": `out` is the final-norm hidden states
+            [b, s, H] and the LM head is left to loss_fn (see `response_logprobs`).
 
     Returns:
         The loss_fn output dicts on the last pipeline stage; an empty list on other stages.
     """
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not micro_batches:
         return []
-    b, s = micro_batches[0]["input_ids"].shape
-    for i, mb in enumerate(micro_batches):
-        if tuple(mb["input_ids"].shape) != (b, s):
-            raise ValueError(
-                f"micro_batches[{i}].input_ids has shape {tuple(mb['input_ids'].shape)}, expected "
-                f"{(b, s)}: pad every micro-batch of a step to one shape"
-            )
+    if output not in ("logits", "hidden"):
+        raise ValueError(f"output={output!r}: use 'logits' or 'hidden'")
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        # Stages exchange [s, b, H] activations whose shape changes from micro-batch to micro-batch.
+        gpt_model(model).config.variable_seq_lengths = True
 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator)
         ids = mb["input_ids"]
-        output = chunk(input_ids=ids, position_ids=position_ids_for(ids), attention_mask=None)
+        out = chunk(input_ids=ids, position_ids=position_ids_for(ids), attention_mask=None)
 
-        def loss_func(logits):
-            loss, out = loss_fn(mb, logits)
+        def loss_func(out):
+            loss, extra = loss_fn(mb, out)
             # (loss, num_tokens, reduced dict): with calculate_per_token_loss the schedule does not
             # rescale; the dummy count is unused by our finalize hook.
-            return loss, torch.ones((), dtype=torch.int, device=logits.device), out
+            return loss, torch.ones((), dtype=torch.int, device=out.device), extra
 
-        return output, loss_func
+        return out, loss_func
 
+    b, s = micro_batches[0]["input_ids"].shape
     fwd_bwd = get_forward_backward_func()
-    if forward_only:
-        ctx = torch.no_grad()
-    else:
-        import contextlib
-
-        ctx = contextlib.nullcontext()
-    with ctx:
+    grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
+    head_ctx = lm_head_bypassed(model) if output == "hidden" else contextlib.nullcontext()
+    with grad_ctx, head_ctx:
         outputs = fwd_bwd(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches),
@@ -98,3 +103,106 @@ def run_micro_batches(
             forward_only=forward_only,
         )
     return list(outputs or [])
+
+
+# ------------------------------------------------------------------------------------------------
+# log-probs of the response tokens, from hidden states (fused LM head) or from logits
+# ------------------------------------------------------------------------------------------------
+def gpt_model(model: torch.nn.Module):
+    """The GPTModel inside a (DDP / Float16Module) wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """This rank's LM-head rows [V/tp, H] (the shared embedding when the model ties them)."""
+    gpt = gpt_model(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+@contextlib.contextmanager
+def lm_head_bypassed(model: torch.nn.Module):
+    """Inside, the last stage's GPTModel returns final-norm hidden states [b, s, H] instead of logits.
+
+    Workaround, isolated here: megatron-core 0.16's GPTModel has no switch that returns the hidden
+    states of a training forward (only `labels` -> its own cross-entropy), so the output layer's
+    forward is swapped for a pass-through for the duration of the call. The LM-head GEMM then runs in
+    `fused_lm_head_token_logprobs` on the response positions only. Its input-gradient all-reduce over
+    TP is done there; under sequence parallelism the hidden states are all-gathered here first (the
+    gather's backward keeps this rank's slice of the already-summed gradient).
+    """
+    gpt = gpt_model(model)
+    if not gpt.post_process:
+        yield
+        return
+    layer = gpt.output_layer
+    if getattr(layer, "bias", None) is not None:
+        raise ValueError("the fused LM-head path assumes an output layer without bias")
+    sequence_parallel = bool(getattr(layer, "sequence_parallel", False))
+
+    def passthrough(hidden_states, weight=None, runtime_gather_output=None):  # [s, b, H]
+        if sequence_parallel:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False)
+        return hidden_states, None
+
+    layer.forward = passthrough
+    try:
+        yield
+    finally:
+        del layer.forward  # back to the class's forward
+
+
+def resolve_logprob_impl(impl: str, device: torch.device) -> str:
+    """"auto" -> "fused" everywhere: the response-only fused LM head measured faster and far
+    smaller than materialised logits at every size benchmarked (README, "One OPD step")."""
+    if impl not in LOGPROB_IMPLS:
+        raise ValueError(f"logprob impl {impl!r}: use one of {LOGPROB_IMPLS}")
+    return "fused" if impl == "auto" else impl
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    out: torch.Tensor,
+    mb: dict,
+    impl: str,
+    tp_group=None,
+    valid_vocab_size: Optional[int] = None,
+    compute_entropy: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log p(input_ids[:, t+1]) (and entropy) at the response positions of one micro-batch.
+
+    Args:
+        out: what `run_micro_batches(..., output=...)` hands the loss: hidden states [b, s, H] for
+            impl "fused", logits [b, s, V/tp] for impl "logits".
+        mb: the micro-batch, with "input_ids" [b, s] and "mask" [b, s-1] (1 at response positions).
+
+    Returns:
+        `(logprobs [b, s-1], entropy [b, s-1] or None)`, fp32, 0 outside the mask. Only the
+        masked positions go through the LM head / softmax, so prompt and padding positions cost
+        nothing past the last transformer layer.
+    """
+    mask = mb["mask"].bool()  # [b, s-1]
+    target = mb["input_ids"][:, 1:][mask]  # [n]
+    picked = out[:, :-1][mask]  # [n, H] or [n, V/tp]
+    if impl == "fused":
+        lp, ent = fused_lm_head_token_logprobs(
+            picked, lm_head_weight(model), target, tp_group=tp_group,
+            valid_vocab_size=valid_vocab_size, compute_entropy=compute_entropy)
+    elif impl == "logits":
+        lp, ent = vocab_parallel_token_logprobs(
+            picked, target, tp_group=tp_group, valid_vocab_size=valid_vocab_size,
+            compute_entropy=compute_entropy)
+    else:
+        raise ValueError(f"impl={impl!r}: resolve 'auto' with resolve_logprob_impl first")
+
+    def scatter(values):  # [n] -> [b, s-1], differentiable
+        return torch.zeros(mask.shape, dtype=torch.float32, device=values.device).masked_scatter(
+            mask, values.float())
+
+    return scatter(lp), (scatter(ent) if compute_entropy else None)

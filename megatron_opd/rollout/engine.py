@@ -69,6 +69,7 @@ class RolloutBatch:
                                        output at position t scores input_ids[:, t+1]
             rollout_logprobs [B, S-1]  vLLM's log p(input_ids[:, t+1]) on those positions, else 0
             response_lengths [B]
+            seq_lengths      [B]       prompt + response tokens (the unpadded length of each row)
         """
         seqs = [s.prompt_ids + s.response_ids for s in self.samples]
         S = max(length or 0, max(len(x) for x in seqs))
@@ -86,7 +87,7 @@ class RolloutBatch:
             roll[i, p - 1 : p - 1 + r] = torch.tensor(s.response_logprobs, dtype=torch.float32)
         lengths = torch.tensor([s.length for s in self.samples])
         return {"input_ids": input_ids, "response_mask": mask, "rollout_logprobs": roll,
-                "response_lengths": lengths}
+                "response_lengths": lengths, "seq_lengths": torch.tensor([len(x) for x in seqs])}
 
 
 def _configure_env(cfg: RolloutConfig, in_process: bool) -> None:

@@ -48,9 +48,9 @@ def main():
     if args.nan_logprobs_step is not None:
         import torch.distributed as dist
 
-        from megatron_opd import logprobs as lp_mod
+        from megatron_opd.models import forward as lp_mod
 
-        real_lp, real_update, now = lp_mod.vocab_parallel_token_logprobs, OPDTrainer.update, {}
+        real_lp, real_update, now = lp_mod.response_logprobs, OPDTrainer.update, {}
 
         def update(self, micro):
             now["step"] = self.step
@@ -63,7 +63,7 @@ def main():
                 lp = lp * float("nan")
             return lp, ent
 
-        OPDTrainer.update, lp_mod.vocab_parallel_token_logprobs = update, nan_lp
+        OPDTrainer.update, lp_mod.response_logprobs = update, nan_lp
     if args.crash_save_step is not None:
         from megatron.core import dist_checkpointing
 
