@@ -1,0 +1,60 @@
+"""One step's scoring and update computed different ways on the same batch must agree
+(tests/workers/step_parity.py): the fused response-only LM head against materialised logits, token-budget
+micro-batches against fixed rows (two budgets), and routed two-teacher scoring against every teacher
+scoring every sample; at TP = 1 and TP = 2."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_opd.data.tokenizer import train_tokenizer
+from megatron_opd.models.hf_tiny import save_tiny_checkpoint
+from mopd_testing import REPO_ROOT, last_json, run_ranks, tiny_spec
+
+WORKER = Path(__file__).parent / "workers" / "step_parity.py"
+RECIPE = str(REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    tok = tmp_path_factory.mktemp("tok")
+    train_tokenizer(tok)
+
+    def save(seed):
+        return save_tiny_checkpoint(tiny_spec("tiny_qwen3"), tmp_path_factory.mktemp(f"m{seed}"), seed=seed,
+                                    tokenizer_dir=tok, init_std=0.1)
+
+    return [save(0), save(1), save(2)]
+
+
+# Relative to the largest gradient entry / log-prob: the paths differ only in summation order (fp32).
+TOL = 2e-5
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_one_step_is_the_same_whichever_way_it_is_computed(ckpts, tmp_path, tp):
+    student, math_teacher, code_teacher = ckpts
+    out = run_ranks(WORKER, tp, "--config", RECIPE, f"student.checkpoint={student}",
+                    f"teachers=[{{checkpoint: {math_teacher}, domain: math}}, "
+                    f"{{checkpoint: {code_teacher}, domain: code}}]",
+                    "data.synthetic=mixed", "train.prompts_per_step=8", "train.micro_batch_size=8",
+                    "objective.entropy_coef=0.01", f"train.out_dir={tmp_path}",
+                    f"parallel.tensor_model_parallel_size={tp}", timeout=600)
+    r = last_json(out, "step_parity")["step_parity"]
+    index = r["teacher_index"]
+    assert 0 < sum(index) < len(index), "the batch must mix both teachers' domains"
+    assert r["grad_max"] > 0
+    # fused LM head == materialised logits (teacher log-probs, loss, every gradient)
+    assert r["fused_vs_logits_teacher"] < TOL and r["fused_vs_logits_grad"] < TOL, r
+    loss = r["loss"]
+    assert loss["logits"] == pytest.approx(loss["fixed"], rel=1e-5)
+    # the cut does not change the step: two budgets (more and fewer micro-batches than fixed rows)
+    assert r["micro"]["small"] > r["micro"]["fixed"], r["micro"]
+    assert r["budget_small_vs_fixed_grad"] < TOL and r["budget_large_vs_fixed_grad"] < TOL, r
+    assert loss["small"] == pytest.approx(loss["fixed"], rel=1e-5)
+    assert loss["large"] == pytest.approx(loss["fixed"], rel=1e-5)
+    # routing: the same teacher log-probs and step with 1/K of the teacher sequences (K = 2)
+    assert r["routed_vs_all_teacher"] < TOL and r["routed_vs_all_grad"] < TOL, r
+    assert loss["unrouted"] == pytest.approx(loss["fixed"], rel=1e-5)
+    assert r["sequences_unrouted"] == 2 * r["rows"]
+    assert r["sequences_routed"] == r["rows"]
