@@ -125,8 +125,8 @@ class TrainConfig:
     """How every model's log p(sampled token) is computed from its last layer: "fused" (the LM-head GEMM,
     softmax statistics and their backward in token chunks over the response positions only, so no
     [tokens, V/tp] logits exist), "logits" (megatron's output layer materialises [b, s, V/tp] logits,
-    then a chunked vocab-parallel softmax over the response positions) or "auto" (= fused; see README,
-    "One OPD step", for the measurements)."""
+    then a chunked vocab-parallel softmax over the response positions) or "auto" (fused from 16,384
+    vocabulary columns per TP rank, logits below; see README, "One OPD step", for the measurements)."""
 
     mini_batches: int = 1
     """Optimizer updates per rollout batch (>1: several clipped PPO-style updates on one batch)."""

@@ -131,7 +131,8 @@ class OPDTrainer:
                 "train.micro_batch_size rows) or use ETP x EP <= TP")
         from megatron_opd.models.forward import resolve_logprob_impl
 
-        self.logprob_impl = resolve_logprob_impl(cfg.train.logprob_impl, platform.device())
+        self.logprob_impl = resolve_logprob_impl(
+            cfg.train.logprob_impl, self.spec.vocab_size // cfg.parallel.tensor_model_parallel_size)
         self.teacher_sequences = 0
         """Sequences pushed through teacher forwards in the current step (routing: each sample once)."""
         self.preempt = PreemptionFlag().install()

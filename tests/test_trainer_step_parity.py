@@ -1,7 +1,7 @@
 """One step's scoring and update computed different ways on the same batch must agree
 (tests/workers/step_parity.py): the fused response-only LM head against materialised logits, token-budget
 micro-batches against fixed rows (two budgets), and routed two-teacher scoring against every teacher
-scoring every sample; at TP = 1 and TP = 2."""
+scoring every sample; at TP = 1, TP = 2 and PP = 2 (micro-batches of varying shape between stages)."""
 
 from pathlib import Path
 
@@ -31,15 +31,16 @@ def ckpts(tmp_path_factory):
 TOL = 2e-5
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_one_step_is_the_same_whichever_way_it_is_computed(ckpts, tmp_path, tp):
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
+def test_one_step_is_the_same_whichever_way_it_is_computed(ckpts, tmp_path, tp, pp):
     student, math_teacher, code_teacher = ckpts
-    out = run_ranks(WORKER, tp, "--config", RECIPE, f"student.checkpoint={student}",
+    out = run_ranks(WORKER, tp * pp, "--config", RECIPE, f"student.checkpoint={student}",
                     f"teachers=[{{checkpoint: {math_teacher}, domain: math}}, "
                     f"{{checkpoint: {code_teacher}, domain: code}}]",
                     "data.synthetic=mixed", "train.prompts_per_step=8", "train.micro_batch_size=8",
                     "objective.entropy_coef=0.01", f"train.out_dir={tmp_path}",
-                    f"parallel.tensor_model_parallel_size={tp}", timeout=600)
+                    f"parallel.tensor_model_parallel_size={tp}",
+                    f"parallel.pipeline_model_parallel_size={pp}", timeout=600)
     r = last_json(out, "step_parity")["step_parity"]
     index = r["teacher_index"]
     assert 0 < sum(index) < len(index), "the batch must mix both teachers' domains"

@@ -158,12 +158,20 @@ def lm_head_bypassed(model: torch.nn.Module):
         del layer.forward  # back to the class's forward
 
 
-def resolve_logprob_impl(impl: str, device: torch.device) -> str:
-    """"auto" -> "fused" everywhere: the response-only fused LM head measured faster and far
-    smaller than materialised logits at every size benchmarked (README, "One OPD step")."""
+#: `logprob_impl: auto` uses the fused LM head from this many vocabulary columns per rank. Measured (README,
+#: "One OPD step"): at 152k the fused step needs a fraction of the logits path's memory and is not slower;
+#: at a 512-token vocabulary the two paths are within noise of each other, and materialised logits (a
+#: few MB) let megatron's output layer run as one GEMM.
+FUSED_MIN_LOCAL_VOCAB = 16384
+
+
+def resolve_logprob_impl(impl: str, local_vocab: int) -> str:
+    """"auto" -> "fused" from FUSED_MIN_LOCAL_VOCAB vocabulary columns per TP rank, else "logits"."""
     if impl not in LOGPROB_IMPLS:
         raise ValueError(f"logprob impl {impl!r}: use one of {LOGPROB_IMPLS}")
-    return "fused" if impl == "auto" else impl
+    if impl == "auto":
+        return "fused" if local_vocab >= FUSED_MIN_LOCAL_VOCAB else "logits"
+    return impl
 
 
 def response_logprobs(
