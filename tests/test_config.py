@@ -50,3 +50,20 @@ def test_eval_loads_a_recipe_without_teachers():
     assert load_config(recipe, ["teachers=[]"], require_teachers=False).teachers == []
     with pytest.raises(ValueError, match="at least one teacher"):  # the switch does not leak
         load_config(recipe, ["teachers=[]"])
+
+
+def test_micro_batch_token_budget_and_logprob_impl_are_validated():
+    recipe = REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml"
+    with pytest.raises(ValueError, match="max_tokens_per_micro_batch=32 is below rollout.max_model_len=64"):
+        load_config(recipe, ["train.max_tokens_per_micro_batch=32"])
+    with pytest.raises(ValueError, match="train.logprob_impl='dense': use auto, fused or logits"):
+        load_config(recipe, ["train.logprob_impl=dense"])
+    assert load_config(recipe, ["train.max_tokens_per_micro_batch=64"]).train.max_tokens_per_micro_batch == 64
+
+
+def test_logprob_impl_auto_picks_the_fused_head_for_wide_vocabularies():
+    from megatron_opd.models.forward import resolve_logprob_impl
+
+    assert resolve_logprob_impl("auto", 151936 // 4) == "fused"
+    assert resolve_logprob_impl("auto", 512) == "logits"
+    assert resolve_logprob_impl("logits", 151936) == "logits"
