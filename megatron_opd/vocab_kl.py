@@ -1,0 +1,202 @@
+"""Exact per-token KL between student and teacher over the whole vocabulary, vocabulary-parallel.
+
+Student and teacher share the TP layout, so rank r holds both models' LM-head rows for the same
+vocabulary slice `[r * V/tp, (r + 1) * V/tp)`. For every response position, with logits z_s, z_t and a
+support M (the valid vocabulary, or the teacher's global top-k):
+
+    log p_s = z_s - logZ_s ,  log p_t = z_t - logZ_t         (softmax restricted to M)
+    reverse KL(p_s || p_t) = sum_M p_s (z_s - z_t) - (logZ_s - logZ_t)
+    forward KL(p_t || p_s) = sum_M p_t (z_t - z_s) - (logZ_t - logZ_s)
+
+Per token chunk: one all-reduce(MAX) of the two maxima, one all-reduce(SUM) of three partial sums
+(and for top-k one all-gather of [chunk, k] candidate values): O(tokens x k) communication, never
+O(tokens x V). Each chunk's logits of *both* models are computed from the final hidden states and
+the LM-head shards, reduced and dropped; backward recomputes them. So neither model's `[tokens, V/tp]`
+logits exist at once: the peak is a few `[chunk, V/tp]` fp32 buffers.
+
+Gradient with respect to the student's logits (the teacher is frozen), per token and j in M:
+    reverse:  p_s,j ((log p_s,j - log p_t,j) - KL)
+    forward:  p_s,j - p_t,j
+and 0 outside M. It flows into the student's hidden states (all-reduced over TP: they are replicated)
+and its LM-head shard.
+
+Pure torch + explicit process groups; `tp_group=None` runs in one process.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.logprobs import _group_rank, _group_size, _lm_head, _masked_fp32_logits, fused_chunk_bytes
+
+DIRECTIONS = ("reverse", "forward")
+
+
+def _support_threshold(z_t: torch.Tensor, top_k: Optional[int], group) -> Optional[torch.Tensor]:
+    """Per-token value of the teacher's global k-th largest logit ([c]); None = the whole vocabulary.
+
+    Each rank's local top-k candidates are all-gathered, so the global top-k is exact (ties at the
+    threshold keep every tied token)."""
+    if top_k is None:
+        return None
+    k_local = min(top_k, z_t.shape[-1])
+    local = z_t.topk(k_local, dim=-1).values  # [c, k]
+    if _group_size(group) > 1:
+        parts = [torch.empty_like(local) for _ in range(_group_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        local = torch.cat(parts, dim=-1)  # [c, k * tp]
+    return local.topk(min(top_k, local.shape[-1]), dim=-1).values[:, -1]
+
+
+def _chunk_logits(h_s, w_s, h_t, w_t, vocab_start, valid_vocab_size, top_k, group, threshold=None):
+    """Both models' fp32 logits of one chunk with padding (and, for top-k, everything outside the
+    teacher's top-k) at -inf; the top-k threshold is computed once (forward) and reused (backward)."""
+    z_t = _masked_fp32_logits(_lm_head(h_t, w_t, False), vocab_start, valid_vocab_size)  # [c, V/tp]
+    z_s = _masked_fp32_logits(_lm_head(h_s, w_s, False), vocab_start, valid_vocab_size)  # [c, V/tp]
+    if threshold is None:
+        threshold = _support_threshold(z_t, top_k, group)
+    if threshold is not None:  # outside the support M (teacher logit below its k-th largest): -inf
+        outside = z_t < threshold.unsqueeze(-1)
+        z_s.masked_fill_(outside, float("-inf"))
+        z_t.masked_fill_(outside, float("-inf"))
+    return z_s, z_t, threshold
+
+
+def _log_partition(z_s: torch.Tensor, z_t: torch.Tensor, direction: str, group):
+    """Global (logZ_s, logZ_t, KL) of one chunk: two collectives."""
+    m = torch.stack([z_s.max(-1).values, z_t.max(-1).values])  # [2, c]
+    if _group_size(group) > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    e_s = (z_s - m[0].unsqueeze(-1)).exp()  # 0 outside M
+    e_t = (z_t - m[1].unsqueeze(-1)).exp()
+    diff = torch.where(torch.isfinite(z_s), z_s - z_t, torch.zeros_like(z_s))  # -inf - -inf guarded
+    weights = e_s if direction == "reverse" else e_t
+    sums = torch.stack([e_s.sum(-1), e_t.sum(-1), (weights * diff).sum(-1)])  # [3, c]
+    if _group_size(group) > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    log_z_s, log_z_t = m[0] + sums[0].log(), m[1] + sums[1].log()
+    if direction == "reverse":
+        kl = sums[2] / sums[0] - (log_z_s - log_z_t)
+    else:
+        kl = -sums[2] / sums[1] - (log_z_t - log_z_s)
+    return log_z_s, log_z_t, kl
+
+
+def _chunk_grad(z_s, z_t, log_z_s, log_z_t, kl, g, direction):
+    """d(sum_i g_i KL_i) / d z_s of one chunk [c, V/tp] from the saved global statistics."""
+    p_s = (z_s - log_z_s.unsqueeze(-1)).exp()  # 0 outside M
+    if direction == "reverse":
+        log_ratio = torch.where(torch.isfinite(z_s), (z_s - log_z_s.unsqueeze(-1)) - (z_t - log_z_t.unsqueeze(-1)),
+                                torch.zeros_like(z_s))
+        grad = p_s * (log_ratio - kl.unsqueeze(-1))
+    else:
+        grad = p_s - (z_t - log_z_t.unsqueeze(-1)).exp()
+    return grad * g.unsqueeze(-1)
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, vocab_start, valid_vocab_size, group, direction, top_k, chunk):
+        n = h_s.shape[0]
+        kl = torch.empty(n, dtype=torch.float32, device=h_s.device)
+        log_z_s, log_z_t = torch.empty_like(kl), torch.empty_like(kl)
+        thresholds = torch.empty_like(kl) if top_k is not None else None
+        for s in range(0, n, chunk):
+            sl = slice(s, s + chunk)
+            z_s, z_t, thr = _chunk_logits(h_s[sl], w_s, h_t[sl], w_t, vocab_start, valid_vocab_size,
+                                          top_k, group)
+            log_z_s[sl], log_z_t[sl], kl[sl] = _log_partition(z_s, z_t, direction, group)
+            if thr is not None:
+                thresholds[sl] = thr
+            del z_s, z_t  # one chunk's logits alive at a time
+        ctx.save_for_backward(h_s, w_s, h_t, w_t, log_z_s, log_z_t, kl,
+                              *([thresholds] if thresholds is not None else []))
+        ctx.meta = (vocab_start, valid_vocab_size, group, direction, top_k, chunk)
+        return kl
+
+    @staticmethod
+    def backward(ctx, g_kl):
+        vocab_start, valid_vocab_size, group, direction, top_k, chunk = ctx.meta
+        h_s, w_s, h_t, w_t, log_z_s, log_z_t, kl, *rest = ctx.saved_tensors
+        thresholds = rest[0] if rest else None
+        g_kl = g_kl.float()
+        grad_hidden = torch.empty_like(h_s)
+        grad_weight = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
+        for s in range(0, h_s.shape[0], chunk):
+            sl = slice(s, s + chunk)
+            z_s, z_t, _ = _chunk_logits(h_s[sl], w_s, h_t[sl], w_t, vocab_start, valid_vocab_size, top_k,
+                                        group, thresholds[sl] if thresholds is not None else None)
+            gz = _chunk_grad(z_s, z_t, log_z_s[sl], log_z_t[sl], kl[sl], g_kl[sl], direction)
+            del z_s, z_t
+            grad_hidden[sl] = (gz @ w_s.float()).to(h_s.dtype)
+            grad_weight += gz.t() @ h_s[sl].float()
+        if _group_size(group) > 1:  # replicated hidden states: sum the vocabulary slices' shares
+            dist.all_reduce(grad_hidden, group=group)
+        return grad_hidden, grad_weight.to(w_s.dtype), None, None, None, None, None, None, None, None
+
+
+def vocab_parallel_kl(
+    student_hidden: torch.Tensor,
+    student_lm_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_lm_head: torch.Tensor,
+    tp_group=None,
+    valid_vocab_size: Optional[int] = None,
+    direction: str = "reverse",
+    top_k: Optional[int] = None,
+    chunk_size: Union[int, str] = "auto",
+) -> torch.Tensor:
+    """Exact per-token KL between the student's and the teacher's next-token distributions.
+
+    Args:
+        student_hidden: `[n, H_s]` final-norm hidden states at the response positions (with grad).
+        student_lm_head: `[V/tp, H_s]` this rank's student LM-head rows (with grad).
+        teacher_hidden: `[n, H_t]` the teacher's final-norm hidden states at the same positions.
+        teacher_lm_head: `[V/tp, H_t]` this rank's teacher LM-head rows (frozen).
+        tp_group: tensor-parallel group; None or size 1 = the whole vocabulary is local.
+        valid_vocab_size: true vocabulary size; padded columns are excluded.
+        direction: "reverse" = KL(student || teacher) (what OPD minimises), "forward" = KL(teacher ||
+            student).
+        top_k: restrict both distributions to the teacher's global top-k tokens (renormalised on
+            them); None = the whole vocabulary.
+        chunk_size: tokens per chunk, or "auto" (from the LM-head shard's size, as the fused
+            log-prob path).
+
+    Returns:
+        `[n]` fp32 KL per token, differentiable w.r.t. the student's hidden states and LM head.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}: use one of {DIRECTIONS}")
+    n, h = student_hidden.shape
+    if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
+        raise ValueError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)}, expected [{n}, H_t] "
+                         "(one row per student position)")
+    if student_lm_head.dim() != 2 or student_lm_head.shape[1] != h:
+        raise ValueError(f"student_lm_head has shape {tuple(student_lm_head.shape)}, expected [V/tp, {h}]")
+    if teacher_lm_head.shape != (student_lm_head.shape[0], teacher_hidden.shape[1]):
+        raise ValueError(f"teacher_lm_head has shape {tuple(teacher_lm_head.shape)}, expected "
+                         f"[{student_lm_head.shape[0]}, {teacher_hidden.shape[1]}] (the student's "
+                         "vocabulary slice, the teacher's hidden size)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    local_vocab = student_lm_head.shape[0]
+    if chunk_size == "auto":
+        # both models' logits and two temporaries per chunk: a quarter of the fused path's budget each
+        budget = fused_chunk_bytes(local_vocab, max(h, teacher_hidden.shape[1])) // 4
+        chunk = max(1, budget // (4 * local_vocab))
+    elif isinstance(chunk_size, int) and chunk_size > 0:
+        chunk = chunk_size
+    else:
+        raise ValueError(f"chunk_size must be a positive number of tokens or 'auto', got {chunk_size!r}")
+    vocab_start = _group_rank(tp_group) * local_vocab
+    args = (student_hidden, student_lm_head, teacher_hidden.detach(), teacher_lm_head.detach(), vocab_start,
+            valid_vocab_size, tp_group, direction, top_k, chunk)
+    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_lm_head.requires_grad):
+        return _VocabParallelKL.apply(*args)
+    with torch.no_grad():
+        from megatron_opd.logprobs import _NoCtx
+
+        return _VocabParallelKL.forward(_NoCtx(), *args)

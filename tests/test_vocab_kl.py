@@ -1,0 +1,101 @@
+"""Exact full-vocabulary (and top-k) KL, vocabulary-parallel: values and gradients against a dense
+float64 reference, TP=2 against TP=1, and peak temporaries bounded by the chunk, not by tokens x V."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_opd.vocab_kl import vocab_parallel_kl
+from mopd_testing import run_ranks
+
+
+def dense_kl(h_s, w_s, h_t, w_t, valid, direction, top_k=None):
+    """log_softmax of the full logits in float64, KL summed over the (restricted) vocabulary."""
+    z_s = (h_s.double() @ w_s.double().t())[:, :valid]
+    z_t = (h_t.double() @ w_t.double().t())[:, :valid]
+    if top_k is not None:  # both distributions renormalised on the teacher's top-k tokens
+        keep = z_t.topk(top_k, -1).indices
+        z_s, z_t = z_s.gather(1, keep), z_t.gather(1, keep)
+    ls, lt = z_s.log_softmax(-1), z_t.log_softmax(-1)
+    log_p, log_q = (ls, lt) if direction == "reverse" else (lt, ls)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def inputs(n=11, h_s=8, h_t=12, vpad=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, h_s, generator=g), torch.randn(vpad, h_s, generator=g) * 0.7,
+            torch.randn(n, h_t, generator=g), torch.randn(vpad, h_t, generator=g) * 0.7)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("top_k", [None, 5])
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_values_and_gradients_equal_dense_reference(direction, top_k, chunk):
+    h_s, w_s, h_t, w_t = inputs()
+    valid = 37  # the last 3 columns are Megatron's vocabulary padding
+    a, b = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    kl = vocab_parallel_kl(a, b, h_t, w_t, None, valid, direction, top_k, chunk_size=chunk)
+    ref_a, ref_b = h_s.double().requires_grad_(), w_s.double().requires_grad_()
+    ref = dense_kl(ref_a, ref_b, h_t, w_t, valid, direction, top_k)
+    assert torch.allclose(kl.double(), ref, atol=1e-5), (kl - ref).abs().max()
+    assert (ref >= -1e-9).all() and ref.max() > 0.1  # a real KL, not a degenerate case
+    g = torch.randn(len(kl), generator=torch.Generator().manual_seed(1))
+    ga, gb = torch.autograd.grad((kl * g).sum(), [a, b])
+    ra, rb = torch.autograd.grad((ref * g.double()).sum(), [ref_a, ref_b])
+    assert torch.allclose(ga.double(), ra, atol=1e-5), (ga - ra).abs().max()
+    assert torch.allclose(gb.double(), rb, atol=1e-5), (gb - rb).abs().max()
+    assert gb[valid:].abs().max() == 0  # padded rows get no gradient
+
+
+def test_kl_of_identical_models_is_zero_and_top_k_of_the_whole_vocabulary_is_full():
+    h_s, w_s, _, _ = inputs()
+    assert vocab_parallel_kl(h_s, w_s, h_s, w_s, None, 40).abs().max() < 1e-5
+    _, _, h_t, w_t = inputs()
+    full = vocab_parallel_kl(h_s, w_s, h_t, w_t, None, 40)
+    assert torch.allclose(full, vocab_parallel_kl(h_s, w_s, h_t, w_t, None, 40, top_k=40), atol=1e-6)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produced (elements)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_peak_temporaries_are_bounded_by_the_chunk_not_tokens_times_vocab():
+    n, vocab, chunk = 512, 2048, 16
+    h_s, w_s, h_t, w_t = inputs(n=n, vpad=vocab)
+    a, b = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    with LargestTensor() as mode:
+        kl = vocab_parallel_kl(a, b, h_t, w_t, None, vocab, chunk_size=chunk)
+        kl.sum().backward()
+    # [chunk, V] logits and temporaries; the full [n, V] logits (1M elements) never exist
+    assert mode.largest <= chunk * vocab, mode.largest
+    assert mode.largest < n * vocab // 16
+
+
+def test_bad_inputs_name_the_argument():
+    h_s, w_s, h_t, w_t = inputs()
+    with pytest.raises(ValueError, match="direction"):
+        vocab_parallel_kl(h_s, w_s, h_t, w_t, direction="sideways")
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        vocab_parallel_kl(h_s, w_s, h_t[:3], w_t)
+    with pytest.raises(ValueError, match="teacher_lm_head"):
+        vocab_parallel_kl(h_s, w_s, h_t, w_t[:5])
+    with pytest.raises(ValueError, match="top_k"):
+        vocab_parallel_kl(h_s, w_s, h_t, w_t, top_k=0)
+
+
+def test_tp2_full_and_top_k_kl_and_gradients_equal_tp1():
+    out = run_ranks(Path(__file__).parent / "workers" / "vocab_kl_tp.py", 2)
+    assert out.count('"rank"') == 2
