@@ -77,7 +77,7 @@ def run_ours(student, teacher, batch, max_new, steps, warmup, *extra) -> tuple[f
            f"student.checkpoint={student}", f"teachers=[{{checkpoint: {teacher}}}]", f"train.out_dir={out}",
            "train.resume=false", f"train.steps={steps}", f"train.prompts_per_step={batch}", "rollout.n=1",
            f"rollout.max_new_tokens={max_new}", "train.eval_every=0", "train.save_every=0",
-           "data.synthetic_eval_size=2", "train.eval_samples=1", "objective.tis_cap=null",
+           "data.synthetic_eval_size=2", "train.eval_samples=1", "objective.gopd.tis_cap=null",
            "optim.lr_warmup_steps=0", *extra]
     subprocess.run(cmd, check=True, capture_output=True, cwd=str(REPO))
     rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]

@@ -175,67 +175,338 @@ class TrainConfig:
             raise ValueError(f"train.resume={self.resume!r}: use true, false or force")
 
 
-@dataclass
-class ObjectiveConfig:
-    """Which objective trains the student, and its hyper-parameters (see shared/ALGORITHMS.md)."""
+@dataclass(frozen=True)
+class ObjectiveNeeds:
+    """What an objective asks of a training step; the loop provides exactly this and nothing more."""
 
-    name: str = "gopd"
-    """"gopd" (OPD / ExOPD / reward correction / multi-teacher; lam selects) or "reopold"."""
+    teachers: bool = True
+    """Teacher log-probs of the sampled tokens (mb["teacher_logprobs"])."""
+
+    reference: bool = False
+    """Reference log-probs (mb["reference_logprobs"]): a reference model is built and run."""
+
+    old_policy: bool = False
+    """pi_old log-probs and entropies from a scoring pass before the first update (mb["old_logprobs"],
+    mb["old_entropy"]), for a batch-level selection (`Objective.prepare`)."""
+
+    update_entropy: bool = False
+    """The student's entropy in the update's forward pass (an entropy term in the loss)."""
+
+    outcome_rewards: bool = False
+    """The verifier's reward of each sample (mb["outcome_rewards"] [b]) and its prompt group
+    (mb["group"] [b])."""
+
+    teacher_hidden: bool = False
+    """The teacher's final hidden states at the response positions and its LM-head shard
+    (mb["teacher_hidden"], mb["teacher_lm_head"]) and the student's (exact full-vocabulary KL)."""
+
+
+KL_LOSS_ESTIMATORS = ("k2", "k3")  # k1's gradient is zero in expectation: not a loss term
+GOPD_ESTIMATORS = ("sampled", "full", "topk")
+REOPOLD_EXPLORATION_RULES = ("mask_below_floor", "clamp", "top_abs_reward")
+REOPOLD_FLOOR_FORMS = ("log_odds", "log_m_scaled")
+
+
+def _refuse(section: str, field_name: str, value, why: str) -> None:
+    raise ValueError(f"objective.{section}.{field_name}={value!r} is not used {why}; remove it")
+
+
+def _check_policy_loss(section: str, eps_low, eps_high, tis_cap, loss_agg_mode) -> None:
+    if eps_low is not None and eps_low < 0 or eps_high is not None and eps_high < 0:
+        raise ValueError(f"objective.{section}.eps_low / eps_high must be >= 0")
+    if tis_cap is not None and tis_cap <= 0:
+        raise ValueError(f"objective.{section}.tis_cap must be > 0 or null (no rollout correction)")
+    if loss_agg_mode not in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
+        raise ValueError(f"objective.{section}.loss_agg_mode={loss_agg_mode!r}: use token-mean, "
+                         "seq-mean-token-sum or seq-mean-token-mean")
+
+
+def _resolve_kl_term(section: str, cfg) -> None:
+    """kl_estimator only means something with kl_coef > 0 (default k3 then); k1 is refused as a loss."""
+    if cfg.kl_coef < 0:
+        raise ValueError(f"objective.{section}.kl_coef must be >= 0")
+    if cfg.kl_coef == 0:
+        if cfg.kl_estimator is not None:
+            _refuse(section, "kl_estimator", cfg.kl_estimator, "without a KL term (kl_coef = 0)")
+        return
+    if (cfg.kl_estimator or "k3") not in KL_LOSS_ESTIMATORS:
+        raise ValueError(
+            f"objective.{section}.kl_estimator={cfg.kl_estimator!r}: use k2 or k3 as a loss term (k1's "
+            "gradient is zero in expectation, so a k1 KL term would not pull towards the reference)")
+
+
+@dataclass
+class GOPDConfig:
+    """G-OPD / ExOPD (objective.name: gopd): the token reward lam * log(pi_t / pi_ref) - log(pi / pi_ref)
+    as a policy-gradient advantage (estimator: sampled), or the exact per-token KL to the teacher over
+    the whole vocabulary or its top-k (estimator: full / topk)."""
 
     lam: float = 1.0
-    """G-OPD reward scale lambda: 1 = OPD; 1.25 = ExOPD; (0, 1) interpolation. lam != 1 needs a reference."""
+    """Reward scale lambda: 1 = OPD (no reference is run); 1.25 = ExOPD; (0, 1) interpolation.
+    lam != 1 runs a reference (default: the student's initial weights)."""
 
     reward_correction: bool = False
     """Reference = the teacher's pre-RL base model (strong-to-weak); `reference.checkpoint` must be it."""
 
-    eps_low: float = 0.2
-    """PPO clip below (ratio >= 1 - eps_low)."""
+    estimator: str = "sampled"
+    """"sampled": the log-ratio of the sampled token as a policy-gradient advantage (the papers');
+    "full": the exact per-token KL over the whole vocabulary, vocabulary-parallel (lam = 1 only);
+    "topk": the same KL restricted to the teacher's top-k tokens."""
 
-    eps_high: float = 0.28
-    """PPO clip above (ratio <= 1 + eps_high)."""
+    kl_direction: Optional[str] = None
+    """full / topk: "reverse" = KL(student || teacher) (default; what OPD minimises) or "forward"."""
+
+    top_k: Optional[int] = None
+    """topk: tokens of the teacher's distribution the KL is taken over (required there)."""
+
+    eps_low: Optional[float] = None
+    """sampled: PPO clip below (ratio >= 1 - eps_low); null = 0.2."""
+
+    eps_high: Optional[float] = None
+    """sampled: PPO clip above (ratio <= 1 + eps_high); null = 0.28."""
 
     dual_clip_c: Optional[float] = None
-    """Dual clip for negative advantages (e.g. 3.0); None disables."""
+    """sampled: dual clip for negative advantages (e.g. 3.0); null disables."""
 
     tis_cap: Optional[float] = 5.0
-    """Token-level truncated importance sampling cap C against vLLM log-probs; None disables."""
+    """Token-level truncated importance sampling cap C against the engine's log-probs; null disables."""
 
     loss_agg_mode: str = "token-mean"
     """"token-mean", "seq-mean-token-sum" or "seq-mean-token-mean" (global normalisation)."""
 
     kl_coef: float = 0.0
-    """Weight of an explicit KL(student || reference) loss term."""
+    """Weight of a KL(student || reference) loss term (> 0 runs the reference)."""
 
-    kl_estimator: str = "k3"
-    """KL estimator: k1, k2 or k3."""
+    kl_estimator: Optional[str] = None
+    """With kl_coef > 0: "k3" (default) or "k2"; k1 is refused (zero-mean gradient)."""
+
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (> 0 computes the student's entropy in the update)."""
+
+    def __post_init__(self):
+        if self.lam <= 0:
+            raise ValueError(f"objective.gopd.lam must be > 0, got {self.lam}")
+        if self.estimator not in GOPD_ESTIMATORS:
+            raise ValueError(f"objective.gopd.estimator={self.estimator!r}: use one of {GOPD_ESTIMATORS}")
+        _check_policy_loss("gopd", self.eps_low, self.eps_high, self.tis_cap, self.loss_agg_mode)
+        _resolve_kl_term("gopd", self)
+        if self.entropy_coef < 0:
+            raise ValueError("objective.gopd.entropy_coef must be >= 0")
+        if self.estimator == "sampled":
+            for name in ("kl_direction", "top_k"):
+                if getattr(self, name) is not None:
+                    _refuse("gopd", name, getattr(self, name), "by estimator=sampled (only full / topk)")
+            if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+                raise ValueError(f"objective.gopd.dual_clip_c must be > 1, got {self.dual_clip_c}")
+            return
+        for name in ("eps_low", "eps_high", "dual_clip_c"):  # no ratio: the KL is differentiated directly
+            if getattr(self, name) is not None:
+                _refuse("gopd", name, getattr(self, name), f"by estimator={self.estimator} (no PPO ratio: the "
+                        "exact KL is differentiated directly)")
+        if self.lam != 1.0:
+            raise ValueError(f"objective.gopd.estimator={self.estimator} is the exact KL to the teacher (lam = 1); "
+                             f"lam={self.lam} (a reference-scaled reward) needs estimator=sampled")
+        if self.kl_direction not in (None, "reverse", "forward"):
+            raise ValueError(f"objective.gopd.kl_direction={self.kl_direction!r}: use reverse or forward")
+        if self.estimator == "topk":
+            if self.top_k is None or self.top_k < 1:
+                raise ValueError("objective.gopd.estimator=topk needs objective.gopd.top_k >= 1 (e.g. 64)")
+        elif self.top_k is not None:
+            _refuse("gopd", "top_k", self.top_k, "by estimator=full (only topk)")
+
+    # Resolved values of the fields whose null means "the default where it applies" (the schema keeps
+    # null, so that a field set by a recipe can be told from one that was not).
+    @property
+    def clip(self) -> tuple[float, float]:
+        return (0.2 if self.eps_low is None else self.eps_low, 0.28 if self.eps_high is None else self.eps_high)
+
+    @property
+    def direction(self) -> str:
+        return self.kl_direction or "reverse"
+
+    @property
+    def kl_loss_estimator(self) -> str:
+        return self.kl_estimator or "k3"
+
+    def needs(self) -> ObjectiveNeeds:
+        return ObjectiveNeeds(teachers=True, reference=self.lam != 1.0 or self.kl_coef > 0,
+                              update_entropy=self.entropy_coef > 0,
+                              teacher_hidden=self.estimator != "sampled")
+
+
+@dataclass
+class REOPOLDConfig:
+    """REOPOLD (objective.name: reopold; reconstructed from secondary sources, every rule switchable):
+    the reward lp_t - lp_s floored at a mixture bound, tokens selected per phase — exploration (before
+    switch_step) by the floor or by |reward|, refinement by the student's entropy."""
+
+    mixture: Optional[float] = 0.2
+    """Mixture weight m of the reward floor (see floor_form); null = no floor."""
+
+    floor_form: str = "log_odds"
+    """The floor as a function of m: "log_odds" = log(m / (1 - m)) (-1.386 at m = 0.2) or
+    "log_m_scaled" = log(m) / (1 - m) (-2.012 at m = 0.2); secondary sources give both."""
+
+    refinement_beta: Optional[float] = 0.5
+    """Refinement phase: keep the tokens whose student entropy is in the top beta fraction of the
+    batch's response tokens; null keeps all."""
+
+    switch_step: Optional[int] = None
+    """Exploration -> refinement at this step; null = refinement throughout."""
+
+    exploration: Optional[str] = None
+    """Exploration rule (only with switch_step): "mask_below_floor" (default: tokens whose reward is
+    below the floor are dropped), "clamp" (raised to the floor, all kept) or "top_abs_reward" (clamped,
+    then the top exploration_beta fraction by |reward| kept)."""
+
+    exploration_beta: Optional[float] = None
+    """top_abs_reward: the fraction of tokens kept."""
+
+    eps_low: float = 0.2
+    """PPO clip below."""
+
+    eps_high: float = 0.28
+    """PPO clip above."""
+
+    tis_cap: Optional[float] = 5.0
+    """Token-level truncated importance sampling cap; null disables."""
+
+    loss_agg_mode: str = "token-mean"
+    """Loss aggregation (global normalisation; selected-out tokens count in the normaliser)."""
+
+    def __post_init__(self):
+        _check_policy_loss("reopold", self.eps_low, self.eps_high, self.tis_cap, self.loss_agg_mode)
+        if self.mixture is not None and not 0 < self.mixture < 1:
+            raise ValueError("objective.reopold.mixture must be in (0, 1) or null")
+        if self.floor_form not in REOPOLD_FLOOR_FORMS:
+            raise ValueError(f"objective.reopold.floor_form={self.floor_form!r}: use one of {REOPOLD_FLOOR_FORMS}")
+        if self.refinement_beta is not None and not 0 < self.refinement_beta <= 1:
+            raise ValueError("objective.reopold.refinement_beta must be in (0, 1] or null")
+        if self.switch_step is None:
+            for name in ("exploration", "exploration_beta"):
+                if getattr(self, name) is not None:
+                    _refuse("reopold", name, getattr(self, name), "without an exploration phase (set "
+                            "objective.reopold.switch_step)")
+            return
+        if self.switch_step < 0:
+            raise ValueError("objective.reopold.switch_step must be >= 0")
+        rule = self.exploration_rule
+        if rule not in REOPOLD_EXPLORATION_RULES:
+            raise ValueError(f"objective.reopold.exploration={rule!r}: use one of {REOPOLD_EXPLORATION_RULES}")
+        if rule in ("mask_below_floor", "clamp") and self.mixture is None:
+            raise ValueError(f"objective.reopold.exploration={rule} needs a floor: set "
+                             "objective.reopold.mixture (e.g. 0.2)")
+        if rule == "top_abs_reward":
+            if self.exploration_beta is None or not 0 < self.exploration_beta <= 1:
+                raise ValueError("objective.reopold.exploration=top_abs_reward needs exploration_beta in (0, 1]")
+        elif self.exploration_beta is not None:
+            _refuse("reopold", "exploration_beta", self.exploration_beta,
+                    f"by exploration={rule} (only top_abs_reward)")
+
+    @property
+    def exploration_rule(self) -> str:
+        return self.exploration or "mask_below_floor"
+
+    def needs(self) -> ObjectiveNeeds:
+        # pi_old's log-probs (the reward) and entropies (refinement) for the batch-level selection
+        return ObjectiveNeeds(teachers=True, old_policy=True)
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO baseline (objective.name: grpo): verifier rewards, advantages normalised within each
+    prompt's group of rollout.n samples, the same clipped policy loss; no teacher."""
+
+    normalize_std: bool = True
+    """Divide by the group's reward std (GRPO); false = mean-centred only (Dr. GRPO)."""
+
+    eps_low: float = 0.2
+    """PPO clip below."""
+
+    eps_high: float = 0.28
+    """PPO clip above."""
+
+    dual_clip_c: Optional[float] = None
+    """Dual clip for negative advantages; null disables."""
+
+    tis_cap: Optional[float] = 5.0
+    """Token-level truncated importance sampling cap; null disables."""
+
+    loss_agg_mode: str = "token-mean"
+    """Loss aggregation (global normalisation)."""
+
+    kl_coef: float = 0.0
+    """Weight of a KL(student || reference) loss term (> 0 runs the reference)."""
+
+    kl_estimator: Optional[str] = None
+    """With kl_coef > 0: "k3" (default) or "k2"."""
 
     entropy_coef: float = 0.0
     """Entropy bonus weight."""
 
-    reward_clip_mixture: Optional[float] = 0.2
-    """REOPOLD: mixture weight m of the reward floor log(m / (1 - m)); None disables clipping."""
+    def __post_init__(self):
+        _check_policy_loss("grpo", self.eps_low, self.eps_high, self.tis_cap, self.loss_agg_mode)
+        _resolve_kl_term("grpo", self)
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+            raise ValueError(f"objective.grpo.dual_clip_c must be > 1, got {self.dual_clip_c}")
+        if self.entropy_coef < 0:
+            raise ValueError("objective.grpo.entropy_coef must be >= 0")
 
-    entropy_top_beta: Optional[float] = 0.5
-    """REOPOLD: keep tokens whose student entropy is in the top beta fraction; None keeps all."""
+    @property
+    def kl_loss_estimator(self) -> str:
+        return self.kl_estimator or "k3"
 
-    switch_step: Optional[int] = None
-    """REOPOLD: exploration -> refinement switch step; None = refinement (entropy selection) throughout."""
+    def needs(self) -> ObjectiveNeeds:
+        return ObjectiveNeeds(teachers=False, reference=self.kl_coef > 0, update_entropy=self.entropy_coef > 0,
+                              outcome_rewards=True)
+
+
+OBJECTIVE_SECTIONS = {"gopd": GOPDConfig, "reopold": REOPOLDConfig, "grpo": GRPOConfig}
+
+#: Flat keys of the earlier ObjectiveConfig -> where they live now (a recipe using one gets told).
+MOVED_OBJECTIVE_KEYS = {
+    "lam": "gopd.lam", "reward_correction": "gopd.reward_correction", "eps_low": "<name>.eps_low",
+    "eps_high": "<name>.eps_high", "dual_clip_c": "<name>.dual_clip_c", "tis_cap": "<name>.tis_cap",
+    "loss_agg_mode": "<name>.loss_agg_mode", "kl_coef": "<name>.kl_coef",
+    "kl_estimator": "<name>.kl_estimator", "entropy_coef": "<name>.entropy_coef",
+    "reward_clip_mixture": "reopold.mixture", "entropy_top_beta": "reopold.refinement_beta",
+    "switch_step": "reopold.switch_step",
+}
+
+
+@dataclass
+class ObjectiveConfig:
+    """Which objective trains the student (`name`) and its own section; the sections of the other
+    objectives must be absent (a recipe inheriting one sets it to null)."""
+
+    name: str = "gopd"
+    """"gopd" (OPD / ExOPD / reward correction / multi-teacher / exact KL), "reopold" or "grpo"."""
+
+    gopd: Optional[GOPDConfig] = None
+    """Settings of objective.name=gopd (defaults when absent)."""
+
+    reopold: Optional[REOPOLDConfig] = None
+    """Settings of objective.name=reopold (defaults when absent)."""
+
+    grpo: Optional[GRPOConfig] = None
+    """Settings of objective.name=grpo (defaults when absent)."""
 
     def __post_init__(self):
-        if self.name not in ("gopd", "reopold"):
-            raise ValueError(f"objective.name={self.name!r}: use 'gopd' or 'reopold'")
-        if self.lam <= 0:
-            raise ValueError(f"objective.lam must be > 0, got {self.lam}")
-        if self.loss_agg_mode not in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
-            raise ValueError(f"objective.loss_agg_mode={self.loss_agg_mode!r} is not a known mode")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"objective.kl_estimator={self.kl_estimator!r}: use k1, k2 or k3")
-        if self.entropy_top_beta is not None and not 0 < self.entropy_top_beta <= 1:
-            raise ValueError("objective.entropy_top_beta must be in (0, 1]")
-        if self.reward_clip_mixture is not None and not 0 < self.reward_clip_mixture < 1:
-            raise ValueError("objective.reward_clip_mixture must be in (0, 1)")
-        if self.eps_low < 0 or self.eps_high < 0:
-            raise ValueError("objective.eps_low / eps_high must be >= 0")
+        if self.name not in OBJECTIVE_SECTIONS:
+            raise ValueError(f"objective.name={self.name!r}: use one of {tuple(OBJECTIVE_SECTIONS)}")
+        for other in OBJECTIVE_SECTIONS:
+            if other != self.name and getattr(self, other) is not None:
+                raise ValueError(
+                    f"objective.{other} is set but objective.name={self.name}: its settings would be "
+                    f"ignored. Remove objective.{other} (a recipe inheriting it: `{other}: null`) or set "
+                    f"objective.name={other}")
+    @property
+    def settings(self):
+        """The chosen objective's section (its defaults when the recipe gives none)."""
+        return getattr(self, self.name) or OBJECTIVE_SECTIONS[self.name]()
+
+    def needs(self) -> ObjectiveNeeds:
+        return self.settings.needs()
 
 
 @dataclass
@@ -349,7 +620,10 @@ class OPDConfig:
     """Cluster placement (launch/)."""
 
     def __post_init__(self):
-        if not self.teachers and _REQUIRE_TEACHERS.get():
+        needs, name = self.objective.needs(), self.objective.name
+        if not needs.teachers and self.teachers:
+            raise ValueError(f"teachers: objective.name={name} uses no teacher; remove them (teachers: [])")
+        if needs.teachers and not self.teachers and _REQUIRE_TEACHERS.get():
             raise ValueError("teachers: at least one teacher is required (teachers: [{checkpoint: ...}])")
         if len(self.teachers) > 1:
             domains = [t.domain for t in self.teachers]
@@ -358,16 +632,27 @@ class OPDConfig:
                     "teachers: with several teachers each needs a distinct `domain` "
                     f"(got {domains})"
                 )
-        if self.objective.lam != 1.0 and self.objective.reward_correction and (
-                self.reference is None or self.reference.checkpoint is None):
+            if needs.teacher_hidden:
+                raise ValueError("objective.gopd.estimator=full/topk takes one teacher's LM head; routed "
+                                 "multi-teacher runs use estimator=sampled")
+        if self.reference is not None and not needs.reference and _REQUIRE_TEACHERS.get():
             raise ValueError(
-                "objective.reward_correction=true needs reference.checkpoint = the teacher's pre-RL base"
-            )
-        if self.objective.name == "gopd" and self.objective.lam == 1.0 and self.objective.reward_correction:
-            raise ValueError(
-                "objective.reward_correction has no effect at objective.lam=1 (the reference cancels); "
-                "set objective.lam (e.g. 1.25)"
-            )
+                f"reference is set but objective.name={name} with these settings runs no reference (G-OPD: "
+                "lam = 1 cancels it; a KL term needs kl_coef > 0); remove it (reference: null)")
+        gopd = self.objective.settings if name == "gopd" else None
+        if gopd is not None and gopd.reward_correction:
+            if gopd.lam == 1.0:
+                raise ValueError("objective.gopd.reward_correction has no effect at lam = 1 (the reference "
+                                 "cancels); set objective.gopd.lam (e.g. 1.25)")
+            if self.reference is None or self.reference.checkpoint is None:
+                raise ValueError("objective.gopd.reward_correction=true needs reference.checkpoint = the "
+                                 "teacher's pre-RL base")
+        if needs.teacher_hidden and self.train.logprob_impl == "logits":
+            raise ValueError("train.logprob_impl=logits: objective.gopd.estimator=full/topk computes the KL from "
+                             "both models' hidden states and LM heads; use auto or fused")
+        if needs.outcome_rewards and self.rollout.n < 2:
+            raise ValueError(f"objective.name={name} normalises rewards within each prompt's samples: set "
+                             "rollout.n >= 2 (e.g. 8)")
         if self.optim.lr_warmup_steps >= self.train.steps:
             raise ValueError(
                 f"optim.lr_warmup_steps={self.optim.lr_warmup_steps} must be below "
@@ -387,8 +672,8 @@ class OPDConfig:
 
     @property
     def needs_reference(self) -> bool:
-        """lam = 1 makes the reference cancel: no reference forward pass is run."""
-        return self.objective.name == "gopd" and self.objective.lam != 1.0 or self.objective.kl_coef > 0
+        """Whether the objective runs a reference model (G-OPD: lam != 1 or a KL term)."""
+        return self.objective.needs().reference
 
 
 def _resolve_spec_paths(cfg, recipe_dir: Path) -> None:
@@ -451,13 +736,29 @@ def merged_config(path: Optional[str | Path] = None, overrides: Optional[list[st
 
     try:
         merged = OmegaConf.structured(OPDConfig)
-        if path is not None:
-            merged = OmegaConf.merge(merged, _load_yaml_chain(Path(path)))
+        layers = [_load_yaml_chain(Path(path))] if path is not None else []
         if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for layer in layers:
+            _refuse_moved_objective_keys(layer)
+            merged = OmegaConf.merge(merged, layer)
         return merged
     except OmegaConfBaseException as exc:
         raise ValueError(f"config error: {exc}") from None
+
+
+def _refuse_moved_objective_keys(layer) -> None:
+    """A recipe written for the flat objective section (objective.lam, ...) gets told where each key
+    lives now instead of OmegaConf's bare "key not in ObjectiveConfig"."""
+    objective = layer.get("objective") if hasattr(layer, "get") else None
+    if not hasattr(objective, "keys"):
+        return
+    for key in objective.keys():
+        if key in MOVED_OBJECTIVE_KEYS:
+            name = objective.get("name", "gopd")
+            raise ValueError(f"objective.{key}: each objective has its own section now; use "
+                             f"objective.{MOVED_OBJECTIVE_KEYS[key].replace('<name>', str(name))} "
+                             "(README, configuration reference)")
 
 
 def config_to_dict(cfg: OPDConfig) -> dict[str, Any]:

@@ -201,7 +201,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     _run([py, "-m", "megatron_opd.cli", "eval", "--config", str(DEMO_RECIPE), "--checkpoint", str(teacher),
           "--output", str(teacher_eval), *common], out / "teacher_eval.log")
     results = {"teacher_acc": json.loads(teacher_eval.read_text())["eval/accuracy"]}
-    runs = {"opd": ["objective.lam=1.0"], "exopd": ["objective.lam=1.25"]}
+    runs = {"opd": ["objective.gopd.lam=1.0"], "exopd": ["objective.gopd.lam=1.25"]}
     curves = {}
     for name, extra in runs.items():
         run_dir = out / name

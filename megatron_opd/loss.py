@@ -1,67 +1,212 @@
-"""Glue between the trainer's micro-batches and the pure objectives (megatron_opd.objectives).
+"""The objective interface the training loop is written against, and its three implementations.
 
-A micro-batch dict carries, on the last pipeline stage: "mask", "teacher_logprobs", optionally
-"reference_logprobs", "old_logprobs", "old_entropy", "rollout_logprobs", "token_select", and the
-step's global counts "global_tokens" / "global_seqs".
+An objective declares what it needs from a step (`needs`: which frozen models run, whether pi_old is
+scored before the first update, entropy, outcome rewards, the teacher's hidden states), may do
+batch-level work once the batch is scored (`prepare`: REOPOLD's token selection, GRPO's group
+advantages), and turns one micro-batch's student outputs into `(loss, metrics)`. The loop asks; it
+never looks at an objective's name. The maths lives in `megatron_opd.objectives` (pure torch).
+
+A micro-batch dict carries, on the last pipeline stage: "input_ids", "mask" [b, s], "rollout_logprobs",
+the step's global counts "global_tokens" / "global_seqs", and what `needs` asked for:
+"teacher_logprobs", "reference_logprobs", "old_logprobs" / "old_entropy", "outcome_rewards" / "group" [b],
+"teacher_hidden" [n, H_t] / "teacher_lm_head" [V/tp, H_t].
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from megatron_opd.config import ObjectiveConfig
-from megatron_opd.objectives import gopd_loss, reopold_loss
-from megatron_opd.objectives.reopold import clipped_reward, phase, select_tokens
+from megatron_opd.config import GOPDConfig, GRPOConfig, ObjectiveConfig, ObjectiveNeeds, REOPOLDConfig
+from megatron_opd.objectives import gopd_loss, group_advantages, grpo_loss, reopold_loss
+from megatron_opd.objectives.kl import kl_estimate
+from megatron_opd.objectives.policy_loss import (aggregate_loss, masked_mean, masked_std,
+                                                 truncated_is_weights)
+from megatron_opd.objectives.reopold import clipped_reward, phase, reward_floor, select_tokens
 from megatron_opd.rollout.monitor import logprob_gap
 
 
-def objective_loss(cfg: ObjectiveConfig, mb: dict, logprobs: torch.Tensor,
-                   entropy: Optional[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
-    """The configured objective's loss for one micro-batch (`logprobs` [b, s] with grad)."""
-    common = dict(
-        old_logprobs=mb.get("old_logprobs"),
-        rollout_logprobs=mb.get("rollout_logprobs"),
-        eps_low=cfg.eps_low, eps_high=cfg.eps_high, tis_cap=cfg.tis_cap,
-        loss_agg_mode=cfg.loss_agg_mode,
-        num_tokens=mb["global_tokens"], num_seqs=mb["global_seqs"],
-    )
-    if cfg.name == "gopd":
-        loss, metrics = gopd_loss(
-            logprobs, mb["teacher_logprobs"], mb["mask"], lam=cfg.lam,
-            ref_logprobs=mb.get("reference_logprobs"), dual_clip_c=cfg.dual_clip_c,
-            kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
-            entropy=entropy, entropy_coef=cfg.entropy_coef, **common)
-    else:
+@dataclass
+class StudentOutputs:
+    """What the update's forward pass gives an objective for one micro-batch."""
+
+    logprobs: torch.Tensor
+    """[b, s] log p(sampled token) at the response positions, with grad (0 elsewhere)."""
+
+    entropy: Optional[torch.Tensor] = None
+    """[b, s] entropy of the next-token distribution (needs.update_entropy)."""
+
+    hidden: Optional[torch.Tensor] = None
+    """[n, H] final hidden states at the n response positions, with grad (needs.teacher_hidden)."""
+
+    lm_head: Optional[torch.Tensor] = None
+    """[V/tp, H] this rank's LM-head rows, the trainable parameter (needs.teacher_hidden)."""
+
+
+class Objective:
+    """Base: what a step must provide, batch-level preparation, and the micro-batch loss."""
+
+    needs: ObjectiveNeeds = ObjectiveNeeds()
+
+    def prepare(self, micro: list[dict], step: int, dp_group=None) -> dict:
+        """Batch-level work after scoring, before the first update (every micro-batch of this replica;
+        `dp_group` spans the replicas). Returns metrics."""
+        return {}
+
+    def loss(self, mb: dict, out: StudentOutputs, step: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+
+class GOPDObjective(Objective):
+    """G-OPD / ExOPD: the sampled-token reward as a clipped policy-gradient advantage, or the exact
+    per-token KL to the teacher over the vocabulary (estimator full / topk)."""
+
+    def __init__(self, cfg: GOPDConfig, tp_group=None, vocab_size: Optional[int] = None):
+        self.cfg, self.tp_group, self.vocab_size = cfg, tp_group, vocab_size
+        self.needs = cfg.needs()
+
+    def loss(self, mb, out, step):
+        cfg = self.cfg
+        if cfg.estimator == "sampled":
+            eps_low, eps_high = cfg.clip
+            return gopd_loss(
+                out.logprobs, mb["teacher_logprobs"], mb["mask"], lam=cfg.lam,
+                ref_logprobs=mb.get("reference_logprobs"), old_logprobs=mb.get("old_logprobs"),
+                rollout_logprobs=mb.get("rollout_logprobs"), eps_low=eps_low, eps_high=eps_high,
+                dual_clip_c=cfg.dual_clip_c, tis_cap=cfg.tis_cap, loss_agg_mode=cfg.loss_agg_mode,
+                num_tokens=mb["global_tokens"], num_seqs=mb["global_seqs"], kl_coef=cfg.kl_coef,
+                kl_estimator=cfg.kl_loss_estimator, entropy=out.entropy, entropy_coef=cfg.entropy_coef)
+        return self._exact_kl_loss(mb, out)
+
+    def _exact_kl_loss(self, mb, out):
+        from megatron_opd.vocab_kl import vocab_parallel_kl
+
+        cfg = self.cfg
+        mask = mb["mask"].bool()  # [b, s]
+        kl = vocab_parallel_kl(out.hidden, out.lm_head, mb["teacher_hidden"], mb["teacher_lm_head"],
+                               self.tp_group, self.vocab_size, cfg.direction, cfg.top_k)  # [n]
+        per_token = torch.zeros(mask.shape, dtype=kl.dtype, device=kl.device).masked_scatter(mask, kl)
+        m = mask.to(per_token.dtype)
+        metrics = {"kl/student_teacher_exact": masked_mean(per_token.detach(), m).item()}
+        old = mb.get("old_logprobs", out.logprobs.detach())
+        if cfg.tis_cap is not None and mb.get("rollout_logprobs") is not None:
+            # the positions were sampled by the engine: reweight each token's KL as the sampled path does
+            w = truncated_is_weights(old, mb["rollout_logprobs"], cfg.tis_cap)
+            per_token = per_token * w
+            metrics["tis_weight_mean"] = masked_mean(w, m).item()
+        if cfg.kl_coef:
+            per_token = per_token + cfg.kl_coef * kl_estimate(out.logprobs, mb["reference_logprobs"],
+                                                              cfg.kl_loss_estimator)
+        if cfg.entropy_coef:
+            per_token = per_token - cfg.entropy_coef * out.entropy
+        loss = aggregate_loss(per_token, m, cfg.loss_agg_mode, mb["global_tokens"], mb["global_seqs"])
+        with torch.no_grad():
+            reward = mb["teacher_logprobs"] - old
+            metrics.update({"reward/mean": masked_mean(reward, m).item(),
+                            "reward/std": masked_std(reward, m).item(),
+                            "kl/student_teacher": masked_mean(-reward, m).item()})
+            if out.entropy is not None:
+                metrics["entropy"] = masked_mean(out.entropy.detach(), m).item()
+        return loss, metrics
+
+
+class REOPOLDObjective(Objective):
+    """REOPOLD: floored reward, tokens selected per phase over the whole batch before the update."""
+
+    def __init__(self, cfg: REOPOLDConfig):
+        self.cfg = cfg
+        self.needs = cfg.needs()
+
+    def prepare(self, micro, step, dp_group=None):
+        """mb["token_select"] for every micro-batch: the phase's rule over all of this step's tokens
+        (all micro-batches, and the data-parallel replicas through `dp_group`)."""
+        if not micro or "old_logprobs" not in micro[0]:
+            return {}  # not the last pipeline stage
+        cfg = self.cfg
+        widths = [mb["mask"].shape[1] for mb in micro]
+        width = max(widths)
+
+        def cat(key):  # [rows of every micro-batch, width]
+            return torch.cat([torch.nn.functional.pad(mb[key].float(), (0, width - mb[key].shape[1]))
+                              for mb in micro])
+
+        floor = reward_floor(cfg.mixture, cfg.floor_form) if cfg.mixture is not None else None
+        current = phase(step, cfg.switch_step)
+        keep = select_tokens(cat("teacher_logprobs") - cat("old_logprobs"), cat("old_entropy"), cat("mask"),
+                             current, floor=floor, exploration=cfg.exploration_rule,
+                             exploration_beta=cfg.exploration_beta, refinement_beta=cfg.refinement_beta,
+                             group=dp_group)
+        row = 0
+        for mb, w in zip(micro, widths):
+            b = mb["mask"].shape[0]
+            mb["token_select"] = keep[row:row + b, :w]
+            row += b
+        return {}
+
+    def loss(self, mb, out, step):
+        cfg = self.cfg
         loss, metrics = reopold_loss(
-            logprobs, mb["teacher_logprobs"], mb["mask"], step=step,
-            entropy=mb.get("old_entropy"), reward_clip_mixture=cfg.reward_clip_mixture,
-            entropy_top_beta=cfg.entropy_top_beta, switch_step=cfg.switch_step,
-            token_select_mask=mb.get("token_select"), **common)
-    # Trainer vs vLLM log-probs on this micro-batch's tokens, free: the forward pass already ran.
+            out.logprobs, mb["teacher_logprobs"], mb["mask"], mb["token_select"],
+            old_logprobs=mb["old_logprobs"], rollout_logprobs=mb.get("rollout_logprobs"),
+            reward_clip_mixture=cfg.mixture, floor_form=cfg.floor_form, eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high, tis_cap=cfg.tis_cap, loss_agg_mode=cfg.loss_agg_mode,
+            num_tokens=mb["global_tokens"], num_seqs=mb["global_seqs"])
+        metrics["reopold/phase"] = float(phase(step, cfg.switch_step) == "refinement")
+        metrics["entropy"] = masked_mean(mb["old_entropy"], mb["mask"].to(mb["old_entropy"].dtype)).item()
+        return loss, metrics
+
+
+class GRPOObjective(Objective):
+    """GRPO from verifier rewards: group-normalised advantages (each prompt's rollout.n samples)."""
+
+    def __init__(self, cfg: GRPOConfig):
+        self.cfg = cfg
+        self.needs = cfg.needs()
+
+    def prepare(self, micro, step, dp_group=None):
+        """mb["advantages"] [b]. A prompt's samples all live on one replica (prompts are split over
+        replicas whole), so the groups are complete here; token budgets may reorder rows, hence ids."""
+        if not micro:
+            return {}
+        rewards = torch.cat([mb["outcome_rewards"] for mb in micro])
+        groups = torch.cat([mb["group"] for mb in micro])
+        adv = group_advantages(rewards.cpu(), groups.cpu(), self.cfg.normalize_std)
+        row = 0
+        for mb in micro:
+            b = mb["outcome_rewards"].shape[0]
+            mb["advantages"] = adv[row:row + b].to(mb["outcome_rewards"].device)
+            row += b
+        return {}
+
+    def loss(self, mb, out, step):
+        cfg = self.cfg
+        loss, metrics = grpo_loss(
+            out.logprobs, mb["advantages"], mb["mask"], old_logprobs=mb.get("old_logprobs"),
+            rollout_logprobs=mb.get("rollout_logprobs"), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+            dual_clip_c=cfg.dual_clip_c, tis_cap=cfg.tis_cap, ref_logprobs=mb.get("reference_logprobs"),
+            kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_loss_estimator, entropy=out.entropy,
+            entropy_coef=cfg.entropy_coef, loss_agg_mode=cfg.loss_agg_mode,
+            num_tokens=mb["global_tokens"], num_seqs=mb["global_seqs"])
+        metrics["reward/mean"] = float(mb["outcome_rewards"].float().mean())
+        return loss, metrics
+
+
+def build_objective(cfg: ObjectiveConfig, tp_group=None, vocab_size: Optional[int] = None) -> Objective:
+    """The configured objective (`tp_group` and `vocab_size` serve the exact-KL estimators)."""
+    settings = cfg.settings
+    if isinstance(settings, GOPDConfig):
+        return GOPDObjective(settings, tp_group, vocab_size)
+    if isinstance(settings, REOPOLDConfig):
+        return REOPOLDObjective(settings)
+    return GRPOObjective(settings)
+
+
+def objective_loss(objective: Objective, mb: dict, out: StudentOutputs, step: int) -> tuple[torch.Tensor, dict]:
+    """The objective's loss for one micro-batch, plus the trainer-vs-engine log-prob gap on its tokens
+    (free: the forward pass already ran)."""
+    loss, metrics = objective.loss(mb, out, step)
     if mb.get("rollout_logprobs") is not None:
-        metrics.update(logprob_gap(logprobs.detach(), mb["rollout_logprobs"], mb["mask"]))
+        metrics.update(logprob_gap(out.logprobs.detach(), mb["rollout_logprobs"], mb["mask"]))
     return loss, metrics
-
-
-def select_reopold_tokens(cfg: ObjectiveConfig, micro: list[dict], step: int, group=None) -> None:
-    """REOPOLD's token selection over the whole rollout batch (all micro-batches, and DP ranks via
-    `group`), stored as mb["token_select"]. Needs pi_old log-probs and entropies (last PP stage)."""
-    if not micro or "old_logprobs" not in micro[0]:
-        return
-    widths = [mb["mask"].shape[1] for mb in micro]
-    S = max(widths)
-
-    def cat(key, fill=0.0):
-        return torch.cat([torch.nn.functional.pad(mb[key].float(), (0, S - mb[key].shape[1]), value=fill)
-                          for mb in micro])
-
-    mask = cat("mask")
-    reward, _ = clipped_reward(cat("old_logprobs"), cat("teacher_logprobs"), cfg.reward_clip_mixture)
-    keep = select_tokens(reward, cat("old_entropy"), mask, cfg.entropy_top_beta, phase(step, cfg.switch_step), group)
-    row = 0
-    for mb, w in zip(micro, widths):
-        b = mb["mask"].shape[0]
-        mb["token_select"] = keep[row:row + b, :w]
-        row += b

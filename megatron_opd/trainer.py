@@ -3,8 +3,10 @@
 Each step:
     1. rollout     the student's current weights in vLLM sample responses to a batch of prompts
     2. score       teacher(s) [and reference, only when lam != 1] give log p(sampled token), vocab-parallel
-    3. update      the objective (G-OPD/ExOPD/REOPOLD) turns the log-ratios into advantages; Megatron
-                   forward/backward over micro-batches; optimizer step (several mini-batches optional)
+    3. update      the objective (loss.Objective: G-OPD/ExOPD, REOPOLD, GRPO) turns the scores into a
+                   loss; Megatron forward/backward over micro-batches; optimizer step (several
+                   mini-batches optional). The loop provides what the objective's `needs` ask for and
+                   never looks at its name.
     4. refit       the new student weights stream into the live vLLM engine
     5. evaluate / checkpoint / log
 
@@ -44,7 +46,8 @@ class StepBatch:
     response_mask: torch.Tensor  # [B, S-1] 1 where position t predicts a response token t+1
     rollout_logprobs: torch.Tensor  # [B, S-1] vLLM's log p of token t+1 (0 outside the mask)
     teacher_index: torch.Tensor  # [B] which teacher scores each sample (multi-teacher routing)
-    rewards: torch.Tensor  # [B] outcome reward of each response (verifier), for metrics
+    rewards: torch.Tensor  # [B] outcome reward of each response (verifier)
+    groups: torch.Tensor  # [B] which prompt of the replica's share each sample answers
     response_lengths: torch.Tensor  # [B]
     seq_lengths: torch.Tensor  # [B] prompt + response tokens of each row
 
@@ -131,8 +134,14 @@ class OPDTrainer:
                 "train.micro_batch_size rows) or use ETP x EP <= TP")
         from megatron_opd.models.forward import resolve_logprob_impl
 
+        from megatron_opd.loss import build_objective
+
+        self.objective = build_objective(cfg.objective, tp_group=parallel.tp_group(),
+                                         vocab_size=self.spec.vocab_size)
         self.logprob_impl = resolve_logprob_impl(
             cfg.train.logprob_impl, self.spec.vocab_size // cfg.parallel.tensor_model_parallel_size)
+        if self.objective.needs.teacher_hidden:  # the exact KL runs the LM heads itself (config refuses logits)
+            self.logprob_impl = "fused"
         self.teacher_sequences = 0
         """Sequences pushed through teacher forwards in the current step (routing: each sample once)."""
         self.preempt = PreemptionFlag().install()
@@ -261,7 +270,7 @@ class OPDTrainer:
         # 2. micro-batches on the device; score with the frozen models
         with self.phase("score", timings):
             micro = self.micro_batches(batch)
-            self.score(micro)
+            prepare_metrics = self.score(micro)
         self._abandon_if_preempted()
 
         # 3. update: one optimizer step per mini-batch
@@ -283,7 +292,7 @@ class OPDTrainer:
         timings["time/step"] = time.perf_counter() - t0
         tokens = int(batch.response_mask.sum().item())
         return {
-            **rollout_metrics, **update_metrics, **timings, **refit_stats, **platform.memory_stats(),
+            **rollout_metrics, **prepare_metrics, **update_metrics, **timings, **refit_stats, **platform.memory_stats(),
             "throughput/tokens_per_s": tokens / max(timings["time/step"], 1e-9),
             "lr": self.optimizer.param_groups[0]["lr"],
             "skipped_steps": self.skipped_steps,
@@ -352,6 +361,8 @@ class OPDTrainer:
                     "mask": batch.response_mask[idx, :width - 1],
                     "rollout_logprobs": batch.rollout_logprobs[idx, :width - 1],
                     "teacher_index": batch.teacher_index[idx],
+                    "outcome_rewards": batch.rewards[idx],
+                    "group": batch.groups[idx],
                     "mini": m,
                 }
                 micro.append(platform.to_device(mb))  # the one host -> device move of the step's data
@@ -364,12 +375,15 @@ class OPDTrainer:
 
     @torch.no_grad()
     def score(self, micro: list[dict]) -> None:
-        """Attach teacher (and reference / old-student) log-probs to each micro-batch (last PP stage).
+        """Attach what the objective needs to each micro-batch (last PP stage): teacher log-probs (and
+        hidden states for the exact KL), reference log-probs, pi_old log-probs and entropies; then the
+        objective's batch-level preparation.
 
         With several teachers each scores only the samples routed to it (its rows of every
         micro-batch), so K teachers cost one teacher's compute, not K. Where expert groups span
         replicas (every replica must run the same forwards) each teacher scores every sample and the
         routed one is selected."""
+        needs = self.objective.needs
         self.teacher_sequences = 0
         routed = len(self.teachers) > 1 and not self.experts_span_replicas
         for k, teacher in enumerate(self.teachers):
@@ -381,7 +395,11 @@ class OPDTrainer:
                 inputs = micro
             self.teacher_sequences += sum(int(mb["input_ids"].shape[0]) for mb in inputs)
             with self.on_device(f"teachers[{k}]", teacher, self.cfg.teachers[k].offload):
-                outs = self.run_logprobs(teacher, inputs)
+                outs = self.run_logprobs(teacher, inputs, hidden=needs.teacher_hidden)
+                if needs.teacher_hidden:  # a copy: an offloaded teacher's weights leave the device
+                    from megatron_opd.models.forward import lm_head_weight
+
+                    teacher_lm_head = lm_head_weight(teacher).detach().clone()
             for i, out in enumerate(outs):  # last pipeline stage only
                 if routed:
                     mb, rows = parts[i]
@@ -391,33 +409,33 @@ class OPDTrainer:
                     mb, lp = micro[i], out["logprobs"]
                     mb["teacher_logprobs"] = lp if k == 0 else torch.where(
                         (mb["teacher_index"] == k)[:, None], lp, mb["teacher_logprobs"])
+                if needs.teacher_hidden:  # one teacher (config): [n, H_t] at the response positions
+                    mb["teacher_hidden"], mb["teacher_lm_head"] = out["hidden"], teacher_lm_head
         if self.reference is not None:
             with self.on_device("reference", self.reference, self.cfg.reference.offload):
                 outs = self.run_logprobs(self.reference, micro)
             for mb, out in zip(micro, outs):
                 mb["reference_logprobs"] = out["logprobs"]
-        # pi_old: needed when one rollout batch feeds several updates, and for REOPOLD's entropy mask
+        # pi_old: needed when one rollout batch feeds several updates, and for a batch-level selection
         # (which must be known for the whole batch before the first update). Otherwise the update's
         # own forward pass provides it (detached), saving a full forward.
-        if self.cfg.train.mini_batches > 1 or self.cfg.objective.name == "reopold":
+        if self.cfg.train.mini_batches > 1 or needs.old_policy:
             outs = self.run_logprobs(self.student, micro, entropy=True)
             for mb, out in zip(micro, outs):
                 mb["old_logprobs"], mb["old_entropy"] = out["logprobs"], out["entropy"]
-        if self.cfg.objective.name == "reopold":
-            from megatron_opd.loss import select_reopold_tokens
+        return self.objective.prepare(micro, self.step, parallel.dp_group())
 
-            select_reopold_tokens(self.cfg.objective, micro, self.step, parallel.dp_group())
-
-    def run_logprobs(self, model, micro: list[dict], entropy: bool = False) -> list[dict]:
-        """Forward-only log-probs (and entropy) of the response tokens of each micro-batch (last
-        pipeline stage; [] elsewhere)."""
+    def run_logprobs(self, model, micro: list[dict], entropy: bool = False, hidden: bool = False) -> list[dict]:
+        """Forward-only log-probs (and entropy, and the final hidden states [n, H] at the response
+        positions) of each micro-batch (last pipeline stage; [] elsewhere)."""
         from megatron_opd.models import forward
 
         def fn(mb, out):  # out: [b, s, H] hidden states (fused) or [b, s, V/tp] logits
             lp, ent = forward.response_logprobs(
                 model, out, mb, self.logprob_impl, tp_group=parallel.tp_group(),
                 valid_vocab_size=self.spec.vocab_size, compute_entropy=entropy)  # [b, s-1]
-            return out.new_zeros(()), {"logprobs": lp, "entropy": ent}
+            extra = {"hidden": out[:, :-1][mb["mask"].bool()]} if hidden else {}
+            return out.new_zeros(()), {"logprobs": lp, "entropy": ent, **extra}
 
         return forward.run_micro_batches(model, micro, fn, forward_only=True, output=self._output())
 
@@ -454,11 +472,11 @@ class OPDTrainer:
     # 3. update
     # ------------------------------------------------------------------------------------------
     def update(self, micro: list[dict]) -> dict:
+        from megatron_opd.loss import StudentOutputs, objective_loss
         from megatron_opd.models import forward
-        from megatron_opd.loss import objective_loss
 
         cfg = self.cfg
-        need_entropy = cfg.objective.entropy_coef > 0  # REOPOLD's entropy is pi_old's, from `score`
+        needs = self.objective.needs
         all_metrics: list[dict] = []
         for m in sorted({mb["mini"] for mb in micro}):
             mini = [mb for mb in micro if mb["mini"] == m]
@@ -470,7 +488,7 @@ class OPDTrainer:
             def loss_fn(mb, out):
                 lp, ent = forward.response_logprobs(
                     self.student, out, mb, self.logprob_impl, tp_group=parallel.tp_group(),
-                    valid_vocab_size=self.spec.vocab_size, compute_entropy=need_entropy,
+                    valid_vocab_size=self.spec.vocab_size, compute_entropy=needs.update_entropy,
                 )  # [b, s-1]
                 finite = bool(torch.isfinite(lp).all())
                 if not finite:
@@ -480,7 +498,11 @@ class OPDTrainer:
                     # graph (the schedule backpropagates) but multiplied by 0.
                     lp = torch.nan_to_num(lp, 0.0, 0.0, 0.0)
                     ent = torch.nan_to_num(ent, 0.0, 0.0, 0.0) if ent is not None else None
-                loss, metrics = objective_loss(cfg.objective, mb, lp, ent, step=self.step)
+                student = StudentOutputs(logprobs=lp, entropy=ent)
+                if needs.teacher_hidden:  # [n, H] response positions, and the trainable LM-head shard
+                    student.hidden = out[:, :-1][mb["mask"].bool()]
+                    student.lm_head = forward.lm_head_weight(self.student)
+                loss, metrics = objective_loss(self.objective, mb, student, step=self.step)
                 if not finite:
                     return loss * 0.0, {**metrics, "loss": 0.0, "nonfinite": 1.0}
                 return loss, {**metrics, "loss": loss.detach(), "nonfinite": 0.0}
@@ -776,7 +798,7 @@ def make_step_batch(result, samples, rewards, teacher_domains, pad_id, max_len,
     """RolloutBatch -> StepBatch tensors (every rank of the replica), padded to `length` if given."""
     t = result.to_padded(pad_id=pad_id, max_len=max_len, length=length)
     domains = [samples[s.prompt_index]["domain"] for s in result.samples]
-    if len(teacher_domains) == 1:
+    if len(teacher_domains) <= 1:  # one teacher, or none (an objective without teachers)
         index = torch.zeros(len(domains), dtype=torch.long)
     else:
         lookup = {d: i for i, d in enumerate(teacher_domains)}
@@ -789,7 +811,7 @@ def make_step_batch(result, samples, rewards, teacher_domains, pad_id, max_len,
         input_ids=t["input_ids"], response_mask=t["response_mask"],
         rollout_logprobs=t["rollout_logprobs"], teacher_index=index,
         rewards=torch.tensor(rewards, dtype=torch.float32), response_lengths=t["response_lengths"],
-        seq_lengths=t["seq_lengths"],
+        seq_lengths=t["seq_lengths"], groups=torch.tensor([s.prompt_index for s in result.samples]),
     )
 
 

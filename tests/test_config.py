@@ -36,10 +36,10 @@ def test_config_changes_ignore_run_length_evaluation_and_logging_only():
     same = config_to_dict(load_config(recipe, ["train.steps=9", "train.eval_every=3", "train.save_every=2",
                                                "train.keep_last=5", "train.eval_samples=2"]))
     assert config_changes(old, same) == []
-    other = config_to_dict(load_config(recipe, ["objective.lam=1.5", "optim.lr=3e-6",
+    other = config_to_dict(load_config(recipe, ["objective.gopd.lam=1.5", "optim.lr=3e-6",
                                                 "teachers=[{checkpoint: /elsewhere}]"]))
     assert config_changes(old, other) == [
-        "objective.lam: 1.0 -> 1.5", "optim.lr: 0.0001 -> 3e-06",
+        "objective.gopd.lam: 1.0 -> 1.5", "optim.lr: 0.0001 -> 3e-06",
         f"teachers[0].checkpoint: {old['teachers'][0]['checkpoint']!r} -> '/elsewhere'"]
 
 
@@ -67,3 +67,68 @@ def test_logprob_impl_auto_picks_the_fused_head_for_wide_vocabularies():
     assert resolve_logprob_impl("auto", 151936 // 4) == "fused"
     assert resolve_logprob_impl("auto", 512) == "logits"
     assert resolve_logprob_impl("logits", 151936) == "logits"
+
+
+TINY = REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # another objective's section: its settings would be ignored
+    (["objective.name=reopold", "objective.gopd.lam=1.25"], "objective.gopd is set but objective.name=reopold"),
+    # fields the chosen settings do not use
+    (["objective.gopd.estimator=full", "objective.gopd.eps_low=0.1"], "eps_low=0.1 is not used by estimator=full"),
+    (["objective.gopd.estimator=full", "objective.gopd.dual_clip_c=3.0"], "dual_clip_c=3.0 is not used"),
+    (["objective.gopd.kl_direction=forward"], "kl_direction='forward' is not used by estimator=sampled"),
+    (["objective.gopd.estimator=full", "objective.gopd.top_k=8"], "top_k=8 is not used by estimator=full"),
+    (["objective.gopd.kl_estimator=k2"], "kl_estimator='k2' is not used without a KL term"),
+    (["objective.name=reopold", "objective.gopd=null", "objective.reopold.exploration=clamp"],
+     "exploration='clamp' is not used without an exploration phase"),
+    (["objective.name=reopold", "objective.gopd=null", "objective.reopold.switch_step=5",
+      "objective.reopold.exploration_beta=0.3"], "exploration_beta=0.3 is not used by exploration=mask_below_floor"),
+    # meaningless or unsound combinations
+    (["objective.gopd.kl_coef=0.1", "objective.gopd.kl_estimator=k1"], "k1's gradient is zero in expectation"),
+    (["objective.gopd.estimator=topk"], "needs objective.gopd.top_k"),
+    (["objective.gopd.estimator=full", "objective.gopd.lam=1.25"], "needs estimator=sampled"),
+    (["objective.gopd.estimator=full", "train.logprob_impl=logits"], "train.logprob_impl=logits"),
+    (["objective.gopd.reward_correction=true"], "no effect at lam = 1"),
+    (["objective.name=reopold", "objective.gopd=null", "objective.reopold.mixture=null",
+      "objective.reopold.switch_step=5"], "needs a floor"),
+    (["objective.name=grpo", "objective.gopd=null", "rollout.n=4"], "objective.name=grpo uses no teacher"),
+    (["objective.name=grpo", "objective.gopd=null", "teachers=[]", "rollout.n=1"], "rollout.n >= 2"),
+    (["reference={checkpoint: /somewhere}"], "reference is set but objective.name=gopd"),
+    # recipes written for the flat section are told where the key went
+    (["objective.lam=1.25"], "use objective.gopd.lam"),
+    (["objective.name=reopold", "objective.entropy_top_beta=0.2"], "use objective.reopold.refinement_beta"),
+])
+def test_objective_settings_are_refused_with_the_field_and_the_fix(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_config(TINY, overrides)
+
+
+def test_each_objective_declares_what_a_step_must_provide():
+    def needs(*overrides):
+        return load_config(TINY, list(overrides)).objective.needs()
+
+    assert needs() == needs("objective.gopd.lam=1.0")
+    assert not needs().reference and needs("objective.gopd.lam=1.25").reference  # lam = 1: no reference
+    assert needs("objective.gopd.kl_coef=0.1").reference
+    assert needs("objective.gopd.estimator=full").teacher_hidden
+    assert needs("objective.gopd.estimator=topk", "objective.gopd.top_k=4").teacher_hidden
+    assert needs("objective.gopd.entropy_coef=0.01").update_entropy
+    reopold = needs("objective.name=reopold", "objective.gopd=null")
+    assert reopold.old_policy and reopold.teachers and not reopold.update_entropy
+    grpo = needs("objective.name=grpo", "objective.gopd=null", "teachers=[]", "rollout.n=4")
+    assert grpo.outcome_rewards and not grpo.teachers and not grpo.reference
+
+
+def test_every_recipe_loads_with_only_its_objectives_section():
+    for recipe in sorted((REPO_ROOT / "configs" / "recipes").glob("*.yaml")):
+        cfg = load_config(recipe, require_teachers=False)
+        others = [n for n in ("gopd", "reopold", "grpo") if n != cfg.objective.name]
+        assert all(getattr(cfg.objective, n) is None for n in others), recipe.name
+
+
+def test_the_loop_never_branches_on_an_objectives_name():
+    source = (REPO_ROOT / "megatron_opd" / "trainer.py").read_text()
+    for pattern in ("objective.name", '"gopd"', '"reopold"', '"grpo"', "'gopd'", "'reopold'", "'grpo'"):
+        assert pattern not in source, pattern

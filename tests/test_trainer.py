@@ -162,7 +162,7 @@ def test_colocated_step_phase_order(models, tmp_path):
     On CPU sleep/wake/offload do no memory work, but the same calls run in this order."""
     student, teacher = models
     text = run_ranks(WORKER, 1, "--config", RECIPE, *overrides(
-        models, tmp_path / "phases", "train.steps=1", "objective.lam=1.25",
+        models, tmp_path / "phases", "train.steps=1", "objective.gopd.lam=1.25",
         f"teachers=[{{checkpoint: {teacher}, offload: true}}]",
         "reference={offload: true}"), timeout=400)  # no checkpoint: the student's base runs as reference
     result = last_json(text, "step")
@@ -212,7 +212,7 @@ def test_reward_correction_without_a_reference_checkpoint_is_refused():
 
     for ref in ["reference=null", "reference={offload: true}"]:
         with pytest.raises(ValueError, match="reward_correction=true needs reference.checkpoint"):
-            load_config(RECIPE, ["objective.lam=1.25", "objective.reward_correction=true", ref,
+            load_config(RECIPE, ["objective.gopd.lam=1.25", "objective.gopd.reward_correction=true", ref,
                                  "teachers=[{checkpoint: null}]"])
 
 

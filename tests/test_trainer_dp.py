@@ -85,7 +85,7 @@ def test_dp2_equals_dp1_on_the_same_batch(ckpts, tmp_path):
 
 def test_dp2_reopold_equals_dp1(ckpts, tmp_path):
     """REOPOLD's top-beta entropy selection runs over the whole batch, across the replicas."""
-    extra = ["objective.name=reopold", "objective.entropy_top_beta=0.5"]
+    extra = ["objective.name=reopold", "objective.gopd=null", "objective.reopold.refinement_beta=0.5"]
     assert_same(run(ckpts, tmp_path / "dp1", 1, *extra), run(ckpts, tmp_path / "dp2", 2, *extra))
 
 

@@ -38,7 +38,7 @@ def test_one_step_is_the_same_whichever_way_it_is_computed(ckpts, tmp_path, tp, 
                     f"teachers=[{{checkpoint: {math_teacher}, domain: math}}, "
                     f"{{checkpoint: {code_teacher}, domain: code}}]",
                     "data.synthetic=mixed", "train.prompts_per_step=8", "train.micro_batch_size=8",
-                    "objective.entropy_coef=0.01", f"train.out_dir={tmp_path}",
+                    "objective.gopd.entropy_coef=0.01", f"train.out_dir={tmp_path}",
                     f"parallel.tensor_model_parallel_size={tp}",
                     f"parallel.pipeline_model_parallel_size={pp}", timeout=600)
     r = last_json(out, "step_parity")["step_parity"]

@@ -17,12 +17,14 @@ from megatron_opd.objectives.erpd import (
     whiten,
 )
 from megatron_opd.objectives.gopd import gopd_advantage, gopd_loss, select_per_sample
+from megatron_opd.objectives.grpo import group_advantages, grpo_loss
 from megatron_opd.objectives.kl import kl_estimate
 from megatron_opd.objectives.policy_loss import (
     AGG_MODES,
     aggregate_loss,
     clipped_surrogate,
     global_counts,
+    policy_gradient_loss,
     truncated_is_weights,
 )
 from megatron_opd.objectives.reopold import (

@@ -4,7 +4,8 @@ Two stages on one fixed rollout batch (prompts x G samples, outcome rewards R in
 formulas did not survive extraction; these are the standard forms the text names (ALGORITHMS.md §3).
 
 Stage 1 — a teacher trained aggressively off-policy on the batch (many epochs), selectable loss:
-  GRPO / PPO   clipped surrogate (eps 0.2 / 0.28) with group-normalised advantages
+  GRPO         clipped surrogate (eps 0.2 / 0.28) with group-normalised advantages (the paper's PPO
+               needs a value model and is not offered)
   SAPO         soft gate f(rho) = sigmoid(tau (rho - 1)) * 4 / tau, loss = -f(rho) A
                (f'(1) = 1 like the plain ratio; separate tau for A > 0 and A < 0, tau_neg = 1.05)
   CE           implicit PRM: r(y) = beta * sum_t log(pi/pi_old) (or mean), loss = BCE(sigmoid r, R)
@@ -33,7 +34,9 @@ from megatron_opd.objectives.policy_loss import (
     masked_mean,
 )
 
-STAGE1_LOSSES = ("grpo", "ppo", "sapo", "ce", "mse")
+# The paper's PPO trains a value model; without one "ppo" would be GRPO under another name, so it is
+# not offered (a value model is not built here).
+STAGE1_LOSSES = ("grpo", "sapo", "ce", "mse")
 SIGNAL_STRATEGIES = (1, 2, 3)
 
 
@@ -42,7 +45,7 @@ class ERPDStage1Config:
     """Stage 1: the aggressively trained off-policy teacher."""
 
     loss: str = "sapo"
-    """One of grpo, ppo, sapo, ce, mse."""
+    """One of grpo, sapo, ce, mse (PPO needs a value model, which is not built: not offered)."""
 
     eps_low: float = 0.2
     """GRPO/PPO lower clip."""
@@ -170,7 +173,7 @@ def stage1_loss(
                          f"({logprobs.shape[0]},)")
     mask = mask.to(logprobs.dtype)
     metrics: dict = {}
-    if cfg.loss in ("grpo", "ppo", "sapo"):
+    if cfg.loss in ("grpo", "sapo"):
         if advantages is None:
             raise ValueError(f"stage-1 loss {cfg.loss!r} needs per-sequence advantages")
         adv = advantages.view(-1, 1).expand_as(logprobs)

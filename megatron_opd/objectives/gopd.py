@@ -21,15 +21,12 @@ from typing import Optional
 
 import torch
 
-from megatron_opd.objectives.kl import kl_estimate
 from megatron_opd.objectives.policy_loss import (
-    aggregate_loss,
     check_finite,
     check_same_shape,
-    clipped_surrogate,
     masked_mean,
     masked_std,
-    truncated_is_weights,
+    policy_gradient_loss,
 )
 
 
@@ -113,22 +110,10 @@ def gopd_loss(
     mask = mask.to(logprobs.dtype)
     old = logprobs.detach() if old_logprobs is None else old_logprobs
     adv = gopd_advantage(old, teacher_logprobs, ref_logprobs, lam)
-    per_token, metrics = clipped_surrogate(logprobs, old, adv, mask, eps_low, eps_high, dual_clip_c)
-    if tis_cap is not None and rollout_logprobs is not None:
-        w = truncated_is_weights(old, rollout_logprobs, tis_cap)
-        per_token = per_token * w
-        metrics["tis_weight_mean"] = masked_mean(w, mask).item()
-        metrics["tis_truncated_fraction"] = masked_mean((w >= tis_cap - 1e-6).float(), mask).item()
-    if kl_coef:
-        if ref_logprobs is None:
-            raise ValueError("kl_coef > 0 needs ref_logprobs")
-        per_token = per_token + kl_coef * kl_estimate(logprobs, ref_logprobs, kl_estimator)
-    if entropy_coef:
-        if entropy is None:
-            raise ValueError("entropy_coef > 0 needs entropy")
-        per_token = per_token - entropy_coef * entropy
-    loss_mask = mask if token_mask is None else mask * token_mask.to(mask.dtype)
-    loss = aggregate_loss(per_token, loss_mask, loss_agg_mode, num_tokens, num_seqs)
+    loss, metrics = policy_gradient_loss(
+        logprobs, old, adv, mask, eps_low, eps_high, dual_clip_c, rollout_logprobs, tis_cap,
+        ref_logprobs, kl_coef, kl_estimator, entropy, entropy_coef, token_mask, loss_agg_mode,
+        num_tokens, num_seqs)
 
     with torch.no_grad():
         reward = teacher_logprobs - old  # the OPD token reward log(pi*/pi_theta)

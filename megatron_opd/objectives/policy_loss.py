@@ -161,3 +161,52 @@ def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Ten
 
 def _frac(x: torch.Tensor, m: torch.Tensor) -> float:
     return float(x.sum()) / max(float(m.sum()), 1.0)
+
+
+def policy_gradient_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: Optional[float] = None,
+    rollout_logprobs: Optional[torch.Tensor] = None,
+    tis_cap: Optional[float] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: Optional[torch.Tensor] = None,
+    entropy_coef: float = 0.0,
+    token_mask: Optional[torch.Tensor] = None,
+    loss_agg_mode: str = "token-mean",
+    num_tokens: Optional[float] = None,
+    num_seqs: Optional[float] = None,
+) -> tuple[torch.Tensor, dict]:
+    """The policy loss every advantage-based objective shares (to minimise), per micro-batch:
+
+        L_t = clipped_surrogate(rho_t, adv_t) * w_t  [+ kl_coef * KL_t(pi || ref)]  [- entropy_coef * H_t]
+
+    with w_t = min(exp(lp_old - lp_rollout), C) when `tis_cap` and `rollout_logprobs` are given, then
+    aggregated over `mask` (times `token_mask`, which drops tokens without changing the normaliser)
+    with the step's global counts. All `[b, s]`.
+    """
+    from megatron_opd.objectives.kl import kl_estimate
+
+    per_token, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, eps_low, eps_high,
+                                           dual_clip_c)
+    if tis_cap is not None and rollout_logprobs is not None:
+        w = truncated_is_weights(old_logprobs, rollout_logprobs, tis_cap)
+        per_token = per_token * w
+        metrics["tis_weight_mean"] = masked_mean(w, mask).item()
+        metrics["tis_truncated_fraction"] = masked_mean((w >= tis_cap - 1e-6).float(), mask).item()
+    if kl_coef:
+        if ref_logprobs is None:
+            raise ValueError("kl_coef > 0 needs ref_logprobs")
+        per_token = per_token + kl_coef * kl_estimate(logprobs, ref_logprobs, kl_estimator)
+    if entropy_coef:
+        if entropy is None:
+            raise ValueError("entropy_coef > 0 needs entropy")
+        per_token = per_token - entropy_coef * entropy
+    loss_mask = mask if token_mask is None else mask * token_mask.to(mask.dtype)
+    return aggregate_loss(per_token, loss_mask, loss_agg_mode, num_tokens, num_seqs), metrics

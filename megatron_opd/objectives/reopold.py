@@ -4,12 +4,16 @@ shared/ALGORITHMS.md §2 — its full text is not public, so every piece here is
 Token reward r_t = lp_t - lp_s (stop-grad), used as a policy-gradient advantage with the PPO ratio
 against pi_old. Three relaxations:
 
-1. Mixture-based reward clipping: r_t <- max(r_t, log(m / (1 - m))) — a floor on the heavy negative
-   tail (tokens the teacher finds very unlikely). m = 0.2 gives a floor of -1.386.
-2. Entropy-based token-level dynamic sampling: only tokens whose *student* entropy is in the top beta
-   fraction of the batch's response tokens contribute.
-3. Exploration -> refinement: before `switch_step` tokens are selected by reward magnitude |r_t|
-   (the most informative corrections); from `switch_step` on, by entropy.
+1. Mixture-based reward clipping: r_t <- max(r_t, floor(m)) — a floor on the heavy negative tail
+   (tokens the teacher finds very unlikely). Secondary sources disagree on the floor's form:
+   "log_odds" log(m / (1 - m)) (-1.386 at m = 0.2; default) or "log_m_scaled" log(m) / (1 - m)
+   (-2.012 at m = 0.2).
+2. Entropy-based token-level dynamic sampling: in the refinement phase only tokens whose *student*
+   entropy is in the top beta fraction of the batch's response tokens contribute.
+3. Exploration -> refinement at `switch_step`. Exploration rule (the secondary sources say phase I
+   masks tokens whose reward is below the floor; the other two are kept for ablations):
+   "mask_below_floor" drops them, "clamp" raises them to the floor and keeps all tokens,
+   "top_abs_reward" keeps the top beta fraction by |clamped reward|.
 
 Selected-out tokens contribute zero loss but the normaliser stays the step's global token count, so
 the selection scales the step like dynamic sampling does rather than re-weighting the kept tokens.
@@ -36,17 +40,27 @@ from megatron_opd.objectives.policy_loss import (
 PHASES = ("exploration", "refinement")
 
 
-def reward_floor(mixture: float) -> float:
-    """log(m / (1 - m)): the clipping floor for mixture weight m in (0, 1)."""
+FLOOR_FORMS = ("log_odds", "log_m_scaled")
+EXPLORATION_RULES = ("mask_below_floor", "clamp", "top_abs_reward")
+
+
+def reward_floor(mixture: float, form: str = "log_odds") -> float:
+    """The clipping floor for mixture weight m in (0, 1): log(m / (1 - m)) ("log_odds") or
+    log(m) / (1 - m) ("log_m_scaled")."""
     if not 0 < mixture < 1:
         raise ValueError(f"reward_clip_mixture must be in (0, 1), got {mixture}")
-    return math.log(mixture / (1.0 - mixture))
+    if form not in FLOOR_FORMS:
+        raise ValueError(f"floor form {form!r}: use one of {FLOOR_FORMS}")
+    if form == "log_odds":
+        return math.log(mixture / (1.0 - mixture))
+    return math.log(mixture) / (1.0 - mixture)
 
 
 def clipped_reward(
-    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mixture: Optional[float]
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mixture: Optional[float],
+    form: str = "log_odds",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """r = lp_t - lp_s (no grad), floored at log(m/(1-m)) when `mixture` is set.
+    """r = lp_t - lp_s (no grad), floored at reward_floor(m, form) when `mixture` is set.
 
     Returns:
         (reward [b, s], clipped [b, s] bool — where the floor was applied).
@@ -56,7 +70,7 @@ def clipped_reward(
         r = teacher_logprobs - student_logprobs
         if mixture is None:
             return r, torch.zeros_like(r, dtype=torch.bool)
-        floor = reward_floor(mixture)
+        floor = reward_floor(mixture, form)
         return r.clamp(min=floor), r < floor
 
 
@@ -119,40 +133,30 @@ def reopold_loss(
     logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
-    step: int = 0,
+    token_select_mask: torch.Tensor,
     old_logprobs: Optional[torch.Tensor] = None,
-    entropy: Optional[torch.Tensor] = None,
     rollout_logprobs: Optional[torch.Tensor] = None,
     reward_clip_mixture: Optional[float] = 0.2,
-    entropy_top_beta: Optional[float] = 0.5,
-    switch_step: Optional[int] = None,
-    token_select_mask: Optional[torch.Tensor] = None,
+    floor_form: str = "log_odds",
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     tis_cap: Optional[float] = None,
     loss_agg_mode: str = "token-mean",
     num_tokens: Optional[float] = None,
     num_seqs: Optional[float] = None,
-    group=None,
 ) -> tuple[torch.Tensor, dict]:
     """REOPOLD loss of one micro-batch (to minimise) and its metrics.
 
-    Token selection needs the whole batch: pass `token_select_mask` computed by the caller over all
-    micro-batches (see `select_tokens`), or let this function select within the micro-batch.
-
-    Args:
-        entropy: `[b, s]` student entropy (pi_old's; no grad) — needed for refinement selection.
+    Token selection needs the whole batch, so it is the caller's (`select_tokens` over every
+    micro-batch and data-parallel rank, before the first update): `token_select_mask` `[b, s]`.
     """
     check_same_shape("logprobs", logprobs, teacher_logprobs=teacher_logprobs, mask=mask,
-                     old_logprobs=old_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs,
+                     old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs,
                      token_select_mask=token_select_mask)
     check_finite(mask, logprobs=logprobs, teacher_logprobs=teacher_logprobs, old_logprobs=old_logprobs)
     mask = mask.to(logprobs.dtype)
     old = logprobs.detach() if old_logprobs is None else old_logprobs
-    reward, clipped = clipped_reward(old, teacher_logprobs, reward_clip_mixture)
-    current = phase(step, switch_step)
-    if token_select_mask is None:
-        token_select_mask = select_tokens(reward, entropy, mask, entropy_top_beta, current, group)
+    reward, clipped = clipped_reward(old, teacher_logprobs, reward_clip_mixture, floor_form)
     keep = token_select_mask.to(mask.dtype) * mask
     per_token, metrics = clipped_surrogate(logprobs, old, reward, mask, eps_low, eps_high)
     if tis_cap is not None and rollout_logprobs is not None:
@@ -165,29 +169,50 @@ def reopold_loss(
             "kl/student_teacher": masked_mean(old - teacher_logprobs, mask).item(),
             "reopold/fraction_clipped": masked_mean(clipped.to(mask.dtype), mask).item(),
             "reopold/fraction_kept": float(keep.sum()) / max(float(mask.sum()), 1.0),
-            "reopold/phase": float(current == "refinement"),
         })
-        if entropy is not None:
-            metrics["entropy"] = masked_mean(entropy, mask).item()
     return loss, metrics
 
 
 def select_tokens(
-    reward: torch.Tensor,
+    raw_reward: torch.Tensor,
     entropy: Optional[torch.Tensor],
     mask: torch.Tensor,
-    beta: Optional[float],
     current_phase: str,
+    floor: Optional[float] = None,
+    exploration: str = "mask_below_floor",
+    exploration_beta: Optional[float] = None,
+    refinement_beta: Optional[float] = 0.5,
     group=None,
 ) -> torch.Tensor:
-    """Token selection of the current phase: top-beta by |reward| (exploration) or by entropy
-    (refinement); all response tokens when beta is None."""
+    """The tokens that train in the current phase (`[b, s]` bool).
+
+    Args:
+        raw_reward: `[b, s]` lp_t - lp_old before the floor.
+        entropy: `[b, s]` pi_old's entropy (refinement with a beta).
+        floor: the reward floor (None: no floor).
+        exploration: "mask_below_floor" (reward >= floor), "clamp" (all), "top_abs_reward" (top
+            exploration_beta by |max(reward, floor)|).
+        refinement_beta: top fraction by entropy in refinement; None keeps all.
+        group: data-parallel group over which top-beta thresholds are taken.
+    """
     if current_phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {current_phase!r}")
-    if beta is None:
-        return mask.bool()
+    valid = mask.bool()
     if current_phase == "exploration":
-        return top_fraction_mask(reward.abs(), mask, beta, group)
+        if exploration not in EXPLORATION_RULES:
+            raise ValueError(f"exploration rule {exploration!r}: use one of {EXPLORATION_RULES}")
+        if exploration in ("mask_below_floor", "clamp") and floor is None:
+            raise ValueError(f"exploration rule {exploration!r} needs a reward floor")
+        if exploration == "mask_below_floor":
+            return valid & (raw_reward >= floor)
+        if exploration == "clamp":
+            return valid
+        if exploration_beta is None:
+            raise ValueError("exploration rule 'top_abs_reward' needs exploration_beta")
+        clamped = raw_reward if floor is None else raw_reward.clamp(min=floor)
+        return top_fraction_mask(clamped.abs(), mask, exploration_beta, group)
+    if refinement_beta is None:
+        return valid
     if entropy is None:
         raise ValueError("entropy is required for entropy-based token selection (refinement phase)")
-    return top_fraction_mask(entropy, mask, beta, group)
+    return top_fraction_mask(entropy, mask, refinement_beta, group)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from megatron_opd.objectives import clipped_reward, phase, reopold_loss, reward_floor, top_fraction_mask
+from megatron_opd.objectives import (clipped_reward, phase, reopold_loss, reward_floor, select_tokens,
+                                    top_fraction_mask)
 
 
 def test_reward_floor_is_log_mixture_odds():
@@ -39,25 +40,57 @@ def test_phase_switches_at_switch_step():
     assert phase(5, 5) == "refinement" and phase(100, None) == "refinement"
 
 
-def test_reopold_loss_reports_fractions_and_selects_tokens():
+def test_floor_forms_of_the_two_secondary_sources():
+    assert reward_floor(0.2, "log_odds") == pytest.approx(-1.3862944)  # log(0.2 / 0.8)
+    assert reward_floor(0.2, "log_m_scaled") == pytest.approx(math.log(0.2) / 0.8)  # -2.0118
+    r, clipped = clipped_reward(torch.zeros(1, 3), torch.tensor([[-3.0, -1.9, 0.0]]), 0.2, "log_m_scaled")
+    torch.testing.assert_close(r, torch.tensor([[math.log(0.2) / 0.8, -1.9, 0.0]]))
+    assert clipped.tolist() == [[True, False, False]]
+
+
+def test_exploration_rules_select_by_the_floor_or_by_abs_reward():
+    raw = torch.tensor([[-3.0, -1.0, 0.5, 2.0, -0.2, 9.0]])
+    mask = torch.tensor([[1.0, 1, 1, 1, 1, 0]])
+    floor = -1.386
+    below = select_tokens(raw, None, mask, "exploration", floor=floor, exploration="mask_below_floor")
+    assert below.tolist() == [[False, True, True, True, True, False]]
+    assert select_tokens(raw, None, mask, "exploration", floor=floor, exploration="clamp").tolist() == \
+        [[True, True, True, True, True, False]]
+    # |max(r, floor)| = [1.386, 1, 0.5, 2, 0.2]: the top 40 % (2 of 5) are 2.0 and the clamped -3
+    top = select_tokens(raw, None, mask, "exploration", floor=floor, exploration="top_abs_reward",
+                        exploration_beta=0.4)
+    assert top.tolist() == [[True, False, False, True, False, False]]
+    with pytest.raises(ValueError, match="needs a reward floor"):
+        select_tokens(raw, None, mask, "exploration", floor=None, exploration="mask_below_floor")
+
+
+def test_refinement_keeps_top_beta_by_entropy_or_everything():
+    torch.manual_seed(0)
+    ent, mask = torch.rand(3, 6), torch.ones(3, 6)
+    keep = select_tokens(torch.zeros(3, 6), ent, mask, "refinement", refinement_beta=0.5)
+    torch.testing.assert_close(keep, top_fraction_mask(ent, mask, 0.5))
+    assert select_tokens(torch.zeros(3, 6), None, mask, "refinement", refinement_beta=None).all()
+
+
+def test_reopold_loss_trains_only_selected_tokens_and_reports_fractions():
     torch.manual_seed(0)
     lp = (torch.randn(3, 6) - 1).requires_grad_()
     t = torch.randn(3, 6) - 3
     ent = torch.rand(3, 6)
     mask = torch.ones(3, 6)
-    loss, m = reopold_loss(lp, t, mask, step=10, entropy=ent, reward_clip_mixture=0.2,
-                           entropy_top_beta=0.5, switch_step=5)
-    assert m["reopold/phase"] == 1.0 and m["reopold/fraction_kept"] == 0.5
+    keep = top_fraction_mask(ent, mask, 0.5)
+    loss, m = reopold_loss(lp, t, mask, keep, reward_clip_mixture=0.2)
+    assert m["reopold/fraction_kept"] == 0.5
     assert 0 < m["reopold/fraction_clipped"] < 1
     (g,) = torch.autograd.grad(loss, lp)
-    keep = top_fraction_mask(ent, mask, 0.5)
     assert (g[~keep] == 0).all() and (g[keep] != 0).any()
-    _, m2 = reopold_loss(lp, t, mask, step=1, entropy=ent, switch_step=5)
-    assert m2["reopold/phase"] == 0.0
+    # at rho = 1 the gradient is -max(r, floor) / N on kept tokens (policy gradient of the reward)
+    r, _ = clipped_reward(lp.detach(), t, 0.2)
+    torch.testing.assert_close(g[keep], -r[keep] / mask.sum())
 
 
 def test_bad_beta_and_missing_entropy():
     with pytest.raises(ValueError, match="beta must be in"):
         top_fraction_mask(torch.rand(2, 2), torch.ones(2, 2), 1.5)
     with pytest.raises(ValueError, match="entropy is required"):
-        reopold_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.ones(2, 2), entropy=None, entropy_top_beta=0.5)
+        select_tokens(torch.zeros(2, 2), None, torch.ones(2, 2), "refinement", refinement_beta=0.5)

@@ -37,10 +37,10 @@ def main():
     if args.inject_nan_step is not None:
         real = loss.objective_loss
 
-        def nan_at_step(cfg, mb, logprobs, entropy, step):
+        def nan_at_step(objective, mb, out, step):
             import torch.distributed as dist
 
-            value, metrics = real(cfg, mb, logprobs, entropy, step)
+            value, metrics = real(objective, mb, out, step)
             here = args.inject_nan_rank is None or dist.get_rank() == args.inject_nan_rank
             return (value * float("nan") if step == args.inject_nan_step and here else value), metrics
 
