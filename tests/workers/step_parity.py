@@ -16,6 +16,33 @@ import argparse
 import json
 
 
+class NoEngine:  # the batch is made by synthetic_generate; nothing is generated or refit
+    def sleep(self, *a): pass
+    def wake_up(self, *a): pass
+    def shutdown(self): pass
+
+
+def synthetic_generate(self, samples, first_index):
+    """OPDTrainer.generate stand-in: prompts and responses of varied lengths, keyed by the global
+    prompt index (so every layout sees the same batch)."""
+    import torch
+
+    from megatron_opd.rollout.engine import RolloutBatch, RolloutSample
+
+    batch = RolloutBatch()
+    for j in range(len(samples)):
+        for k in range(self.cfg.rollout.n):
+            g = torch.Generator().manual_seed((first_index + j) * 31 + k)
+            p = 3 + int(torch.randint(0, 12, (1,), generator=g))
+            r = 1 + int(torch.randint(0, self.cfg.rollout.max_new_tokens, (1,), generator=g))
+            ids = torch.randint(3, self.spec.vocab_size, (p + r,), generator=g).tolist()
+            batch.samples.append(RolloutSample(
+                prompt_index=j, prompt_ids=ids[:p], response_ids=ids[p:],
+                response_logprobs=(-1.0 - torch.rand(r, generator=g)).tolist(),
+                finish_reason="length", text=""))
+    return batch
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
@@ -27,30 +54,9 @@ def main():
 
     from megatron_opd import trainer as trainer_mod
     from megatron_opd.config import load_config
-    from megatron_opd.rollout.engine import RolloutBatch, RolloutSample
-
-    class NoEngine:  # the batch is made below; nothing is generated or refit
-        def sleep(self, *a): pass
-        def wake_up(self, *a): pass
-        def shutdown(self): pass
-
-    def generate(self, samples, first_index):
-        """Prompts and responses of varied lengths, keyed by the global prompt index."""
-        batch = RolloutBatch()
-        for j in range(len(samples)):
-            for k in range(self.cfg.rollout.n):
-                g = torch.Generator().manual_seed((first_index + j) * 31 + k)
-                p = 3 + int(torch.randint(0, 12, (1,), generator=g))
-                r = 1 + int(torch.randint(0, self.cfg.rollout.max_new_tokens, (1,), generator=g))
-                ids = torch.randint(3, self.spec.vocab_size, (p + r,), generator=g).tolist()
-                batch.samples.append(RolloutSample(
-                    prompt_index=j, prompt_ids=ids[:p], response_ids=ids[p:],
-                    response_logprobs=(-1.0 - torch.rand(r, generator=g)).tolist(),
-                    finish_reason="length", text=""))
-        return batch
 
     trainer_mod.build_engine = lambda cfg, model_dir: NoEngine()
-    trainer_mod.OPDTrainer.generate = generate
+    trainer_mod.OPDTrainer.generate = synthetic_generate
     cfg = load_config(args.config, args.overrides)
     tr = trainer_mod.OPDTrainer(cfg)
     tr.setup()

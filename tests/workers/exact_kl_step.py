@@ -1,0 +1,109 @@
+"""Worker (torchrun): one step of objective.gopd.estimator=full (or topk) through the trainer's own score
+and update, without a rollout engine, against two dense references (rank 0 prints one JSON line):
+
+- the same step with the KL computed densely: both models' logits all-gathered over TP to the whole
+  vocabulary, log_softmax, KL, autograd (loss and every gradient of the student);
+- the loss from transformers' own forward of the HF checkpoints (float64 log_softmax over the
+  vocabulary at the response positions), an implementation that shares no code with ours.
+"""
+
+import argparse
+import json
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_opd import loss as loss_mod
+    from megatron_opd import parallel
+    from megatron_opd import trainer as trainer_mod
+    from megatron_opd.config import load_config
+    from step_parity import NoEngine, synthetic_generate
+
+    class DenseKL(loss_mod.GOPDObjective):
+        """The exact KL with [n, V] logits materialised and autograd through log_softmax."""
+
+        def _exact_kl_loss(self, mb, out):
+            from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                                gather_from_tensor_model_parallel_region)
+
+            def full_logits(hidden, weight):  # [n, V] (valid vocabulary only), autograd across TP
+                # megatron's ColumnParallelLinear: identity forward, all-reduced input gradient
+                local = copy_to_tensor_model_parallel_region(hidden) @ weight.t()  # [n, V/tp]
+                return gather_from_tensor_model_parallel_region(local)[:, :self.vocab_size].double()
+
+            z_s = full_logits(out.hidden, out.lm_head)
+            z_t = full_logits(mb["teacher_hidden"], mb["teacher_lm_head"])
+            if self.cfg.top_k is not None:
+                keep = z_t.topk(self.cfg.top_k, -1).indices
+                z_s, z_t = z_s.gather(1, keep), z_t.gather(1, keep)
+            ls, lt = z_s.log_softmax(-1), z_t.log_softmax(-1)
+            log_p, log_q = (ls, lt) if self.cfg.direction == "reverse" else (lt, ls)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1).float()  # [n]
+            mask = mb["mask"].bool()
+            per_token = torch.zeros(mask.shape, dtype=kl.dtype).masked_scatter(mask, kl)
+            m = mask.float()
+            return loss_mod.aggregate_loss(per_token, m, self.cfg.loss_agg_mode, mb["global_tokens"],
+                                           mb["global_seqs"]), {}
+
+    trainer_mod.build_engine = lambda cfg, model_dir: NoEngine()
+    trainer_mod.OPDTrainer.generate = synthetic_generate
+    cfg = load_config(args.config, args.overrides)
+    tr = trainer_mod.OPDTrainer(cfg)
+    tr.setup()
+    try:
+        batch, _ = tr.rollout()
+        captured = {}
+
+        def capture_step():
+            captured["grads"] = torch.cat([b.grad_data.float().clone() for b in tr.student.buffers])
+            return True, 0.0, None
+
+        tr.optimizer.step = capture_step
+        tr.scheduler.step = lambda n: None
+
+        def run():
+            micro = tr.micro_batches(batch)
+            tr.score(micro)
+            metrics = tr.update(micro)
+            return metrics.get("loss"), captured["grads"]
+
+        loss_ours, grads_ours = run()
+        ours = tr.objective
+        tr.objective = DenseKL(ours.cfg, parallel.tp_group(), ours.vocab_size)
+        loss_dense, grads_dense = run()
+        rel = ((grads_ours - grads_dense).abs().max() / grads_dense.abs().max().clamp_min(1e-30)).item()
+        t = torch.tensor([rel], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if dist.get_rank() == 0:
+            from transformers import AutoModelForCausalLM
+
+            def hf_logprobs(path):  # [B, S-1, V] float64
+                model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+                with torch.no_grad():
+                    return model(input_ids=batch.input_ids).logits[:, :-1].double().log_softmax(-1)
+
+            ls, lt = hf_logprobs(cfg.student.checkpoint), hf_logprobs(cfg.teachers[0].checkpoint)
+            settings = cfg.objective.settings
+            if settings.top_k is not None:
+                keep = lt.topk(settings.top_k, -1).indices
+                ls, lt = ls.gather(-1, keep).log_softmax(-1), lt.gather(-1, keep).log_softmax(-1)
+            log_p, log_q = (ls, lt) if settings.direction == "reverse" else (lt, ls)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B, S-1]
+            mask = batch.response_mask.double()
+            loss_hf = float((kl * mask).sum() / mask.sum())
+            print(json.dumps({"exact_kl": {"loss": loss_ours, "loss_dense": loss_dense, "loss_hf": loss_hf,
+                                           "grad_rel": t.item(), "grad_max": grads_dense.abs().max().item(),
+                                           "tokens": int(mask.sum())}}), flush=True)
+    finally:
+        tr.cleanup()
+
+
+if __name__ == "__main__":
+    main()
