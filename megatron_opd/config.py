@@ -236,7 +236,36 @@ def _resolve_kl_term(section: str, cfg) -> None:
 
 
 @dataclass
-class GOPDConfig:
+class LossTermsConfig:
+    """The terms an objective's per-token loss may carry besides its core (shared by gopd and grpo)."""
+
+    tis_cap: Optional[float] = 5.0
+    """Token-level truncated importance sampling cap C against the engine's log-probs; null disables."""
+
+    loss_agg_mode: str = "token-mean"
+    """"token-mean", "seq-mean-token-sum" or "seq-mean-token-mean" (global normalisation)."""
+
+    kl_coef: float = 0.0
+    """Weight of a KL(student || reference) loss term (> 0 runs the reference)."""
+
+    kl_estimator: Optional[str] = None
+    """With kl_coef > 0: "k3" (default) or "k2"; k1 is refused (zero-mean gradient)."""
+
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (> 0 computes the student's entropy in the update)."""
+
+    def _check_terms(self, section: str) -> None:
+        _resolve_kl_term(section, self)
+        if self.entropy_coef < 0:
+            raise ValueError(f"objective.{section}.entropy_coef must be >= 0")
+
+    @property
+    def kl_loss_estimator(self) -> str:
+        return self.kl_estimator or "k3"
+
+
+@dataclass
+class GOPDConfig(LossTermsConfig):
     """G-OPD / ExOPD (objective.name: gopd): the token reward lam * log(pi_t / pi_ref) - log(pi / pi_ref)
     as a policy-gradient advantage (estimator: sampled), or the exact per-token KL to the teacher over
     the whole vocabulary or its top-k (estimator: full / topk)."""
@@ -268,30 +297,13 @@ class GOPDConfig:
     dual_clip_c: Optional[float] = None
     """sampled: dual clip for negative advantages (e.g. 3.0); null disables."""
 
-    tis_cap: Optional[float] = 5.0
-    """Token-level truncated importance sampling cap C against the engine's log-probs; null disables."""
-
-    loss_agg_mode: str = "token-mean"
-    """"token-mean", "seq-mean-token-sum" or "seq-mean-token-mean" (global normalisation)."""
-
-    kl_coef: float = 0.0
-    """Weight of a KL(student || reference) loss term (> 0 runs the reference)."""
-
-    kl_estimator: Optional[str] = None
-    """With kl_coef > 0: "k3" (default) or "k2"; k1 is refused (zero-mean gradient)."""
-
-    entropy_coef: float = 0.0
-    """Entropy bonus weight (> 0 computes the student's entropy in the update)."""
-
     def __post_init__(self):
         if self.lam <= 0:
             raise ValueError(f"objective.gopd.lam must be > 0, got {self.lam}")
         if self.estimator not in GOPD_ESTIMATORS:
             raise ValueError(f"objective.gopd.estimator={self.estimator!r}: use one of {GOPD_ESTIMATORS}")
         _check_policy_loss("gopd", self.eps_low, self.eps_high, self.tis_cap, self.loss_agg_mode)
-        _resolve_kl_term("gopd", self)
-        if self.entropy_coef < 0:
-            raise ValueError("objective.gopd.entropy_coef must be >= 0")
+        self._check_terms("gopd")
         if self.estimator == "sampled":
             for name in ("kl_direction", "top_k"):
                 if getattr(self, name) is not None:
@@ -323,10 +335,6 @@ class GOPDConfig:
     @property
     def direction(self) -> str:
         return self.kl_direction or "reverse"
-
-    @property
-    def kl_loss_estimator(self) -> str:
-        return self.kl_estimator or "k3"
 
     def needs(self) -> ObjectiveNeeds:
         return ObjectiveNeeds(teachers=True, reference=self.lam != 1.0 or self.kl_coef > 0,
@@ -413,7 +421,7 @@ class REOPOLDConfig:
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(LossTermsConfig):
     """GRPO baseline (objective.name: grpo): verifier rewards, advantages normalised within each
     prompt's group of rollout.n samples, the same clipped policy loss; no teacher."""
 
@@ -429,32 +437,11 @@ class GRPOConfig:
     dual_clip_c: Optional[float] = None
     """Dual clip for negative advantages; null disables."""
 
-    tis_cap: Optional[float] = 5.0
-    """Token-level truncated importance sampling cap; null disables."""
-
-    loss_agg_mode: str = "token-mean"
-    """Loss aggregation (global normalisation)."""
-
-    kl_coef: float = 0.0
-    """Weight of a KL(student || reference) loss term (> 0 runs the reference)."""
-
-    kl_estimator: Optional[str] = None
-    """With kl_coef > 0: "k3" (default) or "k2"."""
-
-    entropy_coef: float = 0.0
-    """Entropy bonus weight."""
-
     def __post_init__(self):
         _check_policy_loss("grpo", self.eps_low, self.eps_high, self.tis_cap, self.loss_agg_mode)
-        _resolve_kl_term("grpo", self)
+        self._check_terms("grpo")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:
             raise ValueError(f"objective.grpo.dual_clip_c must be > 1, got {self.dual_clip_c}")
-        if self.entropy_coef < 0:
-            raise ValueError("objective.grpo.entropy_coef must be >= 0")
-
-    @property
-    def kl_loss_estimator(self) -> str:
-        return self.kl_estimator or "k3"
 
     def needs(self) -> ObjectiveNeeds:
         return ObjectiveNeeds(teachers=False, reference=self.kl_coef > 0, update_entropy=self.entropy_coef > 0,

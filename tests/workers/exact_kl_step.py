@@ -22,9 +22,7 @@ def main():
 
     from megatron_opd import loss as loss_mod
     from megatron_opd import parallel
-    from megatron_opd import trainer as trainer_mod
-    from megatron_opd.config import load_config
-    from step_parity import NoEngine, synthetic_generate
+    from step_parity import engine_free_trainer
 
     class DenseKL(loss_mod.GOPDObjective):
         """The exact KL with [n, V] logits materialised and autograd through log_softmax."""
@@ -52,21 +50,10 @@ def main():
             return loss_mod.aggregate_loss(per_token, m, self.cfg.loss_agg_mode, mb["global_tokens"],
                                            mb["global_seqs"]), {}
 
-    trainer_mod.build_engine = lambda cfg, model_dir: NoEngine()
-    trainer_mod.OPDTrainer.generate = synthetic_generate
-    cfg = load_config(args.config, args.overrides)
-    tr = trainer_mod.OPDTrainer(cfg)
-    tr.setup()
+    tr, captured = engine_free_trainer(args.config, args.overrides)
+    cfg = tr.cfg
     try:
         batch, _ = tr.rollout()
-        captured = {}
-
-        def capture_step():
-            captured["grads"] = torch.cat([b.grad_data.float().clone() for b in tr.student.buffers])
-            return True, 0.0, None
-
-        tr.optimizer.step = capture_step
-        tr.scheduler.step = lambda n: None
 
         def run():
             micro = tr.micro_batches(batch)

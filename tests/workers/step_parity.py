@@ -43,6 +43,30 @@ def synthetic_generate(self, samples, first_index):
     return batch
 
 
+def engine_free_trainer(config, overrides):
+    """An OPDTrainer set up without a rollout engine (rollouts from `synthetic_generate`), whose
+    optimizer step only captures the gradient buffers (`captured["grads"]`), so nothing moves between
+    runs of a step on one batch. Returns (trainer, captured)."""
+    import torch
+
+    from megatron_opd import trainer as trainer_mod
+    from megatron_opd.config import load_config
+
+    trainer_mod.build_engine = lambda cfg, model_dir: NoEngine()
+    trainer_mod.OPDTrainer.generate = synthetic_generate
+    tr = trainer_mod.OPDTrainer(load_config(config, overrides))
+    tr.setup()
+    captured = {}
+
+    def capture_step():
+        captured["grads"] = torch.cat([b.grad_data.float().clone() for b in tr.student.buffers])
+        return True, 0.0, None
+
+    tr.optimizer.step = capture_step
+    tr.scheduler.step = lambda n: None
+    return tr, captured
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
@@ -52,24 +76,10 @@ def main():
     import torch
     import torch.distributed as dist
 
-    from megatron_opd import trainer as trainer_mod
-    from megatron_opd.config import load_config
-
-    trainer_mod.build_engine = lambda cfg, model_dir: NoEngine()
-    trainer_mod.OPDTrainer.generate = synthetic_generate
-    cfg = load_config(args.config, args.overrides)
-    tr = trainer_mod.OPDTrainer(cfg)
-    tr.setup()
+    tr, captured = engine_free_trainer(args.config, args.overrides)
+    cfg = tr.cfg
     try:
         batch, _ = tr.rollout()
-        captured = {}
-
-        def capture_step():
-            captured["grads"] = torch.cat([b.grad_data.float().clone() for b in tr.student.buffers])
-            return True, 0.0, None
-
-        tr.optimizer.step = capture_step
-        tr.scheduler.step = lambda n: None
 
         def run(impl, budget, route=True):
             tr.logprob_impl, cfg.train.max_tokens_per_micro_batch = impl, budget
