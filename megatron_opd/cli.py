@@ -1,4 +1,4 @@
-"""Command line: `megatron-opd train --config <recipe.yaml> key=value ...` and `megatron-opd demo`.
+"""Command line: `megatron-opd train|erpd --config <recipe.yaml> key=value ...` and `megatron-opd demo`.
 
 Run it directly for one process, or under torchrun for TP/PP/EP:
     torchrun --nproc_per_node 2 -m megatron_opd.cli train --config configs/recipes/tiny_opd.yaml \
@@ -17,6 +17,9 @@ def _train(args) -> int:
     from megatron_opd.trainer import OPDTrainer
 
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before compute
+    if cfg.objective.name == "erpd":
+        raise ValueError("objective.name=erpd is a two-stage pipeline: run `megatron-opd erpd --config "
+                         f"{args.config}` (or choose gopd, reopold or grpo for `train`)")
     trainer = OPDTrainer(cfg)
     try:
         trainer.setup()
@@ -34,6 +37,22 @@ def _train(args) -> int:
               f"outputs: {out}/metrics.jsonl, {out}/curves.png, {out}/tensorboard/, "
               f"checkpoint {latest_checkpoint(f'{out}/checkpoints')}", flush=True)
     return PREEMPTED_EXIT_CODE if trainer.preempted else 0
+
+
+def _erpd(args) -> int:
+    """ERPD: stage 1 on a fixed rollout batch, the stored signal, stage-2 distillation (erpd_pipeline.py)."""
+    from megatron_opd.config import load_config
+    from megatron_opd.erpd_pipeline import ERPDPipeline
+
+    cfg = load_config(args.config, args.overrides)
+    pipeline = ERPDPipeline(cfg)
+    results = pipeline.run()
+    if pipeline.tr.rank0:
+        for key in ("base_acc", "erpd_stage1_acc", "erpd_stage2_acc", "erpd_stage1_kl", "erpd_stage2_kl"):
+            print(f"{key}: {results[key]}")
+        out = cfg.train.out_dir
+        print(f"outputs: {out}/erpd_results.json, {out}/erpd_table.md, {out}/metrics.jsonl", flush=True)
+    return 0
 
 
 def _eval(args) -> int:
@@ -107,6 +126,10 @@ def main(argv=None) -> int:
     p_train.add_argument("--config", required=True, help="recipe YAML (configs/recipes/)")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     p_train.set_defaults(func=_train)
+    p_erpd = sub.add_parser("erpd", help="ERPD: stage-1 teacher on a fixed batch, then stage-2 distillation")
+    p_erpd.add_argument("--config", required=True, help="recipe YAML with objective.name: erpd")
+    p_erpd.add_argument("overrides", nargs="*", help="key=value overrides")
+    p_erpd.set_defaults(func=_erpd)
     p_eval = sub.add_parser("eval", help="held-out avg@k of a HF checkpoint (recipe's data/rollout)")
     p_eval.add_argument("--config", required=True, help="recipe YAML for data and sampling settings")
     p_eval.add_argument("--checkpoint", required=True, help="HF checkpoint directory to evaluate")

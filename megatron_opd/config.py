@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from megatron_opd.models.builder import PrecisionConfig
+from megatron_opd.objectives.erpd import STAGE1_LOSSES, ERPDStage1Config, ERPDStage2Config
 from megatron_opd.models.student import OptimConfig
 from megatron_opd.parallel import ParallelConfig
 
@@ -448,7 +449,117 @@ class GRPOConfig(LossTermsConfig):
                               outcome_rewards=True)
 
 
-OBJECTIVE_SECTIONS = {"gopd": GOPDConfig, "reopold": REOPOLDConfig, "grpo": GRPOConfig}
+@dataclass
+class ERPDConfig:
+    """ERPD (objective.name: erpd; run with `megatron-opd erpd`): per rollout batch (prompts x rollout.n
+    samples of pi_old, verifier rewards), stage 1 trains a teacher aggressively off-policy on that one
+    batch, keeping a candidate every `candidate_every` steps; stage 2 computes the token signal
+    S = lp_numerator - lp_denominator once, stores it with the batch, restores pi_old and distils S into
+    it under a trust region. `iterations` > 1: the stage-2 student is the next batch's pi_old."""
+
+    stage1: ERPDStage1Config = field(default_factory=ERPDStage1Config)
+    """Stage-1 loss and its settings (grpo, sapo, ce, mse)."""
+
+    ensemble_with: List[str] = field(default_factory=list)
+    """More stage-1 losses, each trained from pi_old on the same batch; their signals are combined
+    (`ensemble`). Empty: one teacher."""
+
+    ensemble: Optional[str] = None
+    """With ensemble_with: "sum" (each signal whitened, then summed; default) or "sequential" (distil
+    one signal after the other, stage2_steps each)."""
+
+    stage1_steps: int = 40
+    """Optimizer steps of stage 1 on the fixed batch (one update over the whole batch each)."""
+
+    stage1_lr: float = 1.0e-4
+    """Stage-1 learning rate (constant)."""
+
+    candidate_every: int = 10
+    """Keep (and evaluate on the held-out prompts) a stage-1 candidate every this many steps."""
+
+    stage2: ERPDStage2Config = field(default_factory=ERPDStage2Config)
+    """Stage-2 signal strategy and trust-region settings."""
+
+    stage2_steps: int = 16
+    """Optimizer steps of stage 2 on the batch (the paper: 10-32)."""
+
+    stage2_lr: float = 1.0e-4
+    """Stage-2 learning rate (constant)."""
+
+    teacher_step: Optional[int] = None
+    """The stage-1 candidate used as the signal's numerator (strategies 1 and 2); null = the last."""
+
+    unlearned_step: Optional[int] = None
+    """Strategy 2: the early ("unlearned") stage-1 candidate used as the denominator (required there)."""
+
+    weak_checkpoint: Optional[str] = None
+    """Strategy 3: HF checkpoint of an earlier, weaker policy (the denominator; numerator = pi_old)."""
+
+    whiten: bool = True
+    """Whiten each signal over the batch's response tokens (zero mean, unit std) before use."""
+
+    iterations: int = 1
+    """Rollout batches; each batch's stage-2 student is the next batch's pi_old."""
+
+    def __post_init__(self):
+        for name in ("stage1_steps", "stage2_steps", "candidate_every", "iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"objective.erpd.{name} must be >= 1")
+        for name in ("stage1_lr", "stage2_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"objective.erpd.{name} must be > 0")
+        for loss in self.ensemble_with:
+            if loss not in STAGE1_LOSSES:
+                raise ValueError(f"objective.erpd.ensemble_with: {loss!r} is not one of {STAGE1_LOSSES}")
+        if self.ensemble_with:
+            if (self.ensemble or "sum") not in ("sum", "sequential"):
+                raise ValueError(f"objective.erpd.ensemble={self.ensemble!r}: use sum or sequential")
+        elif self.ensemble is not None:
+            raise ValueError(f"objective.erpd.ensemble={self.ensemble!r} is not used without ensemble_with; "
+                             "remove it")
+        candidates = set(range(self.candidate_every, self.stage1_steps + 1, self.candidate_every))
+        candidates.add(self.stage1_steps)
+        strategy = self.stage2.strategy
+        if strategy == 3:
+            for name in ("teacher_step", "unlearned_step"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"objective.erpd.{name} is not used by strategy 3 (numerator = pi_old); "
+                                     "remove it")
+            if self.weak_checkpoint is None:
+                raise ValueError("objective.erpd.stage2.strategy=3 needs objective.erpd.weak_checkpoint (an HF "
+                                 "checkpoint of an earlier, weaker policy: the signal's denominator)")
+            if self.ensemble_with:
+                raise ValueError("objective.erpd.ensemble_with: strategy 3 trains no stage-1 teacher")
+            return
+        if self.weak_checkpoint is not None:
+            raise ValueError(f"objective.erpd.weak_checkpoint is used by strategy 3 only (strategy {strategy}); "
+                             "remove it")
+        if self.teacher_step is not None and self.teacher_step not in candidates:
+            raise ValueError(f"objective.erpd.teacher_step={self.teacher_step} is not a kept candidate: use one "
+                             f"of {sorted(candidates)} (multiples of candidate_every, and stage1_steps)")
+        if strategy == 2:
+            if self.stage1.loss != "mse" or self.ensemble_with:
+                raise ValueError("objective.erpd.stage2.strategy=2 distils an MSE-trained policy over its early "
+                                 "checkpoint: set objective.erpd.stage1.loss=mse and no ensemble_with")
+            if self.unlearned_step is None or self.unlearned_step not in candidates:
+                raise ValueError("objective.erpd.stage2.strategy=2 needs objective.erpd.unlearned_step = an early "
+                                 f"kept candidate (one of {sorted(candidates)}), e.g. {min(candidates)}")
+            if self.unlearned_step >= (self.teacher_step or self.stage1_steps):
+                raise ValueError("objective.erpd.unlearned_step must come before the teacher step")
+        elif self.unlearned_step is not None:
+            raise ValueError(f"objective.erpd.unlearned_step is used by strategy 2 only; remove it")
+
+    @property
+    def stage1_losses(self) -> list[str]:
+        return [self.stage1.loss, *self.ensemble_with]
+
+    def needs(self) -> ObjectiveNeeds:
+        # pi_old's log-probs (stage-1 ratios, stage-2 trust region) and the verifier's rewards
+        return ObjectiveNeeds(teachers=False, old_policy=True, outcome_rewards=True,
+                              update_entropy=self.stage2.entropy_coef > 0)
+
+
+OBJECTIVE_SECTIONS = {"gopd": GOPDConfig, "reopold": REOPOLDConfig, "grpo": GRPOConfig, "erpd": ERPDConfig}
 
 #: Flat keys of the earlier ObjectiveConfig -> where they live now (a recipe using one gets told).
 MOVED_OBJECTIVE_KEYS = {
@@ -467,7 +578,8 @@ class ObjectiveConfig:
     objectives must be absent (a recipe inheriting one sets it to null)."""
 
     name: str = "gopd"
-    """"gopd" (OPD / ExOPD / reward correction / multi-teacher / exact KL), "reopold" or "grpo"."""
+    """"gopd" (OPD / ExOPD / reward correction / multi-teacher / exact KL), "reopold", "grpo" (train) or
+    "erpd" (the two-stage pipeline: `megatron-opd erpd`)."""
 
     gopd: Optional[GOPDConfig] = None
     """Settings of objective.name=gopd (defaults when absent)."""
@@ -477,6 +589,9 @@ class ObjectiveConfig:
 
     grpo: Optional[GRPOConfig] = None
     """Settings of objective.name=grpo (defaults when absent)."""
+
+    erpd: Optional[ERPDConfig] = None
+    """Settings of objective.name=erpd (defaults when absent; `megatron-opd erpd`)."""
 
     def __post_init__(self):
         if self.name not in OBJECTIVE_SECTIONS:
@@ -637,6 +752,9 @@ class OPDConfig:
         if needs.teacher_hidden and self.train.logprob_impl == "logits":
             raise ValueError("train.logprob_impl=logits: objective.gopd.estimator=full/topk computes the KL from "
                              "both models' hidden states and LM heads; use auto or fused")
+        if name == "erpd" and self.train.mini_batches != 1:
+            raise ValueError("train.mini_batches: ERPD's stages make one update over the batch per step "
+                             "(objective.erpd.stage1_steps / stage2_steps); leave it at 1")
         if needs.outcome_rewards and self.rollout.n < 2:
             raise ValueError(f"objective.name={name} normalises rewards within each prompt's samples: set "
                              "rollout.n >= 2 (e.g. 8)")

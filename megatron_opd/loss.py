@@ -19,8 +19,11 @@ from typing import Optional
 
 import torch
 
-from megatron_opd.config import GOPDConfig, GRPOConfig, ObjectiveConfig, ObjectiveNeeds, REOPOLDConfig
-from megatron_opd.objectives import gopd_loss, group_advantages, grpo_loss, reopold_loss
+from megatron_opd.config import (ERPDConfig, GOPDConfig, GRPOConfig, ObjectiveConfig, ObjectiveNeeds,
+                                 REOPOLDConfig)
+from megatron_opd.objectives import (gopd_loss, group_advantages, grpo_loss, reopold_loss, stage1_loss,
+                                    trust_region_distill_loss)
+from megatron_opd.objectives.erpd import ERPDStage1Config, ERPDStage2Config
 from megatron_opd.objectives.kl import kl_estimate
 from megatron_opd.objectives.policy_loss import (aggregate_loss, masked_mean, masked_std,
                                                  truncated_is_weights)
@@ -158,6 +161,22 @@ class REOPOLDObjective(Objective):
         return loss, metrics
 
 
+def attach_group_advantages(micro: list[dict], normalize_std: bool = True) -> None:
+    """mb["advantages"] [b] from every micro-batch's "outcome_rewards" and prompt "group" ids. A prompt's
+    samples all live on one replica (prompts are split over replicas whole), so the groups are complete
+    here; token budgets may reorder rows, hence ids rather than positions."""
+    if not micro:
+        return
+    rewards = torch.cat([mb["outcome_rewards"] for mb in micro])
+    groups = torch.cat([mb["group"] for mb in micro])
+    adv = group_advantages(rewards.cpu(), groups.cpu(), normalize_std)
+    row = 0
+    for mb in micro:
+        b = mb["outcome_rewards"].shape[0]
+        mb["advantages"] = adv[row:row + b].to(mb["outcome_rewards"].device)
+        row += b
+
+
 class GRPOObjective(Objective):
     """GRPO from verifier rewards: group-normalised advantages (each prompt's rollout.n samples)."""
 
@@ -166,18 +185,7 @@ class GRPOObjective(Objective):
         self.needs = cfg.needs()
 
     def prepare(self, micro, step, dp_group=None):
-        """mb["advantages"] [b]. A prompt's samples all live on one replica (prompts are split over
-        replicas whole), so the groups are complete here; token budgets may reorder rows, hence ids."""
-        if not micro:
-            return {}
-        rewards = torch.cat([mb["outcome_rewards"] for mb in micro])
-        groups = torch.cat([mb["group"] for mb in micro])
-        adv = group_advantages(rewards.cpu(), groups.cpu(), self.cfg.normalize_std)
-        row = 0
-        for mb in micro:
-            b = mb["outcome_rewards"].shape[0]
-            mb["advantages"] = adv[row:row + b].to(mb["outcome_rewards"].device)
-            row += b
+        attach_group_advantages(micro, self.cfg.normalize_std)
         return {}
 
     def loss(self, mb, out, step):
@@ -193,13 +201,53 @@ class GRPOObjective(Objective):
         return loss, metrics
 
 
+class ERPDStage1Objective(Objective):
+    """ERPD stage 1 on a fixed batch: GRPO / SAPO (group-normalised advantages), CE or MSE (outcome
+    rewards), ratios against the batch's pi_old."""
+
+    needs = ObjectiveNeeds(teachers=False, old_policy=True, outcome_rewards=True)
+
+    def __init__(self, cfg: ERPDStage1Config):
+        self.cfg = cfg
+
+    def prepare(self, micro, step, dp_group=None):
+        attach_group_advantages(micro)
+        return {}
+
+    def loss(self, mb, out, step):
+        loss, metrics = stage1_loss(self.cfg, out.logprobs, mb["old_logprobs"], mb["mask"], mb["outcome_rewards"],
+                                    advantages=mb["advantages"], num_tokens=mb["global_tokens"],
+                                    num_seqs=mb["global_seqs"])
+        with torch.no_grad():
+            m = mb["mask"].to(out.logprobs.dtype)
+            metrics["kl/student_old_k1"] = masked_mean(out.logprobs.detach() - mb["old_logprobs"], m).item()
+        return loss, metrics
+
+
+class ERPDStage2Objective(Objective):
+    """ERPD stage 2: the stored, fixed signal mb["signal"] as the advantage of a PPO-clipped surrogate
+    against pi_old, with KL-to-pi_old and entropy terms."""
+
+    def __init__(self, cfg: ERPDStage2Config):
+        self.cfg = cfg
+        self.needs = ObjectiveNeeds(teachers=False, old_policy=True, update_entropy=cfg.entropy_coef > 0)
+
+    def loss(self, mb, out, step):
+        return trust_region_distill_loss(self.cfg, out.logprobs, mb["old_logprobs"], mb["signal"], mb["mask"],
+                                         entropy=out.entropy, num_tokens=mb["global_tokens"],
+                                         num_seqs=mb["global_seqs"])
+
+
 def build_objective(cfg: ObjectiveConfig, tp_group=None, vocab_size: Optional[int] = None) -> Objective:
-    """The configured objective (`tp_group` and `vocab_size` serve the exact-KL estimators)."""
+    """The configured objective (`tp_group` and `vocab_size` serve the exact-KL estimators). For ERPD,
+    the stage-1 objective of its first loss (the pipeline switches objectives between stages)."""
     settings = cfg.settings
     if isinstance(settings, GOPDConfig):
         return GOPDObjective(settings, tp_group, vocab_size)
     if isinstance(settings, REOPOLDConfig):
         return REOPOLDObjective(settings)
+    if isinstance(settings, ERPDConfig):
+        return ERPDStage1Objective(settings.stage1)
     return GRPOObjective(settings)
 
 

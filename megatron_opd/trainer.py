@@ -430,14 +430,17 @@ class OPDTrainer:
         positions) of each micro-batch (last pipeline stage; [] elsewhere)."""
         from megatron_opd.models import forward
 
+        impl = "fused" if hidden else self.logprob_impl  # hidden states: the LM head runs here
+
         def fn(mb, out):  # out: [b, s, H] hidden states (fused) or [b, s, V/tp] logits
             lp, ent = forward.response_logprobs(
-                model, out, mb, self.logprob_impl, tp_group=parallel.tp_group(),
+                model, out, mb, impl, tp_group=parallel.tp_group(),
                 valid_vocab_size=self.spec.vocab_size, compute_entropy=entropy)  # [b, s-1]
             extra = {"hidden": out[:, :-1][mb["mask"].bool()]} if hidden else {}
             return out.new_zeros(()), {"logprobs": lp, "entropy": ent, **extra}
 
-        return forward.run_micro_batches(model, micro, fn, forward_only=True, output=self._output())
+        output = "hidden" if impl == "fused" else "logits"
+        return forward.run_micro_batches(model, micro, fn, forward_only=True, output=output)
 
     def _output(self) -> str:
         return "hidden" if self.logprob_impl == "fused" else "logits"

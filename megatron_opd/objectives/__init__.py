@@ -15,6 +15,7 @@ from megatron_opd.objectives.erpd import (
     stage1_loss,
     trust_region_distill_loss,
     whiten,
+    whiten_batch,
 )
 from megatron_opd.objectives.gopd import gopd_advantage, gopd_loss, select_per_sample
 from megatron_opd.objectives.grpo import group_advantages, grpo_loss

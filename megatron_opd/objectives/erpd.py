@@ -40,6 +40,16 @@ STAGE1_LOSSES = ("grpo", "sapo", "ce", "mse")
 SIGNAL_STRATEGIES = (1, 2, 3)
 
 
+#: Which stage-1 settings each loss reads, and their defaults (a null field means "the default where it
+#: applies"; a field set for a loss that does not read it is refused).
+STAGE1_FIELDS = {
+    "grpo": {"eps_low": 0.2, "eps_high": 0.28},
+    "sapo": {"tau_pos": 1.0, "tau_neg": 1.05},
+    "ce": {"beta": 0.01, "aggregation": "sum"},
+    "mse": {"beta": 0.01, "aggregation": "sum", "mse_per_token": True},
+}
+
+
 @dataclass
 class ERPDStage1Config:
     """Stage 1: the aggressively trained off-policy teacher."""
@@ -47,39 +57,51 @@ class ERPDStage1Config:
     loss: str = "sapo"
     """One of grpo, sapo, ce, mse (PPO needs a value model, which is not built: not offered)."""
 
-    eps_low: float = 0.2
-    """GRPO/PPO lower clip."""
+    eps_low: Optional[float] = None
+    """grpo: lower clip (null = 0.2)."""
 
-    eps_high: float = 0.28
-    """GRPO/PPO upper clip."""
+    eps_high: Optional[float] = None
+    """grpo: upper clip (null = 0.28)."""
 
-    tau_pos: float = 1.0
-    """SAPO gate temperature for positive advantages."""
+    tau_pos: Optional[float] = None
+    """sapo: gate temperature for positive advantages (null = 1.0)."""
 
-    tau_neg: float = 1.05
-    """SAPO gate temperature for negative advantages (the paper's 1.05)."""
+    tau_neg: Optional[float] = None
+    """sapo: gate temperature for negative advantages (null = the paper's 1.05)."""
 
-    beta: float = 0.01
-    """CE/MSE implicit-reward scale (paper: 0.001-0.05 for CE)."""
+    beta: Optional[float] = None
+    """ce / mse: implicit-reward scale (null = 0.01; paper: 0.001-0.05 for CE)."""
 
-    aggregation: str = "sum"
-    """CE/MSE: aggregate the log-ratio over the response by "sum" or "mean"."""
+    aggregation: Optional[str] = None
+    """ce / mse: aggregate the log-ratio over the response by "sum" (default) or "mean"."""
 
-    mse_per_token: bool = True
-    """MSE: regress each token's implicit reward on the return (critic-like) instead of the sum."""
+    mse_per_token: Optional[bool] = None
+    """mse: regress each token's implicit reward on the return (critic-like; default) instead of the sum."""
 
     kl_coef: float = 0.0
-    """Optional weak KL-to-pi_old penalty."""
+    """Optional weak KL-to-pi_old penalty (k3)."""
 
     def __post_init__(self):
         if self.loss not in STAGE1_LOSSES:
             raise ValueError(f"erpd.stage1.loss={self.loss!r}: use one of {STAGE1_LOSSES}")
-        if self.aggregation not in ("sum", "mean"):
+        used = STAGE1_FIELDS[self.loss]
+        for name in ("eps_low", "eps_high", "tau_pos", "tau_neg", "beta", "aggregation", "mse_per_token"):
+            if getattr(self, name) is not None and name not in used:
+                raise ValueError(f"erpd.stage1.{name}={getattr(self, name)!r} is not used by loss={self.loss}; "
+                                 "remove it")
+        if self.setting("aggregation") not in (None, "sum", "mean"):
             raise ValueError("erpd.stage1.aggregation must be 'sum' or 'mean'")
-        if self.tau_pos <= 0 or self.tau_neg <= 0:
-            raise ValueError("erpd.stage1.tau_pos / tau_neg must be > 0")
-        if self.beta <= 0:
-            raise ValueError("erpd.stage1.beta must be > 0")
+        for name in ("tau_pos", "tau_neg", "beta"):
+            if self.setting(name) is not None and self.setting(name) <= 0:
+                raise ValueError(f"erpd.stage1.{name} must be > 0")
+        if self.kl_coef < 0:
+            raise ValueError("erpd.stage1.kl_coef must be >= 0")
+
+    def setting(self, name: str):
+        """The value `loss` reads for `name` (its default when null); None if `loss` does not read it."""
+        default = STAGE1_FIELDS[self.loss].get(name)
+        value = getattr(self, name)
+        return default if value is None else value
 
 
 @dataclass
@@ -173,29 +195,31 @@ def stage1_loss(
                          f"({logprobs.shape[0]},)")
     mask = mask.to(logprobs.dtype)
     metrics: dict = {}
+    get = cfg.setting
     if cfg.loss in ("grpo", "sapo"):
         if advantages is None:
             raise ValueError(f"stage-1 loss {cfg.loss!r} needs per-sequence advantages")
         adv = advantages.view(-1, 1).expand_as(logprobs)
         if cfg.loss == "sapo":
-            per_token = sapo_loss_per_token(logprobs, old_logprobs, adv, cfg.tau_pos, cfg.tau_neg)
+            per_token = sapo_loss_per_token(logprobs, old_logprobs, adv, get("tau_pos"), get("tau_neg"))
         else:
-            per_token, metrics = clipped_surrogate(logprobs, old_logprobs, adv, mask, cfg.eps_low, cfg.eps_high)
+            per_token, metrics = clipped_surrogate(logprobs, old_logprobs, adv, mask, get("eps_low"),
+                                                   get("eps_high"))
         loss = aggregate_loss(per_token, mask, loss_agg_mode, num_tokens, num_seqs)
     elif cfg.loss == "ce":
-        r = implicit_reward(logprobs, old_logprobs, mask, cfg.beta, cfg.aggregation)  # [b]
+        r = implicit_reward(logprobs, old_logprobs, mask, get("beta"), get("aggregation"))  # [b]
         per_seq = F.binary_cross_entropy_with_logits(r, outcome_rewards.to(r.dtype), reduction="none")
         loss = per_seq.sum() / (num_seqs if num_seqs is not None else max(len(per_seq), 1))
         metrics["ce/implicit_reward_mean"] = r.detach().mean().item()
     else:  # mse
         target = outcome_rewards.to(logprobs.dtype)
-        if cfg.mse_per_token:
-            pred = cfg.beta * (logprobs - old_logprobs.detach())  # each token's implicit reward
+        if get("mse_per_token"):
+            pred = get("beta") * (logprobs - old_logprobs.detach())  # each token's implicit reward
             per_token = (pred - target.view(-1, 1)) ** 2
             loss = aggregate_loss(per_token, mask, loss_agg_mode, num_tokens, num_seqs)
             pred_seq = masked_mean(pred.detach(), mask, dim=-1)
         else:
-            pred_seq = implicit_reward(logprobs, old_logprobs, mask, cfg.beta, cfg.aggregation)
+            pred_seq = implicit_reward(logprobs, old_logprobs, mask, get("beta"), get("aggregation"))
             per_seq = (pred_seq - target) ** 2
             loss = per_seq.sum() / (num_seqs if num_seqs is not None else max(len(per_seq), 1))
         metrics["mse/explained_variance"] = explained_variance(pred_seq.detach(), target)
@@ -229,16 +253,31 @@ def build_signal(numerator_logprobs: torch.Tensor, denominator_logprobs: torch.T
 
 def whiten(signal: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-8) -> torch.Tensor:
     """Zero mean, unit std over the response tokens (over a DP `group` when given); 0 elsewhere."""
-    check_same_shape("signal", signal, mask=mask)
-    m = mask.to(torch.float64)
-    x = signal.to(torch.float64) * m
-    stats = torch.stack([m.sum(), x.sum(), (x * x).sum()])
+    return whiten_batch([signal], [mask], group, eps)[0]
+
+
+def whiten_batch(signals: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], group=None,
+                 eps: float = 1e-8) -> list[torch.Tensor]:
+    """`whiten` with the statistics of every micro-batch's response tokens together (`[b_i, s_i]` each),
+    all-reduced over a data-parallel `group`."""
+    for signal, mask in zip(signals, masks):
+        check_same_shape("signal", signal, mask=mask)
+    stats = torch.zeros(3, dtype=torch.float64, device=signals[0].device)
+    for signal, mask in zip(signals, masks):
+        m = mask.to(torch.float64)
+        x = signal.to(torch.float64) * m
+        stats += torch.stack([m.sum(), x.sum(), (x * x).sum()])
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        from megatron_opd.platform import collective_device
+
+        stats = stats.to(collective_device(group))
         dist.all_reduce(stats, group=group)
+        stats = stats.to(signals[0].device)
     n = stats[0].clamp(min=1)
     mean = stats[1] / n
-    var = (stats[2] / n - mean**2).clamp(min=0)
-    return (((signal.to(torch.float64) - mean) / (var.sqrt() + eps)) * m).to(signal.dtype)
+    std = (stats[2] / n - mean**2).clamp(min=0).sqrt()
+    return [(((s.to(torch.float64) - mean) / (std + eps)) * m.to(torch.float64)).to(s.dtype)
+            for s, m in zip(signals, masks)]
 
 
 def keep_part(signal: torch.Tensor, positive_samples: torch.Tensor, keep: Optional[str]) -> torch.Tensor:
