@@ -17,6 +17,10 @@ def _train(args) -> int:
     from megatron_opd.trainer import OPDTrainer
 
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before compute
+    wanted = getattr(args, "require_objective", None)
+    if wanted is not None and cfg.objective.name != wanted:
+        raise ValueError(f"objective.name={cfg.objective.name}: `megatron-opd {wanted}` runs objective.name={wanted} "
+                         "(use `megatron-opd train` for the others)")
     if cfg.objective.name == "erpd":
         raise ValueError("objective.name=erpd is a two-stage pipeline: run `megatron-opd erpd --config "
                          f"{args.config}` (or choose gopd, reopold or grpo for `train`)")
@@ -126,6 +130,10 @@ def main(argv=None) -> int:
     p_train.add_argument("--config", required=True, help="recipe YAML (configs/recipes/)")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     p_train.set_defaults(func=_train)
+    p_sft = sub.add_parser("sft", help="SFT on teacher samples (train with objective.name=sft)")
+    p_sft.add_argument("--config", required=True, help="recipe YAML with objective.name: sft")
+    p_sft.add_argument("overrides", nargs="*", help="key=value overrides")
+    p_sft.set_defaults(func=_train, require_objective="sft")
     p_erpd = sub.add_parser("erpd", help="ERPD: stage-1 teacher on a fixed batch, then stage-2 distillation")
     p_erpd.add_argument("--config", required=True, help="recipe YAML with objective.name: erpd")
     p_erpd.add_argument("overrides", nargs="*", help="key=value overrides")

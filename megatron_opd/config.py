@@ -201,6 +201,10 @@ class ObjectiveNeeds:
     """The teacher's final hidden states at the response positions and its LM-head shard
     (mb["teacher_hidden"], mb["teacher_lm_head"]) and the student's (exact full-vocabulary KL)."""
 
+    teacher_samples: bool = False
+    """The step's samples come from the teacher (a rollout engine on teachers[0].checkpoint) instead of
+    the student: off-policy distillation. The student's engine then only serves evaluation."""
+
 
 KL_LOSS_ESTIMATORS = ("k2", "k3")  # k1's gradient is zero in expectation: not a loss term
 GOPD_ESTIMATORS = ("sampled", "full", "topk")
@@ -559,7 +563,27 @@ class ERPDConfig:
                               update_entropy=self.stage2.entropy_coef > 0)
 
 
-OBJECTIVE_SECTIONS = {"gopd": GOPDConfig, "reopold": REOPOLDConfig, "grpo": GRPOConfig, "erpd": ERPDConfig}
+@dataclass
+class SFTObjectiveConfig:
+    """SFT on teacher samples (objective.name: sft; the off-policy distillation baseline): each step the
+    teacher samples responses to the step's prompts through its own vLLM engine and the student is
+    trained on their negative log-likelihood. No Megatron teacher is built."""
+
+    correct_only: bool = False
+    """Train only on samples the verifier accepts (rejection sampling); false = every sample."""
+
+    loss_agg_mode: str = "token-mean"
+    """Aggregation of the per-token NLL (global normalisation)."""
+
+    def __post_init__(self):
+        _check_policy_loss("sft", None, None, None, self.loss_agg_mode)
+
+    def needs(self) -> ObjectiveNeeds:
+        return ObjectiveNeeds(teachers=False, teacher_samples=True, outcome_rewards=self.correct_only)
+
+
+OBJECTIVE_SECTIONS = {"gopd": GOPDConfig, "reopold": REOPOLDConfig, "grpo": GRPOConfig, "erpd": ERPDConfig,
+                      "sft": SFTObjectiveConfig}
 
 #: Flat keys of the earlier ObjectiveConfig -> where they live now (a recipe using one gets told).
 MOVED_OBJECTIVE_KEYS = {
@@ -578,8 +602,9 @@ class ObjectiveConfig:
     objectives must be absent (a recipe inheriting one sets it to null)."""
 
     name: str = "gopd"
-    """"gopd" (OPD / ExOPD / reward correction / multi-teacher / exact KL), "reopold", "grpo" (train) or
-    "erpd" (the two-stage pipeline: `megatron-opd erpd`)."""
+    """"gopd" (OPD / ExOPD / reward correction / multi-teacher / exact KL), "reopold", "grpo", "sft"
+    (SFT on teacher samples) with `megatron-opd train`, or "erpd" (the two-stage pipeline:
+    `megatron-opd erpd`)."""
 
     gopd: Optional[GOPDConfig] = None
     """Settings of objective.name=gopd (defaults when absent)."""
@@ -592,6 +617,9 @@ class ObjectiveConfig:
 
     erpd: Optional[ERPDConfig] = None
     """Settings of objective.name=erpd (defaults when absent; `megatron-opd erpd`)."""
+
+    sft: Optional[SFTObjectiveConfig] = None
+    """Settings of objective.name=sft (defaults when absent)."""
 
     def __post_init__(self):
         if self.name not in OBJECTIVE_SECTIONS:
@@ -723,7 +751,14 @@ class OPDConfig:
 
     def __post_init__(self):
         needs, name = self.objective.needs(), self.objective.name
-        if not needs.teachers and self.teachers:
+        if needs.teacher_samples:
+            if len(self.teachers) != 1 and _REQUIRE_TEACHERS.get():
+                raise ValueError(f"teachers: objective.name={name} samples from one teacher's engine: give exactly "
+                                 f"one teacher (got {len(self.teachers)})")
+            if self.teachers and (self.teachers[0].offload or self.teachers[0].domain is not None):
+                raise ValueError("teachers[0].offload / domain are not used by objective.name=sft (the teacher "
+                                 "only samples, through its engine); remove them")
+        elif not needs.teachers and self.teachers:
             raise ValueError(f"teachers: objective.name={name} uses no teacher; remove them (teachers: [])")
         if needs.teachers and not self.teachers and _REQUIRE_TEACHERS.get():
             raise ValueError("teachers: at least one teacher is required (teachers: [{checkpoint: ...}])")

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from megatron_opd.config import (ERPDConfig, GOPDConfig, GRPOConfig, ObjectiveConfig, ObjectiveNeeds,
-                                 REOPOLDConfig)
+                                 REOPOLDConfig, SFTObjectiveConfig)
+from megatron_opd.objectives.policy_loss import global_counts
 from megatron_opd.objectives import (gopd_loss, group_advantages, grpo_loss, reopold_loss, stage1_loss,
                                     trust_region_distill_loss)
 from megatron_opd.objectives.erpd import ERPDStage1Config, ERPDStage2Config
@@ -238,6 +239,36 @@ class ERPDStage2Objective(Objective):
                                          num_seqs=mb["global_seqs"])
 
 
+class SFTObjective(Objective):
+    """SFT on teacher samples: the negative log-likelihood of the teacher's tokens (the rollout
+    log-probs are then the teacher's, which gives a free KL(teacher || student) estimate)."""
+
+    def __init__(self, cfg: SFTObjectiveConfig):
+        self.cfg = cfg
+        self.needs = cfg.needs()
+
+    def prepare(self, micro, step, dp_group=None):
+        """correct_only: the verifier's rejected samples leave the mask, and the step's counts."""
+        if not self.cfg.correct_only or not micro:
+            return {}
+        kept = 0.0
+        for mb in micro:
+            mb["mask"] = mb["mask"] * (mb["outcome_rewards"] > 0).view(-1, 1).to(mb["mask"].dtype)
+            kept += float((mb["outcome_rewards"] > 0).sum())
+        counts = global_counts([mb["mask"] for mb in micro], dp_group)
+        for mb in micro:
+            mb["global_tokens"], mb["global_seqs"] = max(counts[0], 1.0), max(counts[1], 1.0)
+        return {"sft/kept_fraction": kept / sum(mb["mask"].shape[0] for mb in micro)}
+
+    def loss(self, mb, out, step):
+        m = mb["mask"].to(out.logprobs.dtype)
+        loss = aggregate_loss(-out.logprobs, m, self.cfg.loss_agg_mode, mb["global_tokens"], mb["global_seqs"])
+        with torch.no_grad():
+            metrics = {"kl/teacher_student": masked_mean(mb["rollout_logprobs"] - out.logprobs.detach(), m).item(),
+                       "nll": masked_mean(-out.logprobs.detach(), m).item()}
+        return loss, metrics
+
+
 def build_objective(cfg: ObjectiveConfig, tp_group=None, vocab_size: Optional[int] = None) -> Objective:
     """The configured objective (`tp_group` and `vocab_size` serve the exact-KL estimators). For ERPD,
     the stage-1 objective of its first loss (the pipeline switches objectives between stages)."""
@@ -248,13 +279,15 @@ def build_objective(cfg: ObjectiveConfig, tp_group=None, vocab_size: Optional[in
         return REOPOLDObjective(settings)
     if isinstance(settings, ERPDConfig):
         return ERPDStage1Objective(settings.stage1)
+    if isinstance(settings, SFTObjectiveConfig):
+        return SFTObjective(settings)
     return GRPOObjective(settings)
 
 
 def objective_loss(objective: Objective, mb: dict, out: StudentOutputs, step: int) -> tuple[torch.Tensor, dict]:
     """The objective's loss for one micro-batch, plus the trainer-vs-engine log-prob gap on its tokens
-    (free: the forward pass already ran)."""
+    (free: the forward pass already ran; not where the samples are the teacher's)."""
     loss, metrics = objective.loss(mb, out, step)
-    if mb.get("rollout_logprobs") is not None:
+    if mb.get("rollout_logprobs") is not None and not objective.needs.teacher_samples:
         metrics.update(logprob_gap(out.logprobs.detach(), mb["rollout_logprobs"], mb["mask"]))
     return loss, metrics

@@ -64,6 +64,9 @@ class OPDTrainer:
         self.step = 0
         self.skipped_steps = 0
         self.engine = None
+        self.sampler = None
+        """The engine that samples the training batch when it is not the student's (SFT on teacher
+        samples); None = the student's engine samples (on-policy)."""
         self.metrics = None
         self.preempt = None
         self.preempted = False
@@ -151,7 +154,7 @@ class OPDTrainer:
         load_hf_into_megatron(student, self.spec, student_ckpt)
         self.student = wrap_ddp(student)
         self.teachers = []
-        for spec, ck in zip(teacher_specs, teacher_ckpts):
+        for spec, ck in zip(teacher_specs, teacher_ckpts) if self.objective.needs.teachers else ():
             t = build_gpt_model(spec, cfg.parallel, cfg.precision, role="teacher")
             load_hf_into_megatron(t, spec, ck)
             self.teachers.append(t)
@@ -198,6 +201,9 @@ class OPDTrainer:
             # itself stops that process with SIGTERM, so SIGTERM stays deliverable.
             with shielded_children((signal.SIGUSR1,)):
                 self.engine = build_engine(cfg, student_ckpt.path)
+                if self.objective.needs.teacher_samples:  # off-policy: the teacher's engine samples
+                    # its own engine-core process: two in-process vLLM engines cannot share one process
+                    self.sampler = build_engine(cfg, teacher_ckpts[0].path, in_process=False)
         # The engine starts from the HF checkpoint; after a resume it must serve the restored weights.
         if resume_meta is not None:
             self.refit()
@@ -264,8 +270,9 @@ class OPDTrainer:
             batch, rollout_metrics = self.rollout()
         self._abandon_if_preempted()
         with self.phase("sleep", timings):
-            if self.engine is not None:
-                self.engine.sleep()
+            for engine in (self.engine, self.sampler):
+                if engine is not None:
+                    engine.sleep()
 
         # 2. micro-batches on the device; score with the frozen models
         with self.phase("score", timings):
@@ -288,6 +295,8 @@ class OPDTrainer:
                 refit_stats = self.refit()
                 if self.engine is not None:
                     self.engine.wake_up(["kv_cache"])
+            if self.sampler is not None:  # the teacher's engine: fixed weights, nothing to refit
+                self.sampler.wake_up()
 
         timings["time/step"] = time.perf_counter() - t0
         tokens = int(batch.response_mask.sum().item())
@@ -333,7 +342,7 @@ class OPDTrainer:
     def generate(self, samples: list[dict], first_index: int):
         """The engine's samples for these prompts (global indices from `first_index`: the per-prompt
         seeds do not depend on the data-parallel size)."""
-        return self.engine.generate([s["prompt"] for s in samples], n=self.cfg.rollout.n,
+        return (self.sampler or self.engine).generate([s["prompt"] for s in samples], n=self.cfg.rollout.n,
                                     seed=self.cfg.train.seed * 1_000_003 + self.step, first_index=first_index)
 
     # ------------------------------------------------------------------------------------------
@@ -599,9 +608,10 @@ class OPDTrainer:
 
                 out = Path(self.cfg.train.out_dir)
                 plot_run(out / "metrics.jsonl", out / "curves.png", title=out.name)
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+        for engine in (self.sampler, self.engine):
+            if engine is not None:
+                engine.shutdown()
+        self.engine = self.sampler = None
         if self.preempt is not None:
             self.preempt.uninstall()
         parallel.destroy()
@@ -789,11 +799,12 @@ def build_data(cfg: OPDConfig, tokenizer_dir):
     return DataBundle(cfg, tokenizer_dir)
 
 
-def build_engine(cfg: OPDConfig, model_dir):
+def build_engine(cfg: OPDConfig, model_dir, in_process: Optional[bool] = None):
     """The rollout engine serving the student (one per data-parallel replica, on its leader)."""
     from megatron_opd.rollout.engine import RolloutEngine
 
-    return RolloutEngine(cfg.rollout, model_dir, seed=cfg.train.seed, system_prompt=cfg.data.system_prompt)
+    return RolloutEngine(cfg.rollout, model_dir, seed=cfg.train.seed, system_prompt=cfg.data.system_prompt,
+                         in_process=in_process)
 
 
 def make_step_batch(result, samples, rewards, teacher_domains, pad_id, max_len,
