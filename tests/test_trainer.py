@@ -403,7 +403,8 @@ def test_sigkill_at_random_points_then_resume_ends_bit_identical(models, tmp_pat
     ["objective.name=reopold", "objective.gopd=null", "objective.reopold.switch_step=1",
      "objective.reopold.exploration=mask_below_floor"],
     ["objective.gopd.estimator=full"],
-], ids=["grpo", "reopold-exploration-then-refinement", "gopd-exact-kl"])
+    ["objective.name=sft", "objective.gopd=null", "objective.sft.correct_only=false"],
+], ids=["grpo", "reopold-exploration-then-refinement", "gopd-exact-kl", "sft-on-teacher-samples"])
 def test_each_objective_trains_through_the_real_loop(models, tmp_path, objective):
     """Two steps with vLLM rollouts and refit: the loop provides what each objective asks for."""
     student, _ = models
@@ -423,6 +424,11 @@ def test_each_objective_trains_through_the_real_loop(models, tmp_path, objective
     elif "reopold" in name:
         assert [r["reopold/phase"] for r in rows[1:]] == [0.0, 1.0]  # exploration, then refinement
         assert rows[2]["reopold/fraction_kept"] == pytest.approx(0.5, abs=0.1)  # top-50 % by entropy
+    elif "sft" in name:
+        # the batch is the teacher's (its engine's log-probs): a forward-KL estimate, no mismatch probe
+        assert rows[1]["kl/teacher_student"] > 0 and rows[1]["score/teacher_sequences"] == 0
+        assert "mismatch/max_abs" not in rows[1]
+        return
     else:
         assert rows[1]["kl/student_teacher_exact"] > 0
     assert rows[2]["mismatch/max_abs"] < 1e-3
