@@ -49,8 +49,10 @@ def check_layout(cfg, gpus_per_node: int) -> int:
     return world
 
 
-def train_command(recipe: str, overrides: list[str]) -> list[str]:
-    return ["-m", "megatron_opd.cli", "train", "--config", recipe, *overrides]
+def train_command(recipe: str, overrides: list[str], objective: str = "gopd") -> list[str]:
+    """The job's command: `megatron-opd erpd` for the ERPD pipeline, `megatron-opd train` otherwise."""
+    command = "erpd" if objective == "erpd" else "train"
+    return ["-m", "megatron_opd.cli", command, "--config", recipe, *overrides]
 
 
 def job_recipe(recipe: str) -> str:
@@ -179,7 +181,7 @@ def _render(cfg, cluster: ClusterConfig, recipe: str, overrides: list[str]) -> s
 
     out_dir = run_dir(cfg, cluster)
     executor = build_executor(cfg, cluster, out_dir)
-    cmd = train_command(job_recipe(recipe), [*overrides, f"train.out_dir={out_dir}"])
+    cmd = train_command(job_recipe(recipe), [*overrides, f"train.out_dir={out_dir}"], cfg.objective.name)
     train_script = run.Script(path=cmd[1], args=cmd[2:], entrypoint="python", m=True)
     name = Path(recipe).stem
     executor.assign("dryrun", cluster.job_dir, name, name)
@@ -243,14 +245,14 @@ def main(argv=None) -> int:
             refuse_uncommitted()
     trainer = build_executor(cfg, cluster, out_dir)
     if cluster is not None:
-        script_args = train_command(job_recipe(args.recipe), overrides)[2:]
+        script_args = train_command(job_recipe(args.recipe), overrides, cfg.objective.name)[2:]
     else:
         # nemo-run's torchrun component shell-quotes every argument (right for an sbatch script), but the
         # local scheduler runs the command without a shell, so an override such as
         # "teachers=[{checkpoint: x}]" would arrive with literal quotes. Locally the recipe and its
         # overrides travel as one merged YAML file instead (interpolations kept, resolved by the job).
         local_config = write_merged_config(args.recipe, overrides)
-        script_args = train_command(local_config, [])[2:]
+        script_args = train_command(local_config, [], cfg.objective.name)[2:]
     script = run.Script(path="megatron_opd.cli", args=script_args, entrypoint="python", m=True)
     # The experiment lives in the cluster's job_dir, which is where the SLURM job reads its sbatch script
     # and code (nemo-run's default ~/.nemo_run is not shared with the nodes).

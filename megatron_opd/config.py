@@ -473,7 +473,8 @@ class ERPDConfig:
     one signal after the other, stage2_steps each)."""
 
     stage1_steps: int = 40
-    """Optimizer steps of stage 1 on the fixed batch (one update over the whole batch each)."""
+    """Optimizer steps of stage 1 on the fixed batch: each is one update on one of its
+    train.mini_batches mini-batches, in turn (mini_batches = 1: the whole batch every step)."""
 
     stage1_lr: float = 1.0e-4
     """Stage-1 learning rate (constant)."""
@@ -485,7 +486,8 @@ class ERPDConfig:
     """Stage-2 signal strategy and trust-region settings."""
 
     stage2_steps: int = 16
-    """Optimizer steps of stage 2 on the batch (the paper: 10-32)."""
+    """Optimizer steps of stage 2 on the batch, mini-batches in turn (the paper: 16-32, one epoch or
+    less)."""
 
     stage2_lr: float = 1.0e-4
     """Stage-2 learning rate (constant)."""
@@ -787,9 +789,6 @@ class OPDConfig:
         if needs.teacher_hidden and self.train.logprob_impl == "logits":
             raise ValueError("train.logprob_impl=logits: objective.gopd.estimator=full/topk computes the KL from "
                              "both models' hidden states and LM heads; use auto or fused")
-        if name == "erpd" and self.train.mini_batches != 1:
-            raise ValueError("train.mini_batches: ERPD's stages make one update over the batch per step "
-                             "(objective.erpd.stage1_steps / stage2_steps); leave it at 1")
         if needs.outcome_rewards and self.rollout.n < 2:
             raise ValueError(f"objective.name={name} normalises rewards within each prompt's samples: set "
                              "rollout.n >= 2 (e.g. 8)")

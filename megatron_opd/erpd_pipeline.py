@@ -88,7 +88,8 @@ class ERPDPipeline:
         row = {"iteration": it + 1, "pi_old_acc": self.pi_old_acc,
                "rollout_acc": rollout_metrics["rollout/accuracy"], "teachers": []}
         signals = []  # one [b, s] tensor per micro-batch, per stage-1 teacher
-        for loss_name in erpd.stage1_losses:
+        # strategy 3 trains no stage-1 teacher: its signal is pi_old over a weaker policy
+        for loss_name in erpd.stage1_losses if erpd.stage2.strategy != 3 else ():
             restore(tr.student.module, pi_old)
             stage1 = dataclasses.replace(erpd.stage1, loss=loss_name) if loss_name != erpd.stage1.loss \
                 else erpd.stage1
@@ -99,7 +100,7 @@ class ERPDPipeline:
                                     "acc": teacher["acc"], "kl": teacher["kl"]})
             signals.append(self.signal(micro, candidates, pi_old))
             del candidates
-        if erpd.stage2.strategy == 3:  # no stage-1 teacher: the signal is pi_old over a weaker policy
+        if erpd.stage2.strategy == 3:
             signals.append(self.signal(micro, {}, pi_old))
         restore(tr.student.module, pi_old)
         self.stage2(micro, signals)
@@ -132,7 +133,7 @@ class ERPDPipeline:
         self.begin_stage(ERPDStage1Objective(stage1_cfg), erpd.stage1_lr, erpd.stage1_steps, micro)
         candidates, curve = {}, []
         for step in range(1, erpd.stage1_steps + 1):
-            metrics = self.tr.update(micro)
+            metrics = self.tr.update(mini_batch(micro, step))
             self.log({f"erpd/stage1_{k}": v for k, v in metrics.items()})
             if step % erpd.candidate_every == 0 or step == erpd.stage1_steps:
                 candidates[step] = snapshot(self.tr.student.module)
@@ -146,22 +147,26 @@ class ERPDPipeline:
     def signal(self, micro: list[dict], candidates: dict, pi_old: dict) -> list[torch.Tensor]:
         """S = lp_numerator - lp_denominator per micro-batch (strategy 1: teacher over pi_old; 2: teacher
         over its early candidate; 3: pi_old over objective.erpd.weak_checkpoint)."""
+        from megatron_opd.objectives.erpd import strategy_signal
+
         erpd, student = self.erpd, self.tr.student.module
         strategy = erpd.stage2.strategy
         teacher_step = erpd.teacher_step or erpd.stage1_steps
-        old = [mb["old_logprobs"] for mb in micro]
-        if strategy == 1:
-            numerator, denominator = self.logprobs_under(candidates[teacher_step], micro), old
-        elif strategy == 2:
-            numerator = self.logprobs_under(candidates[teacher_step], micro)
-            denominator = self.logprobs_under(candidates[erpd.unlearned_step], micro)
-        else:
+        roles = {}
+        if strategy in (1, 2):
+            roles["teacher"] = self.logprobs_under(candidates[teacher_step], micro)
+        if strategy == 2:
+            roles["unlearned"] = self.logprobs_under(candidates[erpd.unlearned_step], micro)
+        if strategy == 3:
             from megatron_opd.models.hf_mapping import HFCheckpoint, load_hf_into_megatron
 
             load_hf_into_megatron(student, self.tr.spec, HFCheckpoint(erpd.weak_checkpoint))
-            numerator, denominator = old, self.logprobs_under(None, micro)
+            roles["weak"] = self.logprobs_under(None, micro)
         restore(student, pi_old)
-        return [n - d for n, d in zip(numerator, denominator)]
+        if not micro or "old_logprobs" not in micro[0]:
+            return []  # not the last pipeline stage: the forwards above ran, the log-probs live there
+        return [strategy_signal(strategy, mb["old_logprobs"], **{k: v[i] for k, v in roles.items()})
+                for i, mb in enumerate(micro)]
 
     def logprobs_under(self, weights: Optional[dict], micro: list[dict]) -> list[torch.Tensor]:
         if weights is not None:
@@ -177,17 +182,20 @@ class ERPDPipeline:
         masks = [mb["mask"] for mb in micro]
         prepared = []
         for per_mb in signals:
+            if not per_mb:  # not the last pipeline stage
+                continue
             if erpd.whiten:
                 per_mb = whiten_batch(per_mb, masks, parallel.dp_group())
             prepared.append([keep_part(s, mb["outcome_rewards"] > 0, erpd.stage2.keep) for s, mb in zip(per_mb, micro)])
         if len(prepared) > 1 and (erpd.ensemble or "sum") == "sum":
             prepared = [[sum(parts) for parts in zip(*prepared)]]  # simultaneous ensemble
-        for per_mb in prepared:  # one signal, the summed ensemble, or a sequential ensemble's parts
-            for mb, s in zip(micro, per_mb):
+        rounds = len(signals) if erpd.ensemble == "sequential" else 1
+        for r in range(rounds):  # one signal, the summed ensemble, or a sequential ensemble's parts
+            for mb, s in zip(micro, prepared[r] if prepared else []):
                 mb["signal"] = s
             self.begin_stage(ERPDStage2Objective(erpd.stage2), erpd.stage2_lr, erpd.stage2_steps, micro)
-            for _ in range(erpd.stage2_steps):
-                metrics = self.tr.update(micro)
+            for step in range(1, erpd.stage2_steps + 1):
+                metrics = self.tr.update(mini_batch(micro, step))
                 self.log({f"erpd/stage2_{k}": v for k, v in metrics.items()})
 
     # ------------------------------------------------------------------------------------------
@@ -239,6 +247,13 @@ class ERPDPipeline:
         out = Path(self.cfg.train.out_dir)
         (out / "erpd_results.json").write_text(json.dumps(results, indent=2))
         (out / "erpd_table.md").write_text(results_table(results))
+
+
+def mini_batch(micro: list[dict], step: int) -> list[dict]:
+    """The micro-batches of the mini-batch that optimizer step `step` (from 1) trains on: the batch's
+    train.mini_batches mini-batches in turn, so a stage of M steps is one epoch."""
+    minis = sorted({mb["mini"] for mb in micro})
+    return [mb for mb in micro if mb["mini"] == minis[(step - 1) % len(minis)]]
 
 
 def results_table(results: dict) -> str:

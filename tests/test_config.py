@@ -107,7 +107,6 @@ TINY = REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml"
     (["objective.name=erpd", "objective.gopd=null", "teachers=[]", "rollout.n=4", "objective.erpd.stage2.strategy=2"], "set objective.erpd.stage1.loss=mse"),
     (["objective.name=erpd", "objective.gopd=null", "teachers=[]", "rollout.n=4", "objective.erpd.stage2.strategy=3"], "needs objective.erpd.weak_checkpoint"),
     (["objective.name=erpd", "objective.gopd=null", "teachers=[]", "rollout.n=4", "objective.erpd.teacher_step=7"], "teacher_step=7 is not a kept candidate"),
-    (["objective.name=erpd", "objective.gopd=null", "teachers=[]", "rollout.n=4", "train.mini_batches=2"], "ERPD's stages make one update"),
     (["objective.name=erpd", "objective.gopd=null", "teachers=[]", "rollout.n=4", "objective.erpd.stage1.loss=ppo"], "use one of"),
     # recipes written for the flat section are told where the key went
     (["objective.lam=1.25"], "use objective.gopd.lam"),

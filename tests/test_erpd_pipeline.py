@@ -21,11 +21,16 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
+def models(tmp_path_factory):
     tok = tmp_path_factory.mktemp("tok")
     train_tokenizer(tok)
-    return save_tiny_checkpoint(tiny_spec("tiny_qwen3"), tmp_path_factory.mktemp("student"), seed=0,
-                                tokenizer_dir=tok, init_std=0.1)
+    return [save_tiny_checkpoint(tiny_spec("tiny_qwen3"), tmp_path_factory.mktemp(f"m{seed}"), seed=seed,
+                                 tokenizer_dir=tok, init_std=0.1) for seed in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def student(models):
+    return models[0]
 
 
 def erpd(student, out, *overrides):
@@ -38,17 +43,20 @@ def erpd(student, out, *overrides):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["objective.erpd.stage1.loss=ce", "objective.erpd.stage2.kl_coef=0.01"],
+    ["objective.erpd.stage1.loss=ce", "objective.erpd.stage2.kl_coef=0.01", "train.mini_batches=2"],
     ["objective.erpd.stage1.loss=mse", "objective.erpd.stage2.strategy=2", "objective.erpd.unlearned_step=2"],
     ["objective.erpd.stage1.loss=ce", "objective.erpd.ensemble_with=[mse]", "objective.erpd.ensemble=sum"],
-], ids=["ce-strategy1", "mse-strategy2", "ce+mse-summed-ensemble"])
+    ["objective.erpd.stage1.loss=ce", "objective.erpd.ensemble_with=[ce]", "objective.erpd.ensemble=sequential"],
+], ids=["ce-strategy1-two-mini-batches", "mse-strategy2", "ce+mse-summed-ensemble", "ce,ce-sequential-ensemble"])
 def test_erpd_runs_both_stages_and_reports_accuracy_and_kl(student, tmp_path, overrides):
     stdout, r = erpd(student, tmp_path / "run", *overrides)
     for key in ("base_acc", "erpd_stage1_acc", "erpd_stage2_acc", "erpd_stage1_kl", "erpd_stage2_kl"):
         assert f"{key}: " in stdout and r[key] is not None
     (row,) = r["iterations"]
     losses = [t["loss"] for t in row["teachers"]]
-    assert losses == (["ce", "mse"] if "ensemble" in overrides[-1] else [overrides[0].split("=")[1]])
+    assert losses == ([overrides[0].split("=")[1], overrides[1].split("[")[1].rstrip("]")]
+                      if "ensemble" in overrides[-1] else [overrides[0].split("=")[1]])
+    assert r["erpd_stage1_acc"] == max(t["acc"] for t in row["teachers"])
     for teacher in row["teachers"]:
         assert [c["step"] for c in teacher["curve"]] == [2, 4]  # candidate_every 2, stage1_steps 4
         kls = [c["kl"] for c in teacher["curve"]]
@@ -61,6 +69,18 @@ def test_erpd_runs_both_stages_and_reports_accuracy_and_kl(student, tmp_path, ov
     if "ce" in losses:
         assert row["stage2_kl"] > 0  # the stored signal moved the student
     assert (tmp_path / "run" / "erpd_table.md").read_text().count("\n") == 3
+    stage2_updates = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                      if '"erpd/stage2_loss"' in l]
+    assert len(stage2_updates) == 2 * (2 if overrides[-1].endswith("sequential") else 1)  # stage2_steps each
+
+
+def test_strategy_3_distils_pi_old_over_a_weaker_checkpoint(models, tmp_path):
+    student, weak = models
+    _, r = erpd(student, tmp_path / "run", "objective.erpd.stage2.strategy=3",
+                f"objective.erpd.weak_checkpoint={weak}")
+    (row,) = r["iterations"]
+    assert row["teachers"] == [] and r["erpd_stage1_acc"] is None  # no stage-1 teacher is trained
+    assert row["stage2_kl"] > 0  # lp_old - lp_weak of two different random models: a real signal
 
 
 def test_train_refuses_erpd_and_names_the_command(student, tmp_path):
@@ -80,3 +100,18 @@ def test_batch_whitening_uses_every_micro_batch_together():
     assert (wa[~ma.bool()] == 0).all()
     # one micro-batch: the same as whiten
     torch.testing.assert_close(whiten_batch([a], [ma])[0], whiten(a, ma))
+
+
+def test_signal_strategies_on_hand_built_log_probs():
+    from megatron_opd.objectives.erpd import strategy_signal
+
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    teacher = torch.tensor([[-0.2, -2.5, -0.5]])
+    unlearned = torch.tensor([[-1.5, -1.0, -3.0]])
+    weak = torch.tensor([[-4.0, -2.0, -0.1]])
+    torch.testing.assert_close(strategy_signal(1, old, teacher=teacher), torch.tensor([[0.8, -0.5, 0.0]]))
+    torch.testing.assert_close(strategy_signal(2, old, teacher=teacher, unlearned=unlearned),
+                               torch.tensor([[1.3, -1.5, 2.5]]))
+    torch.testing.assert_close(strategy_signal(3, old, weak=weak), torch.tensor([[3.0, 0.0, -0.4]]))
+    with pytest.raises(ValueError, match="strategy 2 needs"):
+        strategy_signal(2, old, teacher=teacher)

@@ -251,6 +251,27 @@ def build_signal(numerator_logprobs: torch.Tensor, denominator_logprobs: torch.T
     return (numerator_logprobs - denominator_logprobs).detach()
 
 
+def strategy_signal(strategy: int, old_logprobs: torch.Tensor, teacher: Optional[torch.Tensor] = None,
+                    unlearned: Optional[torch.Tensor] = None, weak: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The stage-2 token signal of a strategy (ERPD Fig. 3), from log-probs of the sampled tokens `[b, s]`:
+
+        1: S = lp_teacher - lp_old          (the stage-1 policy over pi_old)
+        2: S = lp_teacher - lp_unlearned    (an MSE-trained policy over its early "unlearned" checkpoint)
+        3: S = lp_old - lp_weak             (pi_old over an earlier, weaker policy)
+    """
+    needed = {1: {"teacher": teacher}, 2: {"teacher": teacher, "unlearned": unlearned}, 3: {"weak": weak}}
+    if strategy not in needed:
+        raise ValueError(f"strategy={strategy}: use one of {SIGNAL_STRATEGIES}")
+    missing = [name for name, t in needed[strategy].items() if t is None]
+    if missing:
+        raise ValueError(f"strategy {strategy} needs the {' and '.join(missing)} log-probs")
+    if strategy == 1:
+        return build_signal(teacher, old_logprobs)
+    if strategy == 2:
+        return build_signal(teacher, unlearned)
+    return build_signal(old_logprobs, weak)
+
+
 def whiten(signal: torch.Tensor, mask: torch.Tensor, group=None, eps: float = 1e-8) -> torch.Tensor:
     """Zero mean, unit std over the response tokens (over a DP `group` when given); 0 elsewhere."""
     return whiten_batch([signal], [mask], group, eps)[0]
