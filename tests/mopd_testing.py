@@ -50,3 +50,14 @@ def tiny_spec(name: str, **overrides):
 
     spec = ModelSpec.from_yaml(REPO_ROOT / "configs" / "models" / f"{name}.yaml")
     return ModelSpec(**{**spec.__dict__, **overrides})
+
+
+def tiny_checkpoints(tmp_path_factory, seeds, spec: str = "tiny_qwen3") -> list:
+    """Tiny random HF checkpoints (one per seed) sharing one locally trained tokenizer."""
+    from megatron_opd.data.tokenizer import train_tokenizer
+    from megatron_opd.models.hf_tiny import save_tiny_checkpoint
+
+    tok = tmp_path_factory.mktemp("tok")
+    train_tokenizer(tok)
+    return [save_tiny_checkpoint(tiny_spec(spec), tmp_path_factory.mktemp(f"m{seed}"), seed=seed,
+                                 tokenizer_dir=tok, init_std=0.1) for seed in seeds]

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_opd.data.tokenizer import train_tokenizer
-from megatron_opd.models.hf_tiny import save_tiny_checkpoint
 from megatron_opd.objectives import whiten, whiten_batch
-from mopd_testing import REPO_ROOT, tiny_spec
+from mopd_testing import REPO_ROOT, tiny_checkpoints
 
 RECIPE = str(REPO_ROOT / "configs" / "recipes" / "erpd_tiny.yaml")
 pytestmark = pytest.mark.vllm
@@ -22,10 +20,7 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    tok = tmp_path_factory.mktemp("tok")
-    train_tokenizer(tok)
-    return [save_tiny_checkpoint(tiny_spec("tiny_qwen3"), tmp_path_factory.mktemp(f"m{seed}"), seed=seed,
-                                 tokenizer_dir=tok, init_std=0.1) for seed in (0, 1)]
+    return tiny_checkpoints(tmp_path_factory, (0, 1))
 
 
 @pytest.fixture(scope="module")

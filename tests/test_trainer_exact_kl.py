@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_opd.data.tokenizer import train_tokenizer
-from megatron_opd.models.hf_tiny import save_tiny_checkpoint
-from mopd_testing import REPO_ROOT, last_json, run_ranks, tiny_spec
+from mopd_testing import REPO_ROOT, last_json, run_ranks, tiny_checkpoints
 
 WORKER = Path(__file__).parent / "workers" / "exact_kl_step.py"
 RECIPE = str(REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml")
@@ -16,10 +14,7 @@ RECIPE = str(REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml")
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    tok = tmp_path_factory.mktemp("tok")
-    train_tokenizer(tok)
-    return [save_tiny_checkpoint(tiny_spec("tiny_qwen3"), tmp_path_factory.mktemp(f"m{seed}"), seed=seed,
-                                 tokenizer_dir=tok, init_std=0.1) for seed in (0, 1)]
+    return tiny_checkpoints(tmp_path_factory, (0, 1))
 
 
 @pytest.mark.parametrize("tp, estimator", [(1, ["objective.gopd.estimator=full"]),
