@@ -91,3 +91,48 @@ def test_bad_configs():
         ERPDStage1Config(loss="dpo")
     with pytest.raises(ValueError, match="erpd.stage2.strategy"):
         ERPDStage2Config(strategy=4)
+
+
+def _stage1(loss, lp, old, mask, R, adv=None, **cfg):
+    lp = lp.clone().requires_grad_()
+    value, _ = stage1_loss(ERPDStage1Config(loss=loss, **cfg), lp, old, mask, R, advantages=adv,
+                           num_tokens=float(mask.sum()), num_seqs=float(mask.shape[0]))
+    (grad,) = torch.autograd.grad(value, lp)
+    return value.item(), grad
+
+
+def test_every_stage1_loss_value_and_gradient_equal_closed_forms():
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.7, -1.2, -3.0]])
+    delta = torch.tensor([[0.3, -0.2, 0.1], [-0.4, 0.2, 0.05]])  # lp - lp_old: ratios away from 1
+    lp, mask = old + delta, torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    R, adv = torch.tensor([1.0, 0.0]), torch.tensor([0.8, -1.3])
+    N, rho, A = mask.sum(), delta.exp(), adv.view(-1, 1).expand(2, 3)
+
+    # GRPO: -min(rho A, clip(rho) A) per token, token-mean
+    value, grad = _stage1("grpo", lp, old, mask, R, adv)
+    clipped = rho.clamp(0.8, 1.28)
+    per = torch.maximum(-rho * A, -clipped * A)
+    assert value == pytest.approx(float((per * mask).sum() / N), rel=1e-6)
+    active = (-rho * A >= -clipped * A).float()  # the unclipped branch carries the gradient
+    torch.testing.assert_close(grad, -A * rho * active * mask / N)
+
+    # SAPO: -f(rho) A with f = sigmoid(tau (rho - 1)) 4 / tau; tau_pos for A > 0, tau_neg for A < 0
+    value, grad = _stage1("sapo", lp, old, mask, R, adv, tau_pos=1.0, tau_neg=3.0)
+    tau = torch.where(A > 0, torch.tensor(1.0), torch.tensor(3.0))
+    sig = torch.sigmoid(tau * (rho - 1))
+    assert value == pytest.approx(float((-sig * 4 / tau * A * mask).sum() / N), rel=1e-6)
+    torch.testing.assert_close(grad, -4 * sig * (1 - sig) * rho * A * mask / N)  # d f / d lp = f'(rho) rho
+
+    # CE: BCE(sigmoid(beta sum_t log-ratio), R) per sequence, seq-mean; d/d lp_t = beta (sigmoid(r) - R)
+    value, grad = _stage1("ce", lp, old, mask, R, beta=0.5, aggregation="sum")
+    r = 0.5 * (delta * mask).sum(-1)
+    bce = -(R * torch.log(torch.sigmoid(r)) + (1 - R) * torch.log(1 - torch.sigmoid(r)))
+    assert value == pytest.approx(float(bce.mean()), rel=1e-6)
+    torch.testing.assert_close(grad, 0.5 * (torch.sigmoid(r) - R).view(-1, 1) * mask / 2)
+    assert grad[0, 0] < 0 < grad[1, 0]  # a correct sample's tokens are pushed up, a wrong one's down
+
+    # MSE per token: (beta log-ratio - R)^2, token-mean; gradient 2 beta (beta log-ratio - R)
+    value, grad = _stage1("mse", lp, old, mask, R, beta=0.5)
+    err = 0.5 * delta - R.view(-1, 1)
+    assert value == pytest.approx(float((err**2 * mask).sum() / N), rel=1e-6)
+    torch.testing.assert_close(grad, 2 * 0.5 * err * mask / N)
