@@ -120,7 +120,8 @@ class ERPDPipeline:
         from megatron_opd.models.forward import lm_head_weight
 
         outs = self.tr.run_logprobs(self.tr.student, micro, entropy=True, hidden=True)
-        self.old_lm_head = lm_head_weight(self.tr.student).detach().clone()
+        if outs:  # the last pipeline stage holds the LM head
+            self.old_lm_head = lm_head_weight(self.tr.student).detach().clone()
         for mb, out in zip(micro, outs):
             mb["old_logprobs"], mb["old_entropy"], mb["old_hidden"] = out["logprobs"], out["entropy"], out["hidden"]
 

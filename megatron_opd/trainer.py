@@ -405,7 +405,7 @@ class OPDTrainer:
             self.teacher_sequences += sum(int(mb["input_ids"].shape[0]) for mb in inputs)
             with self.on_device(f"teachers[{k}]", teacher, self.cfg.teachers[k].offload):
                 outs = self.run_logprobs(teacher, inputs, hidden=needs.teacher_hidden)
-                if needs.teacher_hidden:  # a copy: an offloaded teacher's weights leave the device
+                if needs.teacher_hidden and outs:  # last stage; a copy: an offloaded teacher's weights move
                     from megatron_opd.models.forward import lm_head_weight
 
                     teacher_lm_head = lm_head_weight(teacher).detach().clone()
