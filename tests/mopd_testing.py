@@ -13,16 +13,20 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_ranks(script: Path, nproc: int, *args: str, timeout: float = 300.0, env: dict | None = None) -> str:
-    """Run `script` on `nproc` gloo ranks with torchrun; return its stdout, raise with the logs on failure."""
+def run_ranks(script: Path, nproc: int, *args: str, timeout: float = 300.0, env: dict | None = None,
+              module: bool = False) -> str:
+    """Run `script` on `nproc` gloo ranks with torchrun; return its stdout, raise with the logs on failure.
+    module=True runs the package module at that path (`-m megatron_opd.cli`) instead of the file."""
     run_env = dict(os.environ)
     run_env.setdefault("OMP_NUM_THREADS", "1")
     run_env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), run_env.get("PYTHONPATH", "")])
     if env:
         run_env.update(env)
+    target = ["-m", ".".join(Path(script).relative_to(REPO_ROOT).with_suffix("").parts)] if module \
+        else [str(script)]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        str(script), *args,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target,
+        *args,
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)

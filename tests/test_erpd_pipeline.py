@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_opd.objectives import whiten, whiten_batch
-from mopd_testing import REPO_ROOT, tiny_checkpoints
+from mopd_testing import REPO_ROOT, run_ranks, tiny_checkpoints
 
 RECIPE = str(REPO_ROOT / "configs" / "recipes" / "erpd_tiny.yaml")
 pytestmark = pytest.mark.vllm
@@ -67,6 +67,19 @@ def test_erpd_runs_both_stages_and_reports_accuracy_and_kl(student, tmp_path, ov
     stage2_updates = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                       if '"erpd/stage2_loss"' in l]
     assert len(stage2_updates) == 2 * (2 if overrides[-1].endswith("sequential") else 1)  # stage2_steps each
+
+
+def test_tp2_erpd_equals_tp1(student, tmp_path):
+    """The whole pipeline at TP = 2 (vocabulary-parallel KL report, sharded weight sets) against TP = 1:
+    the same rollouts (seeded engines), so the same stages and the same KLs up to fp32 summation order."""
+    _, one = erpd(student, tmp_path / "tp1", "objective.erpd.stage1.loss=ce")
+    out = run_ranks(REPO_ROOT / "megatron_opd" / "cli.py", 2, "erpd", "--config", RECIPE,
+                    f"student.checkpoint={student}", f"train.out_dir={tmp_path / 'tp2'}",
+                    "objective.erpd.stage1.loss=ce", "parallel.tensor_model_parallel_size=2", timeout=600,
+                    module=True)
+    two = json.loads((tmp_path / "tp2" / "erpd_results.json").read_text())
+    for key in ("erpd_stage1_kl", "erpd_stage2_kl"):
+        assert one[key] > 0 and two[key] == pytest.approx(one[key], rel=1e-4), key
 
 
 def test_strategy_3_distils_pi_old_over_a_weaker_checkpoint(models, tmp_path):
