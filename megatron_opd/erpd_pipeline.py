@@ -57,7 +57,7 @@ class ERPDPipeline:
         self.cfg = cfg
         self.erpd = cfg.objective.settings
         self.tr = OPDTrainer(cfg)
-        self.updates = 0  # optimizer updates so far (metrics.jsonl's step)
+        self.updates = 0  # rows written to metrics.jsonl (its "step")
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict:
