@@ -80,8 +80,6 @@ class RolloutConfig:
     refit_bucket_mb: int = 256
     """Refit streams weights in buckets of about this many MiB."""
 
-    mismatch_probe_size: int = 2
-    """Responses re-scored each step to report the trainer-vs-vLLM log-prob gap (0 disables)."""
 
     def __post_init__(self):
         if self.n < 1:
@@ -915,6 +913,12 @@ RESUMABLE_CHANGES = (
 )
 
 
+#: Keys that configs written by earlier versions hold and this one no longer has (resuming such a run is
+#: not a config change): rollout.mismatch_probe_size was accepted and never read (the trainer-vs-engine gap
+#: is measured on every trained token, free, from the training forward).
+RETIRED_KEYS = ("rollout.mismatch_probe_size",)
+
+
 def config_changes(old: dict, new: dict) -> list[str]:
     """`key: old -> new` for every leaf that differs between two config_to_dict() trees, except the
     RESUMABLE_CHANGES."""
@@ -931,4 +935,4 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
     a, b = dict(leaves(old)), dict(leaves(new))
     return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
-            if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)]
+            if k not in RESUMABLE_CHANGES and k not in RETIRED_KEYS and a.get(k) != b.get(k)]

@@ -144,3 +144,13 @@ def test_the_loop_never_branches_on_an_objectives_name():
     source = (REPO_ROOT / "megatron_opd" / "trainer.py").read_text()
     for pattern in ("objective.name", '"gopd"', '"reopold"', '"grpo"', "'gopd'", "'reopold'", "'grpo'"):
         assert pattern not in source, pattern
+
+
+def test_a_retired_key_is_refused_in_recipes_but_not_a_change_on_resume():
+    from megatron_opd.config import config_changes, config_to_dict
+
+    with pytest.raises(ValueError, match="mismatch_probe_size"):
+        load_config(TINY, ["rollout.mismatch_probe_size=2"])  # accepted and never read before: now refused
+    new = config_to_dict(load_config(TINY))
+    old = {**new, "rollout": {**new["rollout"], "mismatch_probe_size": 2}}  # a checkpoint written earlier
+    assert config_changes(old, new) == []
