@@ -91,21 +91,27 @@ def losses(run: Path) -> dict:
     return {r["step"]: r.get("loss") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
+#: Long enough that the preemption signal lands mid-run (a tiny step takes about a second on an idle
+#: machine: with 5 steps the run once finished, and pruned step_1, before the test saw that checkpoint);
+#: every checkpoint is kept so the one the test waits for cannot be pruned under it.
+RUN = ("train.steps=20", "train.keep_last=25")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(slurm):
-    job_id = submit(slurm, "train.steps=5", "train.out_dir=plain")
+    job_id = submit(slurm, *RUN, "train.out_dir=plain")
     wait(lambda: job(slurm, job_id).get("JobState") == "COMPLETED", f"job {job_id} to complete")
     return slurm["root"] / "runs" / "plain"
 
 
 def test_tiny_recipe_runs_on_slurm_into_the_clusters_runs_dir(uninterrupted):
-    assert sorted(losses(uninterrupted)) == [0, 1, 2, 3, 4, 5]
-    assert (uninterrupted / "checkpoints" / "step_5" / "meta.json").is_file()
+    assert sorted(losses(uninterrupted)) == list(range(21))
+    assert (uninterrupted / "checkpoints" / "step_20" / "meta.json").is_file()
 
 
 def test_preemption_checkpoints_requeues_and_resumes_to_the_same_result(slurm, uninterrupted):
     run = slurm["root"] / "runs" / "preempted"
-    job_id = submit(slurm, "train.steps=5", "train.out_dir=preempted")
+    job_id = submit(slurm, *RUN, "train.out_dir=preempted")
     wait(lambda: (run / "checkpoints" / "step_1" / "meta.json").is_file(), "the first checkpoint")
     subprocess.run(["scancel", "--signal=USR1", str(job_id)], env=slurm["env"], check=True)  # = --signal=USR1@300
     wait(lambda: job(slurm, job_id).get("Restarts") == "1", f"job {job_id} to requeue itself")
