@@ -14,6 +14,7 @@ the step's global counts "global_tokens" / "global_seqs", and what `needs` asked
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,8 +50,8 @@ class StudentOutputs:
     """[V/tp, H] this rank's LM-head rows, the trainable parameter (needs.teacher_hidden)."""
 
 
-class Objective:
-    """Base: what a step must provide, batch-level preparation, and the micro-batch loss."""
+class Objective(abc.ABC):
+    """The interface: what a step must provide, batch-level preparation, and the micro-batch loss."""
 
     needs: ObjectiveNeeds = ObjectiveNeeds()
 
@@ -59,8 +60,10 @@ class Objective:
         `dp_group` spans the replicas). Returns metrics."""
         return {}
 
+    @abc.abstractmethod
     def loss(self, mb: dict, out: StudentOutputs, step: int) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
+        """This micro-batch's share of the step's loss (normalised by mb["global_tokens"] /
+        mb["global_seqs"]) and its metrics."""
 
 
 class GOPDObjective(Objective):
