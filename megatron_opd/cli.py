@@ -122,6 +122,13 @@ def _demo(args) -> int:
     return 0
 
 
+def _study(args) -> int:
+    from megatron_opd.study import StudyConfig, run_study
+
+    run_study(StudyConfig.load(args.config, args.overrides))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-opd", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -153,6 +160,10 @@ def main(argv=None) -> int:
     p_demo.add_argument("--out-dir", default="runs/demo", help="run directory (teacher cache inside)")
     p_demo.add_argument("overrides", nargs="*", help="key=value overrides of DemoConfig fields")
     p_demo.set_defaults(func=_demo)
+    p_study = sub.add_parser("study", help="a grid of methods x seeds on the demo's task: table + plots")
+    p_study.add_argument("--config", required=True, help="study YAML (configs/studies/)")
+    p_study.add_argument("overrides", nargs="*", help="key=value overrides of study fields, e.g. seeds=[1]")
+    p_study.set_defaults(func=_study)
     args = parser.parse_args(argv)
     from megatron_opd.quiet import quiet_libraries
 

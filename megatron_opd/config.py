@@ -672,10 +672,14 @@ class DataSection:
     """Operand digits of the synthetic arithmetic task."""
 
     synthetic_train_size: int = 2000
-    """Synthetic training prompts."""
+    """Synthetic training prompts drawn (those equal to a held-out prompt are dropped)."""
 
     synthetic_eval_size: int = 64
     """Synthetic held-out prompts."""
+
+    synthetic_seed: Optional[int] = None
+    """Seed of the synthetic training and held-out prompts; null = train.seed. A study fixes it so that
+    runs with different train.seed (sampling, order) see the same data and are scored on the same prompts."""
 
     system_prompt: Optional[str] = None
     """Optional system message for the chat template."""

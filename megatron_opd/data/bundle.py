@@ -33,9 +33,13 @@ class DataBundle:
 
         d = cfg.data
         if d.synthetic:
-            train = make_samples(d.synthetic, d.synthetic_train_size, seed=cfg.train.seed, digits=d.synthetic_digits)
-            held_out = make_samples(d.synthetic, d.synthetic_eval_size, seed=cfg.train.seed + 99_991,
+            seed = cfg.train.seed if d.synthetic_seed is None else d.synthetic_seed
+            held_out = make_samples(d.synthetic, d.synthetic_eval_size, seed=seed + 99_991,
                                     digits=d.synthetic_digits)
+            # held out means never trained on: a drawn training prompt equal to a held-out one is dropped
+            held_prompts = {s["prompt"] for s in held_out}
+            train = [s for s in make_samples(d.synthetic, d.synthetic_train_size, seed=seed,
+                                             digits=d.synthetic_digits) if s["prompt"] not in held_prompts]
             self._math_verifier = None
         else:
             keys = dict(prompt_key=d.prompt_key, answer_key=d.answer_key, domain_key=d.domain_key,

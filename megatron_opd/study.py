@@ -1,0 +1,496 @@
+"""`megatron-opd study`: the papers' claims at small scale, as a grid of methods x seeds with error bars.
+
+    megatron-opd study --config configs/studies/small.yaml [key=value ...]
+
+Every method is a real run of `megatron-opd train | sft | erpd` (its own process: Megatron-Core student,
+vLLM rollouts with refit) on the same student, data and held-out prompts (`data.synthetic_seed` fixed;
+`train.seed` = the study seed varies sampling and order). Models come from the demo's builders (cached)
+or from a run of this package started from another model and exported to HF (an RL teacher and its
+pre-RL base, domain teachers). The study is resumable: a finished run leaves `study_run.json` and is
+skipped; an interrupted one resumes from its own checkpoint.
+
+Writes <out_dir>/study_results.json, study_table.md and study.png (held-out accuracy against optimizer
+steps and against training wall time, mean +- std over seeds), and prints `name: value` lines, among them
+`steps_to_90pct_teacher_<method>` for the methods named in `steps_to_teacher` and their ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("train", "sft", "erpd")
+
+
+@dataclass
+class StudyModel:
+    """One model of the study: built by the demo's SFT builder, or trained by a run from another model."""
+
+    demo: Optional[str] = None
+    """"teacher" or "student_base": the demo's cached model (built with the study's `demo` settings)."""
+
+    sft_error_rate: Optional[float] = None
+    """Build by the demo's SFT builder (demo student's shape) with this fraction of carry-free solutions."""
+
+    sft_steps: int = 450
+    """SFT steps of an `sft_error_rate` model."""
+
+    sft_seed: int = 3
+    """Initialisation/data seed of an `sft_error_rate` model."""
+
+    start: Optional[str] = None
+    """Train from this study model with `recipe` + `overrides` (e.g. GRPO) and export the result to HF."""
+
+    recipe: Optional[str] = None
+    """`start`: recipe of the run (its objective; student.checkpoint is set to `start`'s)."""
+
+    overrides: List[str] = field(default_factory=list)
+    """`start`: key=value overrides of the run."""
+
+    def validate(self, name: str) -> None:
+        kinds = [k for k, v in (("demo", self.demo), ("sft_error_rate", self.sft_error_rate),
+                                ("start", self.start)) if v is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"study.models.{name}: set exactly one of demo / sft_error_rate / start "
+                             f"(got {kinds or 'none'})")
+        if self.demo is not None and self.demo not in ("teacher", "student_base"):
+            raise ValueError(f"study.models.{name}.demo={self.demo!r}: use 'teacher' or 'student_base'")
+        if self.start is not None and not self.recipe:
+            raise ValueError(f"study.models.{name}: `start` needs `recipe` (the run that trains it)")
+        if self.start is None and (self.recipe or self.overrides):
+            raise ValueError(f"study.models.{name}: recipe/overrides are read only with `start`")
+
+
+@dataclass
+class StudyMethod:
+    """One row of the study: a command and recipe, on the study's models."""
+
+    name: str
+    """Row name (also the run directory name)."""
+
+    recipe: str
+    """Recipe YAML (its objective); data, budget and models are the study's."""
+
+    command: str = "train"
+    """"train", "sft" or "erpd" (`megatron-opd <command>`)."""
+
+    overrides: List[str] = field(default_factory=list)
+    """key=value overrides of this method (e.g. objective.gopd.lam=1.25)."""
+
+    teachers: List[str] = field(default_factory=lambda: ["teacher"])
+    """Study models used as teachers (empty for GRPO); several need `domains`."""
+
+    domains: List[str] = field(default_factory=list)
+    """With several teachers: each teacher's domain (multi-teacher routing)."""
+
+    reference: Optional[str] = None
+    """Study model used as the reference (reward correction: the teacher's pre-RL base)."""
+
+    def validate(self, models: Dict[str, StudyModel]) -> None:
+        where = f"study.methods[{self.name}]"
+        if self.command not in COMMANDS:
+            raise ValueError(f"{where}.command={self.command!r}: use one of {COMMANDS}")
+        for m in [*self.teachers, *([self.reference] if self.reference else [])]:
+            if m not in models:
+                raise ValueError(f"{where}: model {m!r} is not in study.models ({sorted(models)})")
+        if self.domains and len(self.domains) != len(self.teachers):
+            raise ValueError(f"{where}.domains: one domain per teacher ({len(self.teachers)})")
+        if len(self.teachers) > 1 and not self.domains:
+            raise ValueError(f"{where}: several teachers need `domains`")
+
+
+@dataclass
+class StudyConfig:
+    """A grid of methods x seeds with one student, data and budget."""
+
+    out_dir: str = "runs/study"
+    """Study directory: models/, runs/<method>/seed<k>/, results."""
+
+    seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
+    """train.seed of each repetition (sampling, data order)."""
+
+    data_seed: int = 7
+    """data.synthetic_seed of every run: the same training and held-out prompts for all."""
+
+    steps: int = 100
+    """Optimizer steps of every train/sft method (ERPD runs its recipe's stage budgets)."""
+
+    eval_every: int = 20
+    """Held-out evaluation interval (steps)."""
+
+    eval_size: int = 256
+    """Held-out prompts (>= 256: one point of accuracy is then above sampling noise at avg@2)."""
+
+    eval_samples: int = 2
+    """Samples per held-out prompt (avg@k)."""
+
+    threshold: float = 0.9
+    """`steps_to_<pct>pct_teacher`: first evaluated step with accuracy >= threshold x teacher accuracy."""
+
+    steps_to_teacher: List[str] = field(default_factory=lambda: ["opd", "grpo"])
+    """Two methods whose steps-to-threshold are compared (the ratio is second / first)."""
+
+    common_overrides: List[str] = field(default_factory=list)
+    """key=value overrides given to every run (e.g. optim.lr)."""
+
+    demo: Dict[str, object] = field(default_factory=dict)
+    """DemoConfig fields for the demo-built models (default: the demo's own; its cache is reused)."""
+
+    demo_dir: str = "runs/demo"
+    """Where the demo's models are cached (shared with `make demo`)."""
+
+    models: Dict[str, StudyModel] = field(default_factory=dict)
+    """Named models: `student` (required) and the teachers/references the methods use."""
+
+    methods: List[StudyMethod] = field(default_factory=list)
+    """The grid's rows."""
+
+    def __post_init__(self):
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study.seeds={self.seeds}: give distinct seeds (>= 3 for error bars)")
+        for name in ("steps", "eval_every", "eval_size", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"study.{name} must be >= 1")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"study.threshold={self.threshold} must be in (0, 1]")
+        if "student" not in self.models:
+            raise ValueError("study.models needs `student` (the model every method starts from)")
+        for name, m in self.models.items():
+            m.validate(name)
+        names = [m.name for m in self.methods]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"study.methods: give methods with distinct names (got {names})")
+        for m in self.methods:
+            m.validate(self.models)
+        if len(self.steps_to_teacher) != 2 or set(self.steps_to_teacher) - set(names):
+            raise ValueError(f"study.steps_to_teacher={self.steps_to_teacher}: name two of the methods {names}")
+
+    @classmethod
+    def load(cls, path: str, overrides: Optional[List[str]] = None) -> "StudyConfig":
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.load(path)
+        if overrides:
+            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.to_container(raw, resolve=True)
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "StudyConfig":
+        raw = dict(raw)
+        _refuse_unknown("study", raw, cls)
+        models = {}
+        for name, m in (raw.pop("models", None) or {}).items():
+            _refuse_unknown(f"study.models.{name}", m, StudyModel)
+            models[name] = StudyModel(**m)
+        methods = []
+        for m in raw.pop("methods", None) or []:
+            _refuse_unknown(f"study.methods[{m.get('name')}]", m, StudyMethod)
+            methods.append(StudyMethod(**m))
+        return cls(models=models, methods=methods, **raw)
+
+
+def _refuse_unknown(where: str, raw: dict, cls) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure aggregation (tested against hand-computed values)
+# --------------------------------------------------------------------------------------------------
+
+
+def mean_std(values: List[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def steps_to_reach(curve: List[tuple[int, float]], target: float) -> Optional[int]:
+    """First evaluated step whose accuracy is >= target (None if none is)."""
+    for step, acc in sorted(curve):
+        if acc >= target:
+            return step
+    return None
+
+
+def aggregate_method(curves: Dict[int, List[tuple[int, float, float]]], target: float) -> dict:
+    """One method's summary over seeds. `curves[seed]` = [(step, wall_s, accuracy)] at its evaluations.
+
+    Returns the mean/std curve over the steps every seed evaluated, the final accuracy, and steps to
+    `target`: the mean over seeds when every seed reached it, else None with the count that did."""
+    seeds = sorted(curves)
+    common = sorted(set.intersection(*(set(s for s, _, _ in curves[k]) for k in seeds)))
+    curve = []
+    for step in common:
+        accs = [next(a for s, _, a in curves[k] if s == step) for k in seeds]
+        walls = [next(w for s, w, _ in curves[k] if s == step) for k in seeds]
+        m, sd = mean_std(accs)
+        curve.append({"step": step, "wall_s": mean_std(walls)[0], "acc_mean": m, "acc_std": sd})
+    final = [max(curves[k])[2] for k in seeds]
+    reached = [steps_to_reach([(s, a) for s, _, a in curves[k]], target) for k in seeds]
+    done = [r for r in reached if r is not None]
+    fm, fs = mean_std(final)
+    return {"seeds": seeds, "curve": curve, "final_acc_mean": fm, "final_acc_std": fs,
+            "final_acc_per_seed": final, "steps_to_target_per_seed": reached,
+            "steps_to_target": mean_std(done)[0] if len(done) == len(seeds) else None,
+            "seeds_reaching_target": len(done)}
+
+
+def steps_ratio(fast: Optional[float], slow: Optional[float], budget: int) -> tuple[Optional[float], str]:
+    """slow / fast steps-to-target and a sentence; a method that never reached it gives a lower bound."""
+    if fast is None:
+        return None, f"the first method did not reach the target within {budget} steps"
+    if fast == 0:
+        return None, "undefined: the first method met the target before training (step 0)"
+    if slow is None:
+        return None, f"> {budget / fast:.1f} (the second did not reach it within {budget} steps)"
+    return slow / fast, f"{slow / fast:.2f}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+def _run(cmd: List[str], log_path: Path) -> float:
+    """One stage as its own process (its process groups and vLLM engine); returns its wall seconds."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    print(f"[study] $ {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+    if proc.returncode != 0:
+        raise RuntimeError(f"study stage failed (exit {proc.returncode}); log {log_path}:\n"
+                           f"{log_path.read_text()[-3000:]}")
+    return time.time() - t0
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir).resolve()
+        self.py = sys.executable
+        self.paths: Dict[str, Path] = {}
+
+    # ---- models
+    def build_models(self) -> None:
+        from megatron_opd.demo import DemoConfig, build_demo_models
+
+        needs_demo = any(m.demo or m.sft_error_rate is not None for m in self.cfg.models.values())
+        demo = None
+        if needs_demo:
+            dcfg = DemoConfig(out_dir=self.cfg.demo_dir, **self.cfg.demo)
+            demo = build_demo_models(dcfg)
+        pending = dict(self.cfg.models)
+        while pending:
+            progressed = False
+            for name, m in list(pending.items()):
+                if m.start is not None and m.start not in self.paths:
+                    if m.start not in pending:
+                        raise ValueError(f"study.models.{name}.start={m.start!r} is not a study model")
+                    continue
+                self.paths[name] = self.build_model(name, m, demo)
+                del pending[name]
+                progressed = True
+            if not progressed:
+                raise ValueError(f"study.models: `start` forms a cycle among {sorted(pending)}")
+
+    def build_model(self, name: str, m: StudyModel, demo) -> Path:
+        from megatron_opd.demo import build_sft_model, demo_spec
+
+        if m.demo:
+            return demo[m.demo]
+        if m.sft_error_rate is not None:
+            dcfg = demo["config"]
+            return build_sft_model(demo_spec(f"study-{name}", dcfg.student_hidden, demo["vocab"]),
+                                   demo["tokenizer"], self.out / "models" / name, m.sft_steps,
+                                   dcfg.sft_batch_size, dcfg.digits, m.sft_seed, error_rate=m.sft_error_rate)
+        out = self.out / "models" / name
+        if (out / "model.safetensors").is_file():
+            return out
+        run_dir = self.out / "models" / f"{name}.run"
+        start = self.paths[m.start]
+        _run([self.py, "-m", "megatron_opd.cli", "train", "--config", str(REPO_ROOT / m.recipe),
+              f"student.checkpoint={start}", f"train.out_dir={run_dir}", "train.resume=true",
+              f"data.synthetic_seed={self.cfg.data_seed}", *self.cfg.common_overrides, *m.overrides],
+             self.out / "models" / f"{name}.log")
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        _run([self.py, "-m", "tools.convert_megatron_to_hf", "--megatron", str(run_dir), "--out", str(tmp)],
+             self.out / "models" / f"{name}.log")
+        tmp.rename(out)  # last: an interrupted export leaves no model that looks finished
+        return out
+
+    # ---- evaluation of fixed models
+    def data_overrides(self, seed: int) -> List[str]:
+        c = self.cfg
+        return [f"train.seed={seed}", f"data.synthetic_seed={c.data_seed}", f"data.synthetic_eval_size={c.eval_size}",
+                f"train.eval_samples={c.eval_samples}"]
+
+    def evaluate_model(self, name: str) -> float:
+        path = self.out / "evals" / f"{name}.json"
+        if not path.is_file():
+            recipe = REPO_ROOT / self.cfg.methods[0].recipe
+            _run([self.py, "-m", "megatron_opd.cli", "eval", "--config", str(recipe), "--checkpoint",
+                  str(self.paths[name]), "--output", str(path), *self.data_overrides(self.cfg.seeds[0]),
+                  *self.cfg.common_overrides], self.out / "evals" / f"{name}.log")
+        return json.loads(path.read_text())["eval/accuracy"]
+
+    # ---- one method x seed
+    def run_method(self, method: StudyMethod, seed: int) -> List[tuple[int, float, float]]:
+        c = self.cfg
+        run_dir = self.out / "runs" / method.name / f"seed{seed}"
+        done = run_dir / "study_run.json"
+        if not done.is_file():
+            teachers = ", ".join(
+                f"{{checkpoint: {self.paths[t]}" + (f", domain: {method.domains[i]}}}" if method.domains else "}")
+                for i, t in enumerate(method.teachers))
+            cmd = [self.py, "-m", "megatron_opd.cli", method.command, "--config", str(REPO_ROOT / method.recipe),
+                   f"student.checkpoint={self.paths['student']}", f"teachers=[{teachers}]",
+                   f"train.out_dir={run_dir}", "train.resume=true", *self.data_overrides(seed)]
+            if method.reference:
+                cmd.append(f"reference={{checkpoint: {self.paths[method.reference]}}}")
+            if method.command != "erpd":
+                cmd += [f"train.steps={c.steps}", f"train.eval_every={c.eval_every}"]
+            wall = _run(cmd + [*c.common_overrides, *method.overrides], run_dir.parent / f"seed{seed}.log")
+            curve = read_curve(run_dir, method.command, wall)
+            done.write_text(json.dumps({"wall_s": wall, "curve": curve}, indent=2))
+        return [tuple(p) for p in json.loads(done.read_text())["curve"]]
+
+    def run(self) -> dict:
+        c = self.cfg
+        t0 = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.build_models()
+        used = sorted({t for m in c.methods for t in m.teachers})
+        model_acc = {name: self.evaluate_model(name) for name in ["student", *used]}
+        rows = {}
+        for method in c.methods:
+            curves = {seed: self.run_method(method, seed) for seed in c.seeds}
+            # the target is 90 % of the (best) teacher this method learns from; GRPO: the study's `teacher`
+            teacher_acc = max(model_acc[t] for t in (method.teachers or ["teacher"]))
+            rows[method.name] = {"command": method.command, "teachers": method.teachers,
+                                 "reference": method.reference, "overrides": method.overrides,
+                                 "teacher_acc": teacher_acc,
+                                 **aggregate_method(curves, c.threshold * teacher_acc)}
+        results = self.summarise(model_acc, rows)
+        results["study_seconds"] = round(time.time() - t0, 1)
+        self.write(results)
+        return results
+
+    def summarise(self, model_acc: dict, rows: dict) -> dict:
+        c = self.cfg
+        pct = round(c.threshold * 100)
+        first, second = c.steps_to_teacher
+        out = {"model_acc": model_acc, "seeds": c.seeds, "steps": c.steps, "eval_size": c.eval_size,
+               "eval_samples": c.eval_samples, "threshold": c.threshold, "methods": rows}
+        for name in (first, second):
+            s = rows[name]["steps_to_target"]
+            out[f"steps_to_{pct}pct_teacher_{name}"] = s if s is not None else f"not reached within {c.steps}"
+        ratio, text = steps_ratio(rows[first]["steps_to_target"], rows[second]["steps_to_target"], c.steps)
+        out[f"steps_to_{pct}pct_teacher_ratio_{second}_over_{first}"] = ratio if ratio is not None else text
+        return out
+
+    def write(self, results: dict) -> None:
+        (self.out / "study_results.json").write_text(json.dumps(results, indent=2))
+        (self.out / "study_table.md").write_text(results_table(results))
+        plot_study(results, self.out / "study.png")
+
+
+def read_curve(run_dir: Path, command: str, run_wall_s: float) -> List[tuple[int, float, float]]:
+    """[(step, training wall seconds so far, held-out accuracy)] of a finished run. Wall time is the sum
+    of `time/step` up to that step (rollout, scoring, update, refit; not evaluation or start-up).
+    ERPD: pi_old and the final student, at stage-1 + stage-2 updates and the run's whole wall time (its
+    candidate evaluations are part of the method)."""
+    from megatron_opd.metrics import read_metrics
+
+    if command == "erpd":
+        res = json.loads((run_dir / "erpd_results.json").read_text())
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        updates = sum(1 for r in rows if "erpd/stage1_loss" in r or "erpd/stage2_loss" in r)
+        return [(0, 0.0, res["base_acc"]), (updates, round(run_wall_s, 3), res["erpd_stage2_acc"])]
+    curve, wall = [], 0.0
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        wall += r.get("time/step", 0.0)
+        if r.get("eval/accuracy") is not None:
+            curve.append((int(r["step"]), round(wall, 3), float(r["eval/accuracy"])))
+    return curve
+
+
+def results_table(results: dict) -> str:
+    pct = round(results["threshold"] * 100)
+    lines = [f"Held-out accuracy (avg@{results['eval_samples']}, {results['eval_size']} prompts), mean ± std over "
+             f"seeds {results['seeds']}; budget {results['steps']} steps.", "",
+             "| model | accuracy |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in results["model_acc"].items()]
+    lines += ["", f"| method | final accuracy | at step | steps to {pct}% of teacher | train wall s |",
+              "|---|---|---|---|---|"]
+    for name, r in results["methods"].items():
+        last = r["curve"][-1] if r["curve"] else {"step": "-", "wall_s": float("nan")}
+        s = r["steps_to_target"]
+        reach = f"{s:.0f}" if s is not None else f"not reached ({r['seeds_reaching_target']}/{len(r['seeds'])} seeds)"
+        lines.append(f"| {name} | {r['final_acc_mean']:.3f} ± {r['final_acc_std']:.3f} | {last['step']} | {reach} | "
+                     f"{last['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name, r in results["methods"].items():
+        xs = [p["step"] for p in r["curve"]]
+        ws = [p["wall_s"] for p in r["curve"]]
+        m = [p["acc_mean"] for p in r["curve"]]
+        sd = [p["acc_std"] for p in r["curve"]]
+        for ax, x in ((axes[0], xs), (axes[1], ws)):
+            line, = ax.plot(x, m, marker="o", ms=3, label=name)
+            ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                            color=line.get_color(), alpha=0.15)
+    for ax, label in ((axes[0], "optimizer step"), (axes[1], "training wall time (s)")):
+        ax.axhline(results["model_acc"].get("teacher", float("nan")), color="k", ls="--", lw=1)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy (mean ± std over seeds)")
+    axes[0].set_ylim(0, 1.02)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("megatron_opd study (dashed: teacher)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    results = Study(cfg).run()
+    pct = round(cfg.threshold * 100)
+    for k, v in results["model_acc"].items():
+        print(f"{k}_acc: {v}")
+    for name, r in results["methods"].items():
+        print(f"{name}_final_acc: {r['final_acc_mean']:.4f} +- {r['final_acc_std']:.4f}")
+    for k, v in results.items():
+        if k.startswith(f"steps_to_{pct}pct_teacher"):
+            print(f"{k}: {v}")
+    print(f"study_seconds: {results['study_seconds']}")
+    return results

@@ -1,0 +1,137 @@
+"""The study command: its aggregation against hand-computed values, its config refusals, and a tiny grid
+end to end (demo-built models, a model trained by a run and exported, reward correction, resume)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from megatron_opd.study import StudyConfig, aggregate_method, mean_std, steps_ratio, steps_to_reach
+from mopd_testing import REPO_ROOT
+
+
+def test_mean_std_and_steps_to_reach_by_hand():
+    assert mean_std([0.2, 0.4, 0.9]) == pytest.approx((0.5, math.sqrt((0.09 + 0.01 + 0.16) / 2)))
+    assert mean_std([0.3]) == (0.3, 0.0)
+    assert steps_to_reach([(20, 0.5), (0, 0.1), (40, 0.91), (60, 0.8)], 0.9) == 40
+    assert steps_to_reach([(0, 0.1), (20, 0.5)], 0.9) is None
+
+
+def test_aggregate_method_over_seeds_by_hand():
+    curves = {1: [(0, 0.0, 0.2), (10, 5.0, 0.5), (20, 10.0, 0.95)],
+              2: [(0, 0.0, 0.2), (10, 7.0, 0.9), (20, 14.0, 0.7)]}
+    r = aggregate_method(curves, target=0.9)
+    assert [p["step"] for p in r["curve"]] == [0, 10, 20]
+    assert r["curve"][1]["acc_mean"] == pytest.approx(0.7)
+    assert r["curve"][1]["acc_std"] == pytest.approx(math.sqrt(0.08))
+    assert r["curve"][2]["wall_s"] == pytest.approx(12.0)
+    assert r["final_acc_per_seed"] == [0.95, 0.7]  # the last evaluation, not the best
+    assert r["steps_to_target_per_seed"] == [20, 10] and r["steps_to_target"] == pytest.approx(15.0)
+    # one seed never reaches it: no mean (it would hide the failure), the count says why
+    curves[2] = [(0, 0.0, 0.2), (10, 7.0, 0.5), (20, 14.0, 0.6)]
+    r = aggregate_method(curves, target=0.9)
+    assert r["steps_to_target"] is None and r["seeds_reaching_target"] == 1
+
+
+def test_steps_ratio_says_what_was_not_reached():
+    assert steps_ratio(20.0, 180.0, 200) == (9.0, "9.00")
+    ratio, text = steps_ratio(20.0, None, 200)
+    assert ratio is None and text.startswith("> 10.0")
+    assert steps_ratio(None, 40.0, 200)[0] is None
+    assert steps_ratio(0.0, 40.0, 200)[1].startswith("undefined")
+
+
+def _study_dict(**kw):
+    raw = {"models": {"student": {"demo": "student_base"}, "teacher": {"demo": "teacher"}},
+           "methods": [{"name": "opd", "recipe": "configs/recipes/demo.yaml"},
+                       {"name": "grpo", "recipe": "configs/recipes/grpo_demo.yaml", "teachers": []}]}
+    raw.update(kw)
+    return raw
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"seeds": [1, 1]}, "study.seeds"),
+    ({"eval_size": 0}, "study.eval_size must be >= 1"),
+    ({"threshold": 1.5}, "study.threshold"),
+    ({"steps_to_teacher": ["opd", "sft"]}, "study.steps_to_teacher"),
+    ({"lr": 1e-3}, r"study: unknown field\(s\) \['lr'\]"),
+    ({"models": {"teacher": {"demo": "teacher"}}}, "study.models needs `student`"),
+    ({"models": {"student": {"demo": "student_base"}, "teacher": {"demo": "teacher", "sft_error_rate": 0.1}}},
+     "study.models.teacher: set exactly one"),
+    ({"models": {"student": {"demo": "student_base"}, "teacher": {"start": "student"}}},
+     "study.models.teacher: `start` needs `recipe`"),
+    ({"methods": [{"name": "opd", "recipe": "x.yaml", "teachers": ["nope"]},
+                  {"name": "grpo", "recipe": "y.yaml", "teachers": []}]}, "model 'nope' is not in study.models"),
+    ({"methods": [{"name": "opd", "recipe": "x.yaml", "command": "dpo"},
+                  {"name": "grpo", "recipe": "y.yaml", "teachers": []}]}, r"study.methods\[opd\].command"),
+    ({"methods": [{"name": "opd", "recipe": "x.yaml", "epochs": 3},
+                  {"name": "grpo", "recipe": "y.yaml", "teachers": []}]}, r"unknown field\(s\) \['epochs'\]"),
+])
+def test_study_config_refusals_name_the_field(change, message):
+    with pytest.raises(ValueError, match=message):
+        StudyConfig.from_dict(_study_dict(**change))
+
+
+def test_shipped_study_configs_load():
+    cfg = StudyConfig.load(str(REPO_ROOT / "configs" / "studies" / "small.yaml"))
+    assert len(cfg.seeds) >= 3 and cfg.eval_size >= 256
+    for m in cfg.methods:
+        assert (REPO_ROOT / m.recipe).is_file(), m.recipe
+
+
+TINY_STUDY = """
+out_dir: {out}
+demo_dir: {out}/demo
+demo: {{teacher_sft_steps: 3, student_sft_steps: 3, sft_batch_size: 8}}
+seeds: [1, 2]
+steps: 2
+eval_every: 1
+eval_size: 4
+eval_samples: 1
+steps_to_teacher: [opd, exopd_rc]
+common_overrides: [train.prompts_per_step=4, rollout.max_new_tokens=8, train.micro_batch_size=4,
+                   optim.lr_warmup_steps=0, train.save_every=1]
+models:
+  student: {{demo: student_base}}
+  teacher: {{demo: teacher}}
+  teacher_rl:
+    start: student
+    recipe: configs/recipes/grpo_demo.yaml
+    overrides: [train.steps=1, "teachers=[]", rollout.n=2]
+methods:
+  - {{name: opd, recipe: configs/recipes/demo.yaml}}
+  - {{name: exopd_rc, recipe: configs/recipes/demo.yaml, teachers: [teacher_rl], reference: student,
+     overrides: [objective.gopd.lam=1.25, objective.gopd.reward_correction=true]}}
+"""
+
+
+def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path):
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(TINY_STUDY.format(out=tmp_path / "study"))
+    cmd = [sys.executable, "-m", "megatron_opd.cli", "study", "--config", str(cfg)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "study"
+    results = json.loads((out / "study_results.json").read_text())
+    assert set(results["methods"]) == {"opd", "exopd_rc"}
+    assert (out / "models" / "teacher_rl" / "model.safetensors").is_file()  # trained by a run, exported
+    for name, row in results["methods"].items():
+        assert row["seeds"] == [1, 2] and [p["step"] for p in row["curve"]] == [0, 1, 2]
+        for seed in (1, 2):  # each point is the run's own held-out evaluation
+            metrics = [json.loads(l) for l in (out / "runs" / name / f"seed{seed}" / "metrics.jsonl").open()]
+            evals = [r["eval/accuracy"] for r in metrics if "eval/accuracy" in r]
+            assert row["final_acc_per_seed"][seed - 1] == evals[-1]
+        config = (out / "runs" / name / "seed1" / "config.yaml").read_text()
+        assert "synthetic_seed: 7" in config and "synthetic_eval_size: 4" in config
+    rc = (out / "runs" / "exopd_rc" / "seed1" / "config.yaml").read_text()
+    assert str(out / "models" / "teacher_rl") in rc and "reward_correction: true" in rc
+    assert "steps_to_90pct_teacher_opd" in results and "steps_to_90pct_teacher_exopd_rc" in results
+    assert "steps_to_90pct_teacher_opd:" in proc.stdout
+    assert (out / "study.png").stat().st_size > 0 and "| opd |" in (out / "study_table.md").read_text()
+
+    again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[study] $" not in again.stdout  # every run and evaluation is reused
+    assert json.loads((out / "study_results.json").read_text())["methods"] == results["methods"]
