@@ -26,11 +26,17 @@ def test_demo_runs_end_to_end_and_reuses_its_model_cache(tmp_path):
     out = _demo(tmp_path)
     lines = dict(l.split(": ", 1) for l in out.splitlines() if ": " in l and not l.startswith("["))
     results = json.loads((tmp_path / "demo_results.json").read_text())
-    for key in ("teacher_acc", "student_acc_before", "student_acc_after_opd", "student_acc_after_exopd"):
+    for key in ("teacher_acc", "student_acc_before", "student_acc_after_opd", "student_acc_after_exopd",
+                "student_acc_after_grpo"):
         assert 0.0 <= results[key] <= 1.0 and float(lines[key]) == results[key]
+    gap = results["teacher_acc"] - results["student_acc_before"]
+    if gap > 0:
+        assert results["gap_closed_opd"] == pytest.approx(
+            (results["student_acc_after_opd"] - results["student_acc_before"]) / gap, abs=1e-4)
     assert (tmp_path / "demo.png").stat().st_size > 0
-    for run in ("opd", "exopd"):
+    for run in ("opd", "exopd", "grpo"):
         assert (tmp_path / run / "metrics.jsonl").is_file()
+    assert "name: grpo" in (tmp_path / "grpo" / "config.yaml").read_text()  # the RL baseline, no teacher
     assert "sft demo-student" in out and "sft demo-teacher" in out
 
     weights = tmp_path / "cache" / "student_base" / "model.safetensors"
