@@ -392,9 +392,11 @@ class Study:
                                  "reference": method.reference, "overrides": method.overrides,
                                  "teacher_acc": teacher_acc,
                                  **aggregate_method(curves, c.threshold * teacher_acc)}
-        results = self.summarise(model_acc, rows)
-        results["study_seconds"] = round(time.time() - t0, 1)
-        self.write(results)
+            # rewritten after every method: an interrupted study still has the rows it finished
+            results = self.summarise(model_acc, rows)
+            results["study_seconds"] = round(time.time() - t0, 1)
+            results["complete"] = len(rows) == len(c.methods)
+            self.write(results)
         return results
 
     def summarise(self, model_acc: dict, rows: dict) -> dict:
@@ -403,6 +405,8 @@ class Study:
         first, second = c.steps_to_teacher
         out = {"model_acc": model_acc, "seeds": c.seeds, "steps": c.steps, "eval_size": c.eval_size,
                "eval_samples": c.eval_samples, "threshold": c.threshold, "methods": rows}
+        if first not in rows or second not in rows:
+            return out
         for name in (first, second):
             s = rows[name]["steps_to_target"]
             out[f"steps_to_{pct}pct_teacher_{name}"] = s if s is not None else f"not reached within {c.steps}"

@@ -104,6 +104,7 @@ methods:
   - {{name: opd, recipe: configs/recipes/demo.yaml}}
   - {{name: exopd_rc, recipe: configs/recipes/demo.yaml, teachers: [teacher_rl], reference: student,
      overrides: [objective.gopd.lam=1.25, objective.gopd.reward_correction=true]}}
+  - {{name: erpd, recipe: configs/recipes/erpd_tiny.yaml, command: erpd, teachers: []}}
 """
 
 
@@ -115,9 +116,13 @@ def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "study"
     results = json.loads((out / "study_results.json").read_text())
-    assert set(results["methods"]) == {"opd", "exopd_rc"}
+    assert set(results["methods"]) == {"opd", "exopd_rc", "erpd"} and results["complete"]
+    erpd = json.loads((out / "runs" / "erpd" / "seed1" / "erpd_results.json").read_text())
+    assert results["methods"]["erpd"]["final_acc_per_seed"][0] == erpd["erpd_stage2_acc"]
+    assert results["methods"]["erpd"]["curve"][0]["step"] == 0
     assert (out / "models" / "teacher_rl" / "model.safetensors").is_file()  # trained by a run, exported
-    for name, row in results["methods"].items():
+    for name in ("opd", "exopd_rc"):
+        row = results["methods"][name]
         assert row["seeds"] == [1, 2] and [p["step"] for p in row["curve"]] == [0, 1, 2]
         for seed in (1, 2):  # each point is the run's own held-out evaluation
             metrics = [json.loads(l) for l in (out / "runs" / name / f"seed{seed}" / "metrics.jsonl").open()]
