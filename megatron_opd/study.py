@@ -104,6 +104,9 @@ class StudyMethod:
                 raise ValueError(f"{where}: model {m!r} is not in study.models ({sorted(models)})")
         if self.domains and len(self.domains) != len(self.teachers):
             raise ValueError(f"{where}.domains: one domain per teacher ({len(self.teachers)})")
+        if not self.teachers and "teacher" not in models:
+            raise ValueError(f"{where}: a method without teachers is scored against study.models.teacher "
+                             "(its steps-to-teacher target); add that model")
         if len(self.teachers) > 1 and not self.domains:
             raise ValueError(f"{where}: several teachers need `domains`")
 
@@ -381,7 +384,8 @@ class Study:
         t0 = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
         self.build_models()
-        used = sorted({t for m in c.methods for t in m.teachers})
+        used = sorted({t for m in c.methods for t in [*m.teachers, *([m.reference] if m.reference else [])]}
+                      | ({"teacher"} & set(c.models)) - {"student"})
         model_acc = {name: self.evaluate_model(name) for name in ["student", *used]}
         rows = {}
         for method in c.methods:
