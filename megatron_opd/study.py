@@ -253,6 +253,11 @@ def aggregate_method(curves: Dict[int, List[tuple[int, float, float]]], target: 
             "seeds_reaching_target": len(done)}
 
 
+def steps_to_match(curve: List[dict], target: float) -> Optional[int]:
+    """First step of a mean curve (aggregate_method's "curve") whose mean accuracy is >= target."""
+    return steps_to_reach([(p["step"], p["acc_mean"]) for p in curve], target)
+
+
 def steps_ratio(fast: Optional[float], slow: Optional[float], budget: int) -> tuple[Optional[float], str]:
     """slow / fast steps-to-target and a sentence; a method that never reached it gives a lower bound."""
     if fast is None:
@@ -416,6 +421,12 @@ class Study:
             out[f"steps_to_{pct}pct_teacher_{name}"] = s if s is not None else f"not reached within {c.steps}"
         ratio, text = steps_ratio(rows[first]["steps_to_target"], rows[second]["steps_to_target"], c.steps)
         out[f"steps_to_{pct}pct_teacher_ratio_{second}_over_{first}"] = ratio if ratio is not None else text
+        # the same comparison at a target both can reach: the second method's final mean accuracy
+        final = rows[second]["final_acc_mean"]
+        at = steps_to_match(rows[first]["curve"], final)
+        out[f"steps_for_{first}_to_reach_{second}_final_acc"] = at if at is not None else f"not reached within {c.steps}"
+        if at:
+            out[f"steps_ratio_{second}_over_{first}_at_{second}_final_acc"] = rows[second]["curve"][-1]["step"] / at
         return out
 
     def write(self, results: dict) -> None:
@@ -498,7 +509,7 @@ def run_study(cfg: StudyConfig) -> dict:
     for name, r in results["methods"].items():
         print(f"{name}_final_acc: {r['final_acc_mean']:.4f} +- {r['final_acc_std']:.4f}")
     for k, v in results.items():
-        if k.startswith(f"steps_to_{pct}pct_teacher"):
+        if k.startswith((f"steps_to_{pct}pct_teacher", "steps_for_", "steps_ratio_")):
             print(f"{k}: {v}")
     print(f"study_seconds: {results['study_seconds']}")
     return results

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from megatron_opd.study import StudyConfig, aggregate_method, mean_std, steps_ratio, steps_to_reach
+from megatron_opd.study import (StudyConfig, aggregate_method, mean_std, steps_ratio, steps_to_match,
+                                steps_to_reach)
 from mopd_testing import REPO_ROOT
 
 
@@ -33,6 +34,11 @@ def test_aggregate_method_over_seeds_by_hand():
     curves[2] = [(0, 0.0, 0.2), (10, 7.0, 0.5), (20, 14.0, 0.6)]
     r = aggregate_method(curves, target=0.9)
     assert r["steps_to_target"] is None and r["seeds_reaching_target"] == 1
+
+
+def test_steps_to_match_reads_the_mean_curve():
+    curve = [{"step": 0, "acc_mean": 0.2}, {"step": 20, "acc_mean": 0.45}, {"step": 40, "acc_mean": 0.6}]
+    assert steps_to_match(curve, 0.45) == 20 and steps_to_match(curve, 0.61) is None
 
 
 def test_steps_ratio_says_what_was_not_reached():
@@ -136,7 +142,7 @@ def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path):
     rc = (out / "runs" / "exopd_rc" / "seed1" / "config.yaml").read_text()
     assert str(out / "models" / "teacher_rl") in rc and "reward_correction: true" in rc
     assert "steps_to_90pct_teacher_opd" in results and "steps_to_90pct_teacher_exopd_rc" in results
-    assert "steps_to_90pct_teacher_opd:" in proc.stdout
+    assert "steps_to_90pct_teacher_opd:" in proc.stdout and "steps_for_opd_to_reach_exopd_rc_final_acc" in results
     assert (out / "study.png").stat().st_size > 0 and "| opd |" in (out / "study_table.md").read_text()
 
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
