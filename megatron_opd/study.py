@@ -330,14 +330,15 @@ class Study:
                                    demo["tokenizer"], self.out / "models" / name, m.sft_steps,
                                    dcfg.sft_batch_size, dcfg.digits, m.sft_seed, error_rate=m.sft_error_rate)
         out = self.out / "models" / name
-        if (out / "model.safetensors").is_file():
-            return out
         run_dir = self.out / "models" / f"{name}.run"
-        start = self.paths[m.start]
-        _run([self.py, "-m", "megatron_opd.cli", "train", "--config", str(REPO_ROOT / m.recipe),
-              f"student.checkpoint={start}", f"train.out_dir={run_dir}", "train.resume=true",
-              f"data.synthetic_seed={self.cfg.data_seed}", *self.cfg.common_overrides, *m.overrides],
-             self.out / "models" / f"{name}.log")
+        cmd = [self.py, "-m", "megatron_opd.cli", "train", "--config", str(REPO_ROOT / m.recipe),
+               f"student.checkpoint={self.paths[m.start]}", f"train.out_dir={run_dir}", "train.resume=true",
+               f"data.synthetic_seed={self.cfg.data_seed}", *self.cfg.common_overrides, *m.overrides]
+        stamp = self.out / "models" / f"{name}.json"
+        if (out / "model.safetensors").is_file():
+            check_recorded_command(stamp, cmd, f"study.models.{name}", out)
+            return out
+        _run(cmd, self.out / "models" / f"{name}.log")
         tmp = out.with_name(out.name + ".tmp")
         if tmp.exists():
             import shutil
@@ -345,6 +346,7 @@ class Study:
             shutil.rmtree(tmp)
         _run([self.py, "-m", "tools.convert_megatron_to_hf", "--megatron", str(run_dir), "--out", str(tmp)],
              self.out / "models" / f"{name}.log")
+        stamp.write_text(json.dumps({"cmd": cmd[1:]}, indent=2))
         tmp.rename(out)  # last: an interrupted export leaves no model that looks finished
         return out
 
@@ -368,20 +370,23 @@ class Study:
         c = self.cfg
         run_dir = self.out / "runs" / method.name / f"seed{seed}"
         done = run_dir / "study_run.json"
-        if not done.is_file():
-            teachers = ", ".join(
-                f"{{checkpoint: {self.paths[t]}" + (f", domain: {method.domains[i]}}}" if method.domains else "}")
-                for i, t in enumerate(method.teachers))
-            cmd = [self.py, "-m", "megatron_opd.cli", method.command, "--config", str(REPO_ROOT / method.recipe),
-                   f"student.checkpoint={self.paths['student']}", f"teachers=[{teachers}]",
-                   f"train.out_dir={run_dir}", "train.resume=true", *self.data_overrides(seed)]
-            if method.reference:
-                cmd.append(f"reference={{checkpoint: {self.paths[method.reference]}}}")
-            if method.command != "erpd":
-                cmd += [f"train.steps={c.steps}", f"train.eval_every={c.eval_every}"]
-            wall = _run(cmd + [*c.common_overrides, *method.overrides], run_dir.parent / f"seed{seed}.log")
+        teachers = ", ".join(
+            f"{{checkpoint: {self.paths[t]}" + (f", domain: {method.domains[i]}}}" if method.domains else "}")
+            for i, t in enumerate(method.teachers))
+        cmd = [self.py, "-m", "megatron_opd.cli", method.command, "--config", str(REPO_ROOT / method.recipe),
+               f"student.checkpoint={self.paths['student']}", f"teachers=[{teachers}]",
+               f"train.out_dir={run_dir}", "train.resume=true", *self.data_overrides(seed)]
+        if method.reference:
+            cmd.append(f"reference={{checkpoint: {self.paths[method.reference]}}}")
+        if method.command != "erpd":
+            cmd += [f"train.steps={c.steps}", f"train.eval_every={c.eval_every}"]
+        cmd += [*c.common_overrides, *method.overrides]
+        if done.is_file():
+            check_recorded_command(done, cmd, f"study.methods[{method.name}] seed {seed}", run_dir)
+        else:
+            wall = _run(cmd, run_dir.parent / f"seed{seed}.log")
             curve = read_curve(run_dir, method.command, wall)
-            done.write_text(json.dumps({"wall_s": wall, "curve": curve}, indent=2))
+            done.write_text(json.dumps({"wall_s": wall, "curve": curve, "cmd": cmd[1:]}, indent=2))
         return [tuple(p) for p in json.loads(done.read_text())["curve"]]
 
     def run(self) -> dict:
@@ -433,6 +438,16 @@ class Study:
         (self.out / "study_results.json").write_text(json.dumps(results, indent=2))
         (self.out / "study_table.md").write_text(results_table(results))
         plot_study(results, self.out / "study.png")
+
+
+def check_recorded_command(record: Path, cmd: List[str], what: str, result: Path) -> None:
+    """A finished run or model is reused only if the study would run it the same way now (arguments after
+    the interpreter compared; a record without them is from before this check and is reused)."""
+    recorded = json.loads(record.read_text()).get("cmd") if record.is_file() else None
+    if recorded is not None and recorded != cmd[1:]:
+        changed = sorted(set(recorded) ^ set(cmd[1:]))
+        raise ValueError(f"{what}: its finished run in {result} was made with other settings ({changed}); "
+                         f"restore them, or delete {result} to run it again with the new ones")
 
 
 def read_curve(run_dir: Path, command: str, run_wall_s: float) -> List[tuple[int, float, float]]:

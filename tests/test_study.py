@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megatron_opd.study import (StudyConfig, aggregate_method, mean_std, steps_ratio, steps_to_match,
+from megatron_opd.study import (Study, StudyConfig, aggregate_method, mean_std, steps_ratio, steps_to_match,
                                 steps_to_reach)
 from mopd_testing import REPO_ROOT
 
@@ -81,6 +81,24 @@ def _study_dict(**kw):
 def test_study_config_refusals_name_the_field(change, message):
     with pytest.raises(ValueError, match=message):
         StudyConfig.from_dict(_study_dict(**change))
+
+
+def test_a_finished_run_made_with_other_settings_is_refused_not_reused(tmp_path):
+    cfg = StudyConfig.from_dict(_study_dict(out_dir=str(tmp_path)))
+    study = Study(cfg)
+    study.paths = {"student": tmp_path / "s", "teacher": tmp_path / "t"}
+    run_dir = tmp_path / "runs" / "opd" / "seed1"
+    run_dir.mkdir(parents=True)
+    record = {"wall_s": 1.0, "curve": [[0, 0.0, 0.1]], "cmd": ["-m", "megatron_opd.cli", "train", "optim.lr=1"]}
+    (run_dir / "study_run.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"study.methods\[opd\] seed 1: .* other settings .*optim.lr=1"):
+        study.run_method(cfg.methods[0], 1)
+    # a record from before commands were recorded: reused, nothing runs
+    method = cfg.methods[0]
+    (run_dir / "study_run.json").unlink()
+    record["cmd"] = None
+    (run_dir / "study_run.json").write_text(json.dumps(record))
+    assert study.run_method(method, 1) == [(0, 0.0, 0.1)]
 
 
 def test_shipped_study_configs_load():
