@@ -130,7 +130,7 @@ models:
 methods:
   - {{name: opd, recipe: configs/recipes/demo.yaml}}
   - {{name: exopd_rc, recipe: configs/recipes/demo.yaml, teachers: [teacher_rl], reference: student,
-     overrides: [objective.gopd.lam=1.25, objective.gopd.reward_correction=true]}}
+     overrides: [objective.gopd.lam=1.25, objective.gopd.estimator=sampled, objective.gopd.reward_correction=true]}}
   - {{name: erpd, recipe: configs/recipes/erpd_tiny.yaml, command: erpd, teachers: []}}
 """
 
