@@ -70,7 +70,7 @@ class DemoConfig:
     """Optimizer steps of each run (OPD, ExOPD and the GRPO baseline: the same budget)."""
 
     opd_overrides: tuple = ()
-    """Extra `key=value` overrides passed to both distillation runs."""
+    """Extra `key=value` overrides passed to every run (teacher eval, OPD, ExOPD, GRPO)."""
 
     def __post_init__(self):
         if self.digits < 1 or self.digits > 6:
@@ -165,16 +165,20 @@ def _recipe_warmup_steps() -> int:
     return int(yaml.safe_load(DEMO_RECIPE.read_text())["optim"]["lr_warmup_steps"])
 
 
-def _run(cmd: list[str], log_path: Path) -> None:
-    """Run one demo stage as its own process (each stage owns its process groups and vLLM engine)."""
+def run_stage(cmd: list[str], log_path: Path, tag: str = "demo", append: bool = False) -> float:
+    """Run one stage as its own process (each stage owns its process groups and vLLM engine), its output
+    to `log_path`; returns its wall seconds. Shared by the demo and `megatron-opd study`."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "2")
-    print(f"[demo] $ {' '.join(cmd)}", flush=True)
-    with log_path.open("w") as log:
+    print(f"[{tag}] $ {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a" if append else "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
     if proc.returncode != 0:
         tail = log_path.read_text()[-4000:]
-        raise RuntimeError(f"demo stage failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+        raise RuntimeError(f"{tag} stage failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    return time.time() - t0
 
 
 def build_demo_models(cfg: DemoConfig) -> dict:
@@ -209,7 +213,7 @@ def run_demo(cfg: DemoConfig) -> dict:
               *cfg.opd_overrides]
     with_teacher = [f"teachers=[{{checkpoint: {teacher}}}]"]
     teacher_eval = out / "teacher_eval.json"
-    _run([py, "-m", "megatron_opd.cli", "eval", "--config", str(DEMO_RECIPE), "--checkpoint", str(teacher),
+    run_stage([py, "-m", "megatron_opd.cli", "eval", "--config", str(DEMO_RECIPE), "--checkpoint", str(teacher),
           "--output", str(teacher_eval), *common, *with_teacher], out / "teacher_eval.log")
     results = {"teacher_acc": json.loads(teacher_eval.read_text())["eval/accuracy"]}
     # name: (recipe, overrides). GRPO is the RL baseline at the same step budget (no teacher).
@@ -220,7 +224,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     curves = {}
     for name, (recipe, extra) in runs.items():
         run_dir = out / name
-        _run([py, "-m", "megatron_opd.cli", "train", "--config", str(recipe),
+        run_stage([py, "-m", "megatron_opd.cli", "train", "--config", str(recipe),
               f"train.out_dir={run_dir}", "train.resume=false", *common, *extra], out / f"{name}.log")
         from megatron_opd.metrics import read_metrics
 

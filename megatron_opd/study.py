@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -275,18 +273,10 @@ def steps_ratio(fast: Optional[float], slow: Optional[float], budget: int) -> tu
 
 
 def _run(cmd: List[str], log_path: Path) -> float:
-    """One stage as its own process (its process groups and vLLM engine); returns its wall seconds."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "2")
-    print(f"[study] $ {' '.join(cmd)}", flush=True)
-    t0 = time.time()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
-    if proc.returncode != 0:
-        raise RuntimeError(f"study stage failed (exit {proc.returncode}); log {log_path}:\n"
-                           f"{log_path.read_text()[-3000:]}")
-    return time.time() - t0
+    """One stage in its own process, appended to its log (a resumed run keeps its earlier output)."""
+    from megatron_opd.demo import run_stage
+
+    return run_stage(cmd, log_path, tag="study", append=True)
 
 
 class Study:
