@@ -34,7 +34,7 @@ def _train(args) -> int:
         from megatron_opd.checkpoint import latest_checkpoint
 
         out = cfg.train.out_dir
-        shown = {k: round(v, 4) for k, v in final.items() if k in ("eval/accuracy", "eval/pass@k")}
+        shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("eval/accuracy", "eval/pass@"))}
         how = "preempted: checkpointed at" if trainer.preempted else "done:"
         print(f"{how} step {trainer.step} of {cfg.train.steps}{', ' if shown else ''}"
               f"{', '.join(f'{k} {v}' for k, v in shown.items())}\n"

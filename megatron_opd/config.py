@@ -666,7 +666,8 @@ class DataSection:
     """Domain of prompts without a tag."""
 
     synthetic: Optional[str] = None
-    """Generate prompts instead: "arithmetic" or "mixed" (arithmetic + string tasks)."""
+    """Generate prompts instead: "arithmetic" (addition, domain math), "string" (string reversal, domain
+    code) or "mixed" (the two alternating)."""
 
     synthetic_digits: int = 2
     """Operand digits of the synthetic arithmetic task."""
@@ -692,8 +693,10 @@ class DataSection:
                              "them out of the training file (data.eval_holdout=64)")
         if self.eval_holdout and (self.eval_path is not None or self.synthetic is not None):
             raise ValueError("data.eval_holdout applies only to file data without data.eval_path; remove it")
-        if self.synthetic is not None and self.synthetic not in ("arithmetic", "mixed"):
-            raise ValueError(f"data.synthetic={self.synthetic!r}: use 'arithmetic' or 'mixed'")
+        from megatron_opd.data.synthetic import SYNTHETIC_KINDS
+
+        if self.synthetic is not None and self.synthetic not in SYNTHETIC_KINDS:
+            raise ValueError(f"data.synthetic={self.synthetic!r}: use one of {SYNTHETIC_KINDS}")
         # File existence is checked where the job runs (trainer start-up, before any model is built),
         # not here: recipes are also validated on submit hosts that do not mount the data.
 

@@ -106,19 +106,22 @@ def demo_spec(name: str, hidden: int, vocab_size: int) -> ModelSpec:
 
 
 def build_sft_model(spec: ModelSpec, tokenizer_dir: Path, out: Path, steps: int, batch_size: int,
-                    digits: int, seed: int, error_rate: float = 0.0) -> Path:
-    """SFT a randomly initialised model on worked solutions, a fraction `error_rate` of them written
-    without carrying; save it as a HF checkpoint (cached)."""
+                    digits: int, seed: int, error_rate: float = 0.0, task: str = "arithmetic") -> Path:
+    """SFT a randomly initialised model on worked solutions of the synthetic `task` ("arithmetic",
+    "string" or "mixed"), a fraction `error_rate` of them with the task's typical mistake (no carries; a
+    string copied, not reversed); save it as a HF checkpoint (cached)."""
     # The cache is reused only if it was built from the same recipe (a changed DemoConfig rebuilds it).
     recipe = {"spec": dataclasses.asdict(spec), "steps": steps, "batch_size": batch_size, "digits": digits,
               "seed": seed, "error_rate": error_rate}
+    if task != "arithmetic":  # keyed only when set: caches built before `task` existed stay valid
+        recipe["task"] = task
     stamp = out / "demo_build.json"
     if (out / "model.safetensors").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return out
     from transformers import AutoTokenizer
 
     from megatron_opd import parallel
-    from megatron_opd.data.synthetic import ArithmeticTask
+    from megatron_opd.data.synthetic import make_samples, worked_solution
     from megatron_opd.models.builder import build_gpt_model
     from megatron_opd.models.hf_mapping import load_hf_into_megatron, save_hf_checkpoint
     from megatron_opd.models.hf_tiny import save_tiny_checkpoint
@@ -128,10 +131,9 @@ def build_sft_model(spec: ModelSpec, tokenizer_dir: Path, out: Path, steps: int,
     tmp = out.with_name(out.name + ".init")
     save_tiny_checkpoint(spec, tmp, seed=seed, tokenizer_dir=tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    task = ArithmeticTask(digits=digits)
     rng = random.Random(seed)
-    pairs = [(s["prompt"], task.solution(s, drop_carries=rng.random() < error_rate))
-             for s in task.samples(20_000, seed=seed)]
+    pairs = [(s["prompt"], worked_solution(s, mistake=rng.random() < error_rate, digits=digits))
+             for s in make_samples(task, 20_000, seed=seed, digits=digits)]
     examples = tokenize_pairs(tokenizer, pairs, max_len=spec.max_position_embeddings)
 
     pcfg = parallel.ParallelConfig()

@@ -37,13 +37,18 @@ class StudyModel:
     """"teacher" or "student_base": the demo's cached model (built with the study's `demo` settings)."""
 
     sft_error_rate: Optional[float] = None
-    """Build by the demo's SFT builder (demo student's shape) with this fraction of carry-free solutions."""
+    """Build by the demo's SFT builder (demo student's shape) with this fraction of flawed solutions (the
+    task's typical mistake: carry-free sums; strings copied instead of reversed)."""
 
     sft_steps: int = 450
     """SFT steps of an `sft_error_rate` model."""
 
     sft_seed: int = 3
     """Initialisation/data seed of an `sft_error_rate` model."""
+
+    sft_task: str = "arithmetic"
+    """Synthetic task of an `sft_error_rate` model's SFT data: "arithmetic", "string" or "mixed" (a
+    two-domain student, e.g. the start of domain teachers; the mistake is each task's typical one)."""
 
     start: Optional[str] = None
     """Train from this study model with `recipe` + `overrides` (e.g. GRPO) and export the result to HF."""
@@ -66,6 +71,13 @@ class StudyModel:
             raise ValueError(f"study.models.{name}: `start` needs `recipe` (the run that trains it)")
         if self.start is None and (self.recipe or self.overrides):
             raise ValueError(f"study.models.{name}: recipe/overrides are read only with `start`")
+        from megatron_opd.data.synthetic import SYNTHETIC_KINDS
+
+        if self.sft_task not in SYNTHETIC_KINDS:
+            raise ValueError(f"study.models.{name}.sft_task={self.sft_task!r}: use one of {SYNTHETIC_KINDS}")
+        if self.sft_task != "arithmetic" and self.sft_error_rate is None:
+            raise ValueError(f"study.models.{name}.sft_task is read only with sft_error_rate (a model the "
+                             "study builds by SFT); remove it")
 
 
 @dataclass
@@ -138,7 +150,7 @@ class StudyConfig:
     """`steps_to_<pct>pct_teacher`: first evaluated step with accuracy >= threshold x teacher accuracy."""
 
     steps_to_teacher: List[str] = field(default_factory=lambda: ["opd", "grpo"])
-    """Two methods whose steps-to-threshold are compared (the ratio is second / first)."""
+    """Two methods whose steps-to-threshold are compared (the ratio is second / first); [] = none."""
 
     common_overrides: List[str] = field(default_factory=list)
     """key=value overrides given to every run (e.g. optim.lr)."""
@@ -172,8 +184,9 @@ class StudyConfig:
             raise ValueError(f"study.methods: give methods with distinct names (got {names})")
         for m in self.methods:
             m.validate(self.models)
-        if len(self.steps_to_teacher) != 2 or set(self.steps_to_teacher) - set(names):
-            raise ValueError(f"study.steps_to_teacher={self.steps_to_teacher}: name two of the methods {names}")
+        if self.steps_to_teacher and (len(self.steps_to_teacher) != 2 or set(self.steps_to_teacher) - set(names)):
+            raise ValueError(f"study.steps_to_teacher={self.steps_to_teacher}: name two of the methods {names} "
+                             "(or [] for none)")
 
     @classmethod
     def load(cls, path: str, overrides: Optional[List[str]] = None) -> "StudyConfig":
@@ -256,6 +269,29 @@ def steps_to_match(curve: List[dict], target: float) -> Optional[int]:
     return steps_to_reach([(p["step"], p["acc_mean"]) for p in curve], target)
 
 
+def domain_accuracies(metrics: dict) -> Dict[str, float]:
+    """{domain: accuracy} from an evaluation's `eval/accuracy/<domain>` keys (empty on one-domain data)."""
+    prefix = "eval/accuracy/"
+    return {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix) and v is not None}
+
+
+def aggregate_domains(finals: Dict[int, Dict[str, float]], teacher_of: Dict[str, tuple]) -> dict:
+    """Per-domain final accuracy over seeds (`finals[seed][domain]`) and, for a domain with a teacher
+    (`teacher_of[domain]` = (teacher name, its accuracy in that domain)), whether the student exceeds it:
+    in the mean, and by more than the seeds' standard deviation (`exceeds_beyond_std`)."""
+    out = {}
+    for d in sorted(set.intersection(*(set(f) for f in finals.values()))):
+        per_seed = [finals[k][d] for k in sorted(finals)]
+        m, sd = mean_std(per_seed)
+        row = {"acc_mean": m, "acc_std": sd, "acc_per_seed": per_seed}
+        teacher, t_acc = teacher_of.get(d, (None, None))
+        if teacher is not None and t_acc is not None:
+            row.update(teacher=teacher, teacher_acc=t_acc, exceeds_teacher=m > t_acc,
+                       exceeds_beyond_std=m - sd > t_acc, seeds_exceeding=sum(a > t_acc for a in per_seed))
+        out[d] = row
+    return out
+
+
 def steps_ratio(fast: Optional[float], slow: Optional[float], budget: int) -> tuple[Optional[float], str]:
     """slow / fast steps-to-target and a sentence; a method that never reached it gives a lower bound."""
     if fast is None:
@@ -318,7 +354,8 @@ class Study:
             dcfg = demo["config"]
             return build_sft_model(demo_spec(f"study-{name}", dcfg.student_hidden, demo["vocab"]),
                                    demo["tokenizer"], self.out / "models" / name, m.sft_steps,
-                                   dcfg.sft_batch_size, dcfg.digits, m.sft_seed, error_rate=m.sft_error_rate)
+                                   dcfg.sft_batch_size, dcfg.digits, m.sft_seed, error_rate=m.sft_error_rate,
+                                   task=m.sft_task)
         out = self.out / "models" / name
         run_dir = self.out / "models" / f"{name}.run"
         cmd = [self.py, "-m", "megatron_opd.cli", "train", "--config", str(REPO_ROOT / m.recipe),
@@ -346,17 +383,21 @@ class Study:
         return [f"train.seed={seed}", f"data.synthetic_seed={c.data_seed}", f"data.synthetic_eval_size={c.eval_size}",
                 f"train.eval_samples={c.eval_samples}"]
 
-    def evaluate_model(self, name: str) -> float:
+    def evaluate_model(self, name: str) -> dict:
+        """The held-out metrics of a fixed model (eval/accuracy, and eval/accuracy/<domain> on
+        multi-domain data)."""
         path = self.out / "evals" / f"{name}.json"
         if not path.is_file():
             recipe = REPO_ROOT / self.cfg.methods[0].recipe
             _run([self.py, "-m", "megatron_opd.cli", "eval", "--config", str(recipe), "--checkpoint",
                   str(self.paths[name]), "--output", str(path), *self.data_overrides(self.cfg.seeds[0]),
                   *self.cfg.common_overrides], self.out / "evals" / f"{name}.log")
-        return json.loads(path.read_text())["eval/accuracy"]
+        return json.loads(path.read_text())
 
     # ---- one method x seed
-    def run_method(self, method: StudyMethod, seed: int) -> List[tuple[int, float, float]]:
+    def run_method(self, method: StudyMethod, seed: int) -> dict:
+        """One finished run's record: "curve" [(step, wall_s, accuracy)] and "domain_curve"
+        {domain: [(step, accuracy)]} (empty on one-domain data)."""
         c = self.cfg
         run_dir = self.out / "runs" / method.name / f"seed{seed}"
         done = run_dir / "study_run.json"
@@ -376,8 +417,11 @@ class Study:
         else:
             wall = _run(cmd, run_dir.parent / f"seed{seed}.log")
             curve = read_curve(run_dir, method.command, wall)
-            done.write_text(json.dumps({"wall_s": wall, "curve": curve, "cmd": cmd[1:]}, indent=2))
-        return [tuple(p) for p in json.loads(done.read_text())["curve"]]
+            domain_curve = read_domain_curves(run_dir) if method.command != "erpd" else {}
+            done.write_text(json.dumps({"wall_s": wall, "curve": curve, "domain_curve": domain_curve,
+                                        "cmd": cmd[1:]}, indent=2))
+        record = json.loads(done.read_text())
+        return {"curve": [tuple(p) for p in record["curve"]], "domain_curve": record.get("domain_curve", {})}
 
     def run(self) -> dict:
         c = self.cfg
@@ -386,18 +430,31 @@ class Study:
         self.build_models()
         used = sorted({t for m in c.methods for t in [*m.teachers, *([m.reference] if m.reference else [])]}
                       | ({"teacher"} & set(c.models)) - {"student"})
-        model_acc = {name: self.evaluate_model(name) for name in ["student", *used]}
+        evals = {name: self.evaluate_model(name) for name in ["student", *used]}
+        model_acc = {name: e["eval/accuracy"] for name, e in evals.items()}
+        model_domain_acc = {name: domain_accuracies(e) for name, e in evals.items()}
+        model_domain_acc = {name: d for name, d in model_domain_acc.items() if d}
         rows = {}
         for method in c.methods:
-            curves = {seed: self.run_method(method, seed) for seed in c.seeds}
+            records = {seed: self.run_method(method, seed) for seed in c.seeds}
+            curves = {seed: r["curve"] for seed, r in records.items()}
             # the target is 90 % of the (best) teacher this method learns from; GRPO: the study's `teacher`
             teacher_acc = max(model_acc[t] for t in (method.teachers or ["teacher"]))
             rows[method.name] = {"command": method.command, "teachers": method.teachers,
                                  "reference": method.reference, "overrides": method.overrides,
                                  "teacher_acc": teacher_acc,
                                  **aggregate_method(curves, c.threshold * teacher_acc)}
+            finals = {seed: {d: max(pts)[1] for d, pts in r["domain_curve"].items()}
+                      for seed, r in records.items() if r["domain_curve"]}
+            if finals:
+                # each domain's teacher (multi-teacher routing); other methods: no teacher to compare with
+                teacher_of = {d: (t, model_domain_acc.get(t, {}).get(d))
+                              for t, d in zip(method.teachers, method.domains)}
+                rows[method.name]["domains"] = aggregate_domains(finals, teacher_of)
             # rewritten after every method: an interrupted study still has the rows it finished
             results = self.summarise(model_acc, rows)
+            if model_domain_acc:
+                results["model_domain_acc"] = model_domain_acc
             results["study_seconds"] = round(time.time() - t0, 1)
             results["complete"] = len(rows) == len(c.methods)
             self.write(results)
@@ -406,9 +463,11 @@ class Study:
     def summarise(self, model_acc: dict, rows: dict) -> dict:
         c = self.cfg
         pct = round(c.threshold * 100)
-        first, second = c.steps_to_teacher
         out = {"model_acc": model_acc, "seeds": c.seeds, "steps": c.steps, "eval_size": c.eval_size,
                "eval_samples": c.eval_samples, "threshold": c.threshold, "methods": rows}
+        if not c.steps_to_teacher:
+            return out
+        first, second = c.steps_to_teacher
         if first not in rows or second not in rows:
             return out
         for name in (first, second):
@@ -460,6 +519,17 @@ def read_curve(run_dir: Path, command: str, run_wall_s: float) -> List[tuple[int
     return curve
 
 
+def read_domain_curves(run_dir: Path) -> Dict[str, List[tuple[int, float]]]:
+    """{domain: [(step, held-out accuracy in that domain)]} of a finished run (empty on one-domain data)."""
+    from megatron_opd.metrics import read_metrics
+
+    curves: Dict[str, List[tuple[int, float]]] = {}
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        for d, acc in domain_accuracies(r).items():
+            curves.setdefault(d, []).append((int(r["step"]), acc))
+    return curves
+
+
 def results_table(results: dict) -> str:
     pct = round(results["threshold"] * 100)
     lines = [f"Held-out accuracy (avg@{results['eval_samples']}, {results['eval_size']} prompts), mean ± std over "
@@ -474,6 +544,24 @@ def results_table(results: dict) -> str:
         reach = f"{s:.0f}" if s is not None else f"not reached ({r['seeds_reaching_target']}/{len(r['seeds'])} seeds)"
         lines.append(f"| {name} | {r['final_acc_mean']:.3f} ± {r['final_acc_std']:.3f} | {last['step']} | {reach} | "
                      f"{last['wall_s']:.0f} |")
+    with_domains = {n: r["domains"] for n, r in results["methods"].items() if r.get("domains")}
+    if with_domains:
+        lines += ["", "Per domain (final accuracy; a multi-teacher method against each teacher in its domain):", "",
+                  "| method | domain | final accuracy | teacher | teacher's accuracy | student > teacher (seeds) |",
+                  "|---|---|---|---|---|---|"]
+        for name, doms in with_domains.items():
+            for d, r in doms.items():
+                if "teacher" in r:
+                    vs = (f"| {r['teacher']} | {r['teacher_acc']:.3f} | {'yes' if r['exceeds_teacher'] else 'no'} "
+                          f"({r['seeds_exceeding']}/{len(r['acc_per_seed'])}) |")
+                else:
+                    vs = "| - | - | - |"
+                lines.append(f"| {name} | {d} | {r['acc_mean']:.3f} ± {r['acc_std']:.3f} {vs}")
+    if results.get("model_domain_acc"):
+        doms = sorted({d for accs in results["model_domain_acc"].values() for d in accs})
+        lines += ["", "| model | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
+        for name, accs in results["model_domain_acc"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{accs.get(d, float('nan')):.3f}" for d in doms) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -513,6 +601,14 @@ def run_study(cfg: StudyConfig) -> dict:
         print(f"{k}_acc: {v}")
     for name, r in results["methods"].items():
         print(f"{name}_final_acc: {r['final_acc_mean']:.4f} +- {r['final_acc_std']:.4f}")
+    for name, accs in results.get("model_domain_acc", {}).items():
+        for d, v in accs.items():
+            print(f"{name}_acc_{d}: {v}")
+    for name, r in results["methods"].items():
+        for d, row in (r.get("domains") or {}).items():
+            vs = (f" (teacher {row['teacher']}: {row['teacher_acc']:.4f}; exceeds in {row['seeds_exceeding']}/"
+                  f"{len(row['acc_per_seed'])} seeds)" if "teacher" in row else "")
+            print(f"{name}_final_acc_{d}: {row['acc_mean']:.4f} +- {row['acc_std']:.4f}{vs}")
     for k, v in results.items():
         if k.startswith((f"steps_to_{pct}pct_teacher", "steps_for_", "steps_ratio_")):
             print(f"{k}: {v}")

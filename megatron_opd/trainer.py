@@ -565,7 +565,7 @@ class OPDTrainer:
             return {}
         from megatron_opd.rewards.evaluation import metrics_at_k
 
-        return metrics_at_k([s for p in parts for s in p[0]], [l for p in parts for l in p[1]])
+        return metrics_at_k(*([x for p in parts for x in p[i]] for i in range(3)))
 
     def save(self) -> None:
         from megatron_opd.checkpoint import save_checkpoint

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from megatron_opd.study import (Study, StudyConfig, aggregate_method, mean_std, steps_ratio, steps_to_match,
+from megatron_opd.study import (Study, StudyConfig, aggregate_domains, aggregate_method, domain_accuracies,
+                                mean_std, read_domain_curves, results_table, steps_ratio, steps_to_match,
                                 steps_to_reach)
 from mopd_testing import REPO_ROOT
 
@@ -49,6 +50,37 @@ def test_steps_ratio_says_what_was_not_reached():
     assert steps_ratio(0.0, 40.0, 200)[1].startswith("undefined")
 
 
+def test_domain_accuracies_and_curves_read_the_per_domain_keys(tmp_path):
+    assert domain_accuracies({"eval/accuracy": 0.5, "eval/accuracy/math": 0.75, "eval/accuracy/code": 0.25,
+                              "eval/pass@2": 0.9}) == {"math": 0.75, "code": 0.25}
+    assert domain_accuracies({"eval/accuracy": 0.5}) == {}
+    rows = [{"step": 0, "eval/accuracy": 0.5, "eval/accuracy/math": 0.6, "eval/accuracy/code": 0.4},
+            {"step": 1, "loss": 0.1}, {"step": 2, "eval/accuracy": 0.7, "eval/accuracy/math": 0.9,
+                                       "eval/accuracy/code": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_domain_curves(tmp_path) == {"math": [(0, 0.6), (2, 0.9)], "code": [(0, 0.4), (2, 0.5)]}
+
+
+def test_aggregate_domains_compares_each_domain_with_its_teacher_by_hand():
+    finals = {1: {"math": 0.8, "code": 0.5}, 2: {"math": 0.6, "code": 0.7}, 3: {"math": 0.7, "code": 0.9}}
+    r = aggregate_domains(finals, {"math": ("tm", 0.65), "code": ("tc", 0.9)})
+    assert r["math"]["acc_mean"] == pytest.approx(0.7) and r["math"]["acc_std"] == pytest.approx(0.1)
+    assert r["math"]["teacher"] == "tm" and r["math"]["exceeds_teacher"] is True
+    assert r["math"]["exceeds_beyond_std"] is False and r["math"]["seeds_exceeding"] == 2
+    assert r["code"]["exceeds_teacher"] is False and r["code"]["seeds_exceeding"] == 0
+    # a domain without a teacher (one-teacher or teacher-free methods on mixed data): no comparison
+    r = aggregate_domains(finals, {})
+    assert "teacher" not in r["code"] and r["code"]["acc_per_seed"] == [0.5, 0.7, 0.9]
+    table = results_table({"threshold": 0.9, "eval_samples": 2, "eval_size": 8, "seeds": [1, 2, 3], "steps": 4,
+                           "model_acc": {"student": 0.3}, "model_domain_acc": {"tm": {"math": 0.65, "code": 0.1}},
+                           "methods": {"multi": {"curve": [], "final_acc_mean": 0.7, "final_acc_std": 0.1,
+                                                 "steps_to_target": None, "seeds_reaching_target": 0,
+                                                 "seeds": [1, 2, 3],
+                                                 "domains": aggregate_domains(finals, {"math": ("tm", 0.65)})}}})
+    assert "| multi | math | 0.700 ± 0.100 | tm | 0.650 | yes (2/3) |" in table
+    assert "| tm | 0.100 | 0.650 |" in table  # domains sorted: code, math
+
+
 def _study_dict(**kw):
     raw = {"models": {"student": {"demo": "student_base"}, "teacher": {"demo": "teacher"}},
            "methods": [{"name": "opd", "recipe": "configs/recipes/demo.yaml"},
@@ -62,6 +94,10 @@ def _study_dict(**kw):
     ({"eval_size": 0}, "study.eval_size must be >= 1"),
     ({"threshold": 1.5}, "study.threshold"),
     ({"steps_to_teacher": ["opd", "sft"]}, "study.steps_to_teacher"),
+    ({"models": {"student": {"sft_error_rate": 0.3, "sft_task": "poetry"}, "teacher": {"demo": "teacher"}}},
+     "study.models.student.sft_task='poetry'"),
+    ({"models": {"student": {"demo": "student_base", "sft_task": "mixed"}, "teacher": {"demo": "teacher"}}},
+     "study.models.student.sft_task is read only with sft_error_rate"),
     ({"lr": 1e-3}, r"study: unknown field\(s\) \['lr'\]"),
     ({"models": {"teacher": {"demo": "teacher"}}}, "study.models needs `student`"),
     ({"models": {"student": {"demo": "student_base"}, "teacher": {"demo": "teacher", "sft_error_rate": 0.1}}},
@@ -98,13 +134,14 @@ def test_a_finished_run_made_with_other_settings_is_refused_not_reused(tmp_path)
     (run_dir / "study_run.json").unlink()
     record["cmd"] = None
     (run_dir / "study_run.json").write_text(json.dumps(record))
-    assert study.run_method(method, 1) == [(0, 0.0, 0.1)]
+    assert study.run_method(method, 1) == {"curve": [(0, 0.0, 0.1)], "domain_curve": {}}
 
 
-def test_shipped_study_configs_load():
-    cfg = StudyConfig.load(str(REPO_ROOT / "configs" / "studies" / "small.yaml"))
+@pytest.mark.parametrize("name", ["small", "domains"])
+def test_shipped_study_configs_load(name):
+    cfg = StudyConfig.load(str(REPO_ROOT / "configs" / "studies" / f"{name}.yaml"))
     assert len(cfg.seeds) >= 3 and cfg.eval_size >= 256
-    for m in cfg.methods:
+    for m in [*cfg.methods, *(m for m in cfg.models.values() if m.recipe)]:
         assert (REPO_ROOT / m.recipe).is_file(), m.recipe
 
 
@@ -119,7 +156,7 @@ eval_size: 4
 eval_samples: 1
 steps_to_teacher: [opd, exopd_rc]
 common_overrides: [train.prompts_per_step=4, rollout.max_new_tokens=8, train.micro_batch_size=4,
-                   optim.lr_warmup_steps=0, train.save_every=1]
+                   optim.lr_warmup_steps=0, train.save_every=1, data.synthetic=mixed]
 models:
   student: {{demo: student_base}}
   teacher: {{demo: teacher}}
@@ -131,6 +168,8 @@ methods:
   - {{name: opd, recipe: configs/recipes/demo.yaml}}
   - {{name: exopd_rc, recipe: configs/recipes/demo.yaml, teachers: [teacher_rl], reference: student,
      overrides: [objective.gopd.lam=1.25, objective.gopd.estimator=sampled, objective.gopd.reward_correction=true]}}
+  - {{name: multi_exopd, recipe: configs/recipes/demo.yaml, teachers: [teacher, teacher_rl], domains: [math, code],
+     overrides: [objective.gopd.lam=1.25, objective.gopd.estimator=sampled]}}
   - {{name: erpd, recipe: configs/recipes/erpd_tiny.yaml, command: erpd, teachers: []}}
 """
 
@@ -143,7 +182,7 @@ def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "study"
     results = json.loads((out / "study_results.json").read_text())
-    assert set(results["methods"]) == {"opd", "exopd_rc", "erpd"} and results["complete"]
+    assert set(results["methods"]) == {"opd", "exopd_rc", "multi_exopd", "erpd"} and results["complete"]
     erpd = json.loads((out / "runs" / "erpd" / "seed1" / "erpd_results.json").read_text())
     assert results["methods"]["erpd"]["final_acc_per_seed"][0] == erpd["erpd_stage2_acc"]
     assert results["methods"]["erpd"]["curve"][0]["step"] == 0
@@ -157,6 +196,17 @@ def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path):
             assert row["final_acc_per_seed"][seed - 1] == evals[-1]
         config = (out / "runs" / name / "seed1" / "config.yaml").read_text()
         assert "synthetic_seed: 7" in config and "synthetic_eval_size: 4" in config
+    # multi-teacher on two domains: each domain's final accuracy against its own teacher's in that domain
+    evals = {name: json.loads((out / "evals" / f"{name}.json").read_text()) for name in ("teacher", "teacher_rl")}
+    assert results["model_domain_acc"]["teacher_rl"]["code"] == evals["teacher_rl"]["eval/accuracy/code"]
+    doms = results["methods"]["multi_exopd"]["domains"]
+    assert doms["math"]["teacher"] == "teacher" and doms["code"]["teacher"] == "teacher_rl"
+    assert doms["math"]["teacher_acc"] == evals["teacher"]["eval/accuracy/math"]
+    for seed in (1, 2):
+        metrics = [json.loads(l) for l in (out / "runs" / "multi_exopd" / f"seed{seed}" / "metrics.jsonl").open()]
+        assert doms["code"]["acc_per_seed"][seed - 1] == [r for r in metrics if "eval/accuracy/code" in r][-1][
+            "eval/accuracy/code"]
+    assert "multi_exopd_final_acc_code:" in proc.stdout and "| multi_exopd | code |" in (out / "study_table.md").read_text()
     rc = (out / "runs" / "exopd_rc" / "seed1" / "config.yaml").read_text()
     assert str(out / "models" / "teacher_rl") in rc and "reward_correction: true" in rc
     assert "steps_to_90pct_teacher_opd" in results and "steps_to_90pct_teacher_exopd_rc" in results

@@ -83,12 +83,12 @@ class DataBundle:
         return self.score([s.text for s in result.samples],
                           [samples[s.prompt_index]["answer"] for s in result.samples])
 
-    def evaluate_share(self, engine, k: int, lo: int = 0, hi: Optional[int] = None) -> tuple[list, list]:
-        """k rewards and k lengths for each held-out prompt in [lo, hi), with the engine's current
-        weights (fixed per-prompt seeds: comparable across steps and across data-parallel sizes)."""
+    def evaluate_share(self, engine, k: int, lo: int = 0, hi: Optional[int] = None) -> tuple[list, list, list]:
+        """k rewards, k lengths and the domain of each held-out prompt in [lo, hi), with the engine's
+        current weights (fixed per-prompt seeds: comparable across steps and across data-parallel sizes)."""
         prompts = self.held_out[lo:hi]
         if not prompts:
-            return [], []
+            return [], [], []
         result = engine.generate([s["prompt"] for s in prompts], n=k, seed=self.seed + 7, first_index=lo)
         responses = [[] for _ in prompts]
         lengths = [[] for _ in prompts]
@@ -97,7 +97,7 @@ class DataBundle:
             lengths[s.prompt_index].append(s.length)
         answers = [s["answer"] for s in prompts]
         scores = [self.score(rs, [a] * len(rs)) for rs, a in zip(responses, answers)]
-        return scores, lengths
+        return scores, lengths, [s["domain"] for s in prompts]
 
     def evaluate(self, engine, k: int) -> dict:
         """Held-out avg@k of all held-out prompts with one engine."""

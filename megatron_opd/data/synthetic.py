@@ -61,7 +61,8 @@ def carry_free_sum(a: int, b: int) -> str:
 
 @dataclass
 class StringTask:
-    """Reverse a short letter string (domain "code"), for multi-teacher routing tests."""
+    """Reverse a short letter string: "Reverse abcde." -> "reversed: \\boxed{edcba}" (domain "code"); the
+    second domain of multi-teacher runs."""
 
     length: int = 5
     """Letters per string."""
@@ -74,19 +75,36 @@ class StringTask:
             out.append({"prompt": f"Reverse {s}.", "answer": s[::-1], "domain": "code"})
         return out
 
-    def solution(self, sample: dict) -> str:
-        return f"reversed: \\boxed{{{sample['answer']}}}"
+    def solution(self, sample: dict, unreversed: bool = False) -> str:
+        """The worked answer. `unreversed=True` writes the typical learner's mistake instead: the string
+        copied as it is (abcde -> abcde)."""
+        answer = sample["answer"][::-1] if unreversed else sample["answer"]
+        return f"reversed: \\boxed{{{answer}}}"
+
+
+SYNTHETIC_KINDS = ("arithmetic", "string", "mixed")
 
 
 def make_samples(kind: str, n: int, seed: int = 0, digits: int = 2) -> list[dict]:
-    """"arithmetic" or "mixed" (alternating arithmetic / string reversal)."""
+    """"arithmetic", "string" (reversal) or "mixed" (alternating arithmetic / string reversal; the same
+    problems as the first two kinds draw with this seed)."""
     if kind == "arithmetic":
         return ArithmeticTask(digits=digits).samples(n, seed)
+    if kind == "string":
+        return StringTask().samples(n, seed)
     if kind == "mixed":
         math_s = ArithmeticTask(digits=digits).samples((n + 1) // 2, seed)
         code_s = StringTask().samples(n // 2, seed)
         return [s for pair in zip(math_s, code_s) for s in pair] + math_s[len(code_s):]
-    raise ValueError(f"synthetic task {kind!r}: use 'arithmetic' or 'mixed'")
+    raise ValueError(f"synthetic task {kind!r}: use one of {SYNTHETIC_KINDS}")
+
+
+def worked_solution(sample: dict, mistake: bool = False, digits: int = 2) -> str:
+    """The worked answer of a sample of any kind; `mistake=True`: its task's typical learner's mistake
+    (addition without carries, a string copied instead of reversed)."""
+    if sample["domain"] == "code":
+        return StringTask().solution(sample, unreversed=mistake)
+    return ArithmeticTask(digits=digits).solution(sample, drop_carries=mistake)
 
 
 def write_jsonl(samples: Iterable[dict], path: str | Path) -> Path:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Sequence
 
 
-def metrics_at_k(scores: Sequence[Sequence[float]], lengths: Sequence[Sequence[int]] | None = None) -> dict:
+def metrics_at_k(scores: Sequence[Sequence[float]], lengths: Sequence[Sequence[int]] | None = None,
+                 domains: Sequence[str] | None = None) -> dict:
     """avg@k / pass@k / length metrics.
 
     Args:
         scores: k rewards in [0, 1] per prompt (avg@k = mean over prompts of the mean over k).
         lengths: response lengths in tokens (k per prompt), for the length metrics.
+        domains: each prompt's domain tag; with more than one domain, also `eval/accuracy/<domain>`
+            (avg@k over that domain's prompts: a multi-teacher student against each teacher in its domain).
     """
     if not scores:
         raise ValueError("no prompts to evaluate")
@@ -24,4 +27,11 @@ def metrics_at_k(scores: Sequence[Sequence[float]], lengths: Sequence[Sequence[i
         flat = [l for ls in lengths for l in ls]
         metrics["eval/response_length"] = sum(flat) / max(len(flat), 1)
         metrics["eval/response_length_max"] = float(max(flat)) if flat else 0.0
+    if domains is not None:
+        if len(domains) != len(scores):
+            raise ValueError(f"{len(domains)} domain tags for {len(scores)} prompts")
+        if len(set(domains)) > 1:
+            for d in sorted(set(domains)):
+                mine = [sum(s) / len(s) for s, dd in zip(scores, domains) if dd == d]
+                metrics[f"eval/accuracy/{d}"] = sum(mine) / len(mine)
     return metrics

@@ -42,5 +42,27 @@ def test_bad_task_arguments_name_the_field():
         ArithmeticTask(digits=0)
     with pytest.raises(ValueError, match="ops"):
         ArithmeticTask(ops="/")
-    with pytest.raises(ValueError, match="'arithmetic' or 'mixed'"):
+    with pytest.raises(ValueError, match="'arithmetic', 'string', 'mixed'"):
         make_samples("poetry", 3)
+
+
+def test_string_task_its_mistake_and_the_mixed_kind():
+    from megatron_opd.data.synthetic import StringTask, worked_solution
+    from megatron_opd.rewards.synthetic import boxed_match_reward
+
+    strings = make_samples("string", 6, seed=5)
+    assert strings == StringTask().samples(6, seed=5) and all(s["domain"] == "code" for s in strings)
+    for s in strings:
+        word = s["prompt"].removeprefix("Reverse ").removesuffix(".")
+        assert s["answer"] == word[::-1]
+        assert boxed_match_reward(worked_solution(s), s["answer"]) == 1.0
+        wrong = worked_solution(s, mistake=True)  # copied, not reversed
+        assert wrong.endswith(f"\\boxed{{{word}}}")
+        assert boxed_match_reward(wrong, s["answer"]) == float(word == word[::-1])
+    # mixed: the same problems as each kind draws with this seed, alternating (what lets a domain
+    # teacher's held-out set contain the mixed held-out set's prompts of its domain)
+    mixed = make_samples("mixed", 7, seed=5)
+    assert mixed[1::2] == make_samples("string", 3, seed=5)
+    assert mixed[0::2] == make_samples("arithmetic", 4, seed=5)
+    math_s = mixed[0]
+    assert worked_solution(math_s, mistake=True) == ArithmeticTask().solution(math_s, drop_carries=True)
