@@ -277,17 +277,18 @@ def domain_accuracies(metrics: dict) -> Dict[str, float]:
 
 def aggregate_domains(finals: Dict[int, Dict[str, float]], teacher_of: Dict[str, tuple]) -> dict:
     """Per-domain final accuracy over seeds (`finals[seed][domain]`) and, for a domain with a teacher
-    (`teacher_of[domain]` = (teacher name, its accuracy in that domain)), whether the student exceeds it:
-    in the mean, and by more than the seeds' standard deviation (`exceeds_beyond_std`)."""
+    (`teacher_of[domain]` = (teacher name, its mean accuracy in that domain, its std over the evaluation
+    seeds)), whether the student exceeds it: in the mean, per seed, and with the two means further apart
+    than the sum of their standard deviations (`exceeds_beyond_std`)."""
     out = {}
     for d in sorted(set.intersection(*(set(f) for f in finals.values()))):
         per_seed = [finals[k][d] for k in sorted(finals)]
         m, sd = mean_std(per_seed)
         row = {"acc_mean": m, "acc_std": sd, "acc_per_seed": per_seed}
-        teacher, t_acc = teacher_of.get(d, (None, None))
+        teacher, t_acc, t_sd = teacher_of.get(d, (None, None, None))
         if teacher is not None and t_acc is not None:
-            row.update(teacher=teacher, teacher_acc=t_acc, exceeds_teacher=m > t_acc,
-                       exceeds_beyond_std=m - sd > t_acc, seeds_exceeding=sum(a > t_acc for a in per_seed))
+            row.update(teacher=teacher, teacher_acc=t_acc, teacher_acc_std=t_sd, exceeds_teacher=m > t_acc,
+                       exceeds_beyond_std=m - sd > t_acc + t_sd, seeds_exceeding=sum(a > t_acc for a in per_seed))
         out[d] = row
     return out
 
@@ -383,14 +384,15 @@ class Study:
         return [f"train.seed={seed}", f"data.synthetic_seed={c.data_seed}", f"data.synthetic_eval_size={c.eval_size}",
                 f"train.eval_samples={c.eval_samples}"]
 
-    def evaluate_model(self, name: str) -> dict:
+    def evaluate_model(self, name: str, seed: int) -> dict:
         """The held-out metrics of a fixed model (eval/accuracy, and eval/accuracy/<domain> on
-        multi-domain data)."""
-        path = self.out / "evals" / f"{name}.json"
+        multi-domain data) with one seed's sampling; every seed is evaluated, as the methods' runs are."""
+        suffix = "" if seed == self.cfg.seeds[0] else f"_seed{seed}"
+        path = self.out / "evals" / f"{name}{suffix}.json"
         if not path.is_file():
             recipe = REPO_ROOT / self.cfg.methods[0].recipe
             _run([self.py, "-m", "megatron_opd.cli", "eval", "--config", str(recipe), "--checkpoint",
-                  str(self.paths[name]), "--output", str(path), *self.data_overrides(self.cfg.seeds[0]),
+                  str(self.paths[name]), "--output", str(path), *self.data_overrides(seed),
                   *self.cfg.common_overrides], self.out / "evals" / f"{name}.log")
         return json.loads(path.read_text())
 
@@ -430,10 +432,16 @@ class Study:
         self.build_models()
         used = sorted({t for m in c.methods for t in [*m.teachers, *([m.reference] if m.reference else [])]}
                       | ({"teacher"} & set(c.models)) - {"student"})
-        evals = {name: self.evaluate_model(name) for name in ["student", *used]}
-        model_acc = {name: e["eval/accuracy"] for name, e in evals.items()}
-        model_domain_acc = {name: domain_accuracies(e) for name, e in evals.items()}
-        model_domain_acc = {name: d for name, d in model_domain_acc.items() if d}
+        # each fixed model at every seed's sampling: its accuracy carries the same noise as the runs'
+        evals = {name: [self.evaluate_model(name, seed) for seed in c.seeds] for name in ["student", *used]}
+        model_acc, model_acc_std, model_domain_acc, model_domain_acc_std = {}, {}, {}, {}
+        for name, runs in evals.items():
+            model_acc[name], model_acc_std[name] = mean_std([e["eval/accuracy"] for e in runs])
+            doms = [domain_accuracies(e) for e in runs]
+            for d in sorted(doms[0]):
+                m, sd = mean_std([x[d] for x in doms])
+                model_domain_acc.setdefault(name, {})[d] = m
+                model_domain_acc_std.setdefault(name, {})[d] = sd
         rows = {}
         for method in c.methods:
             records = {seed: self.run_method(method, seed) for seed in c.seeds}
@@ -448,13 +456,14 @@ class Study:
                       for seed, r in records.items() if r["domain_curve"]}
             if finals:
                 # each domain's teacher (multi-teacher routing); other methods: no teacher to compare with
-                teacher_of = {d: (t, model_domain_acc.get(t, {}).get(d))
+                teacher_of = {d: (t, model_domain_acc.get(t, {}).get(d), model_domain_acc_std.get(t, {}).get(d))
                               for t, d in zip(method.teachers, method.domains)}
                 rows[method.name]["domains"] = aggregate_domains(finals, teacher_of)
             # rewritten after every method: an interrupted study still has the rows it finished
             results = self.summarise(model_acc, rows)
+            results["model_acc_std"] = model_acc_std
             if model_domain_acc:
-                results["model_domain_acc"] = model_domain_acc
+                results.update(model_domain_acc=model_domain_acc, model_domain_acc_std=model_domain_acc_std)
             results["study_seconds"] = round(time.time() - t0, 1)
             results["complete"] = len(rows) == len(c.methods)
             self.write(results)
@@ -535,7 +544,8 @@ def results_table(results: dict) -> str:
     lines = [f"Held-out accuracy (avg@{results['eval_samples']}, {results['eval_size']} prompts), mean ± std over "
              f"seeds {results['seeds']}; budget {results['steps']} steps.", "",
              "| model | accuracy |", "|---|---|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in results["model_acc"].items()]
+    std = results.get("model_acc_std", {})  # absent in results written before fixed models had every seed
+    lines += [f"| {k} | {v:.3f}" + (f" ± {std[k]:.3f} |" if k in std else " |") for k, v in results["model_acc"].items()]
     lines += ["", f"| method | final accuracy | at step | steps to {pct}% of teacher | train wall s |",
               "|---|---|---|---|---|"]
     for name, r in results["methods"].items():
@@ -552,16 +562,19 @@ def results_table(results: dict) -> str:
         for name, doms in with_domains.items():
             for d, r in doms.items():
                 if "teacher" in r:
-                    vs = (f"| {r['teacher']} | {r['teacher_acc']:.3f} | {'yes' if r['exceeds_teacher'] else 'no'} "
-                          f"({r['seeds_exceeding']}/{len(r['acc_per_seed'])}) |")
+                    vs = (f"| {r['teacher']} | {r['teacher_acc']:.3f} ± {r['teacher_acc_std']:.3f} | "
+                          f"{'yes' if r['exceeds_teacher'] else 'no'} ({r['seeds_exceeding']}/{len(r['acc_per_seed'])}"
+                          f"{'; beyond both stds' if r['exceeds_beyond_std'] else ''}) |")
                 else:
                     vs = "| - | - | - |"
                 lines.append(f"| {name} | {d} | {r['acc_mean']:.3f} ± {r['acc_std']:.3f} {vs}")
     if results.get("model_domain_acc"):
         doms = sorted({d for accs in results["model_domain_acc"].values() for d in accs})
         lines += ["", "| model | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
+        stds = results.get("model_domain_acc_std", {})
         for name, accs in results["model_domain_acc"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{accs.get(d, float('nan')):.3f}" for d in doms) + " |")
+            lines.append(f"| {name} | " + " | ".join(
+                f"{accs[d]:.3f} ± {stds.get(name, {}).get(d, 0.0):.3f}" if d in accs else "-" for d in doms) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -598,12 +611,12 @@ def run_study(cfg: StudyConfig) -> dict:
     results = Study(cfg).run()
     pct = round(cfg.threshold * 100)
     for k, v in results["model_acc"].items():
-        print(f"{k}_acc: {v}")
+        print(f"{k}_acc: {v:.4f} +- {results['model_acc_std'][k]:.4f}")
     for name, r in results["methods"].items():
         print(f"{name}_final_acc: {r['final_acc_mean']:.4f} +- {r['final_acc_std']:.4f}")
     for name, accs in results.get("model_domain_acc", {}).items():
         for d, v in accs.items():
-            print(f"{name}_acc_{d}: {v}")
+            print(f"{name}_acc_{d}: {v:.4f} +- {results['model_domain_acc_std'][name][d]:.4f}")
     for name, r in results["methods"].items():
         for d, row in (r.get("domains") or {}).items():
             vs = (f" (teacher {row['teacher']}: {row['teacher_acc']:.4f}; exceeds in {row['seeds_exceeding']}/"

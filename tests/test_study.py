@@ -63,22 +63,29 @@ def test_domain_accuracies_and_curves_read_the_per_domain_keys(tmp_path):
 
 def test_aggregate_domains_compares_each_domain_with_its_teacher_by_hand():
     finals = {1: {"math": 0.8, "code": 0.5}, 2: {"math": 0.6, "code": 0.7}, 3: {"math": 0.7, "code": 0.9}}
-    r = aggregate_domains(finals, {"math": ("tm", 0.65), "code": ("tc", 0.9)})
+    r = aggregate_domains(finals, {"math": ("tm", 0.65, 0.0), "code": ("tc", 0.9, 0.05)})
     assert r["math"]["acc_mean"] == pytest.approx(0.7) and r["math"]["acc_std"] == pytest.approx(0.1)
     assert r["math"]["teacher"] == "tm" and r["math"]["exceeds_teacher"] is True
     assert r["math"]["exceeds_beyond_std"] is False and r["math"]["seeds_exceeding"] == 2
     assert r["code"]["exceeds_teacher"] is False and r["code"]["seeds_exceeding"] == 0
+    # beyond both standard deviations: 0.92 - 0.02 > 0.8 + 0.05
+    sharp = aggregate_domains({1: {"math": 0.9}, 2: {"math": 0.92}, 3: {"math": 0.94}}, {"math": ("tm", 0.8, 0.05)})
+    assert sharp["math"]["exceeds_beyond_std"] is True and sharp["math"]["seeds_exceeding"] == 3
     # a domain without a teacher (one-teacher or teacher-free methods on mixed data): no comparison
     r = aggregate_domains(finals, {})
     assert "teacher" not in r["code"] and r["code"]["acc_per_seed"] == [0.5, 0.7, 0.9]
     table = results_table({"threshold": 0.9, "eval_samples": 2, "eval_size": 8, "seeds": [1, 2, 3], "steps": 4,
-                           "model_acc": {"student": 0.3}, "model_domain_acc": {"tm": {"math": 0.65, "code": 0.1}},
+                           "model_acc": {"student": 0.3}, "model_acc_std": {"student": 0.01},
+                           "model_domain_acc": {"tm": {"math": 0.65, "code": 0.1}},
+                           "model_domain_acc_std": {"tm": {"math": 0.02, "code": 0.03}},
                            "methods": {"multi": {"curve": [], "final_acc_mean": 0.7, "final_acc_std": 0.1,
                                                  "steps_to_target": None, "seeds_reaching_target": 0,
                                                  "seeds": [1, 2, 3],
-                                                 "domains": aggregate_domains(finals, {"math": ("tm", 0.65)})}}})
-    assert "| multi | math | 0.700 ± 0.100 | tm | 0.650 | yes (2/3) |" in table
-    assert "| tm | 0.100 | 0.650 |" in table  # domains sorted: code, math
+                                                 "domains": aggregate_domains(finals, {"math": ("tm", 0.65, 0.02)})}}})
+    assert "| multi | math | 0.700 ± 0.100 | tm | 0.650 ± 0.020 | yes (2/3) |" in table
+    assert "| multi | code | 0.700 ± 0.200 | - | - | - |" in table
+    assert "| tm | 0.100 ± 0.030 | 0.650 ± 0.020 |" in table  # domains sorted: code, math
+    assert "| student | 0.300 ± 0.010 |" in table
 
 
 def _study_dict(**kw):
@@ -197,11 +204,15 @@ def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path):
         config = (out / "runs" / name / "seed1" / "config.yaml").read_text()
         assert "synthetic_seed: 7" in config and "synthetic_eval_size: 4" in config
     # multi-teacher on two domains: each domain's final accuracy against its own teacher's in that domain
-    evals = {name: json.loads((out / "evals" / f"{name}.json").read_text()) for name in ("teacher", "teacher_rl")}
-    assert results["model_domain_acc"]["teacher_rl"]["code"] == evals["teacher_rl"]["eval/accuracy/code"]
+    # (fixed models are evaluated with every seed's sampling, like the runs: their mean is compared)
+    evals = {name: [json.loads((out / "evals" / f"{name}{sfx}.json").read_text()) for sfx in ("", "_seed2")]
+             for name in ("teacher", "teacher_rl")}
+    assert results["model_domain_acc"]["teacher_rl"]["code"] == pytest.approx(
+        mean_std([e["eval/accuracy/code"] for e in evals["teacher_rl"]])[0])
     doms = results["methods"]["multi_exopd"]["domains"]
     assert doms["math"]["teacher"] == "teacher" and doms["code"]["teacher"] == "teacher_rl"
-    assert doms["math"]["teacher_acc"] == evals["teacher"]["eval/accuracy/math"]
+    assert (doms["math"]["teacher_acc"], doms["math"]["teacher_acc_std"]) == pytest.approx(
+        mean_std([e["eval/accuracy/math"] for e in evals["teacher"]]))
     for seed in (1, 2):
         metrics = [json.loads(l) for l in (out / "runs" / "multi_exopd" / f"seed{seed}" / "metrics.jsonl").open()]
         assert doms["code"]["acc_per_seed"][seed - 1] == [r for r in metrics if "eval/accuracy/code" in r][-1][
