@@ -496,6 +496,8 @@ class Study:
         (self.out / "study_results.json").write_text(json.dumps(results, indent=2))
         (self.out / "study_table.md").write_text(results_table(results))
         plot_study(results, self.out / "study.png")
+        if any(r.get("domains") for r in results["methods"].values()):
+            plot_domains(results, self.out / "study_domains.png")
 
 
 def check_recorded_command(record: Path, cmd: List[str], what: str, result: Path) -> None:
@@ -602,6 +604,41 @@ def plot_study(results: dict, path: Path) -> None:
     axes[0].set_ylim(0, 1.02)
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle("megatron_opd study (dashed: teacher)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_domains(results: dict, path: Path) -> None:
+    """One panel per domain: each method's final accuracy (mean ± std over seeds), that domain's teacher
+    (dashed, its std over the seeds' evaluations shaded) and the student before training (dotted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {n: r["domains"] for n, r in results["methods"].items() if r.get("domains")}
+    domains = sorted({d for doms in rows.values() for d in doms})
+    fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 4.2), sharey=True, squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        names = [n for n in rows if d in rows[n]]
+        ax.bar(range(len(names)), [rows[n][d]["acc_mean"] for n in names],
+               yerr=[rows[n][d]["acc_std"] for n in names], capsize=3, color="tab:blue", alpha=0.8)
+        teacher = next((rows[n][d] for n in names if "teacher" in rows[n][d]), None)
+        if teacher is not None:
+            t, sd = teacher["teacher_acc"], teacher["teacher_acc_std"]
+            ax.axhline(t, color="k", ls="--", lw=1, label=f"{teacher['teacher']} {t:.3f} ± {sd:.3f}")
+            ax.axhspan(t - sd, t + sd, color="k", alpha=0.1)
+        student = results.get("model_domain_acc", {}).get("student", {}).get(d)
+        if student is not None:
+            ax.axhline(student, color="gray", ls=":", lw=1, label=f"student before {student:.3f}")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"domain {d}")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("final held-out accuracy (mean ± std over seeds)")
+    axes[0][0].set_ylim(0, 1.02)
+    fig.suptitle("multi-teacher students against each teacher in its domain")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -217,6 +217,7 @@ def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path):
         metrics = [json.loads(l) for l in (out / "runs" / "multi_exopd" / f"seed{seed}" / "metrics.jsonl").open()]
         assert doms["code"]["acc_per_seed"][seed - 1] == [r for r in metrics if "eval/accuracy/code" in r][-1][
             "eval/accuracy/code"]
+    assert (out / "study_domains.png").stat().st_size > 0
     assert "multi_exopd_final_acc_code:" in proc.stdout and "| multi_exopd | code |" in (out / "study_table.md").read_text()
     rc = (out / "runs" / "exopd_rc" / "seed1" / "config.yaml").read_text()
     assert str(out / "models" / "teacher_rl") in rc and "reward_correction: true" in rc
