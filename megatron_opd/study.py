@@ -271,7 +271,8 @@ def steps_to_match(curve: List[dict], target: float) -> Optional[int]:
 
 def domain_accuracies(metrics: dict) -> Dict[str, float]:
     """{domain: accuracy} from an evaluation's `eval/accuracy/<domain>` keys (empty on one-domain data)."""
-    prefix = "eval/accuracy/"
+    from megatron_opd.rewards.evaluation import DOMAIN_ACCURACY_PREFIX as prefix
+
     return {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix) and v is not None}
 
 

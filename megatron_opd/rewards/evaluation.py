@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+#: Key prefix of the per-domain accuracies (`eval/accuracy/<domain>`), read back by `megatron-opd study`.
+DOMAIN_ACCURACY_PREFIX = "eval/accuracy/"
+
 
 def metrics_at_k(scores: Sequence[Sequence[float]], lengths: Sequence[Sequence[int]] | None = None,
                  domains: Sequence[str] | None = None) -> dict:
@@ -33,5 +36,5 @@ def metrics_at_k(scores: Sequence[Sequence[float]], lengths: Sequence[Sequence[i
         if len(set(domains)) > 1:
             for d in sorted(set(domains)):
                 mine = [sum(s) / len(s) for s, dd in zip(scores, domains) if dd == d]
-                metrics[f"eval/accuracy/{d}"] = sum(mine) / len(mine)
+                metrics[DOMAIN_ACCURACY_PREFIX + d] = sum(mine) / len(mine)
     return metrics
