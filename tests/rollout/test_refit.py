@@ -36,17 +36,31 @@ def test_two_engines_dp2_serve_their_own_prompts_and_refit_exactly(vllm_dense_ck
     assert r["gap_stale"] > 0.05 and r["gap_after_refit"] <= 1e-4 and r["score_gap_after_refit"] <= 1e-4
 
 
-@pytest.mark.parametrize("fault_rank,tp", [(1, 1), (1, 2)], ids=["engine-rank-dp2", "non-engine-rank-tp2"])
-def test_refit_fault_fails_every_rank_and_leaves_engines_at_old_weights(vllm_dense_ckpt, fault_rank, tp):
+@pytest.mark.parametrize("fault_rank,tp,engines", [(1, 1, "leader"), (1, 2, "leader"), (0, 2, "every")],
+                         ids=["engine-rank-dp2", "non-engine-rank-tp2", "engine-per-rank-tp2"])
+def test_refit_fault_fails_every_rank_and_engines_refuse_until_a_complete_refit(vllm_dense_ckpt, fault_rank,
+                                                                                 tp, engines):
     """A fault in the middle of the stream (second bucket) on one rank: every rank raises within
-    seconds, every engine still serves bit-identical old log-probs, and a clean refit then matches."""
+    seconds; every engine, now holding a mix of old and new layers, refuses to serve; a clean refit
+    then matches the trainer again."""
     r = _result(run_ranks(WORKER, 2, "--ckpt", str(vllm_dense_ckpt), "--tp", str(tp), "--mode", "fault",
-                          "--bucket-mb", "0.05", timeout=400,
+                          "--engines", engines, "--bucket-mb", "0.05", timeout=400,
                           env={"MEGATRON_OPD_FAULT": f"refit_bucket@{fault_rank}#1"}))
     assert r["errors_on_ranks"] == 2 and f"refit failed on rank {fault_rank}" in r["error"]
     assert "injected fault" in r["error"] and r["seconds_to_fail"] < 60
-    assert r["unchanged"] is True
+    assert r["refused"] is True
     assert r["gap_after_clean_refit"] <= 1e-4
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_engine_on_every_rank_refits_exactly(vllm_tied_ckpt, tp, pp):
+    """The default placement (one TP=1 engine per rank): every rank receives its replica's full
+    weights — TP shards all-gathered, pipeline stages sent to every rank of the pipeline group — in
+    small buckets through the two transport slots, and every engine then matches Megatron."""
+    r = _result(run_ranks(WORKER, 2, "--ckpt", str(vllm_tied_ckpt), "--tp", str(tp), "--pp", str(pp),
+                          "--engines", "every", "--mode", "refit", "--bucket-mb", "0.05", timeout=400))
+    assert r["engines"] == 2
+    assert r["gap_stale"] > 0.05 and r["gap_after_refit"] <= 1e-4 and r["score_gap_after_refit"] <= 1e-4
 
 
 def test_refit_without_prefix_cache_reset_is_caught(vllm_dense_ckpt):
