@@ -48,7 +48,7 @@ def worker(args) -> None:
         def wake_up(self, *a): pass
         def shutdown(self): pass
 
-    def generate(self, samples, first_index):
+    def generate(self, samples, first_index, step=0):
         batch = RolloutBatch()
         g = torch.Generator().manual_seed(first_index)
         for j in range(len(samples)):
@@ -58,8 +58,10 @@ def worker(args) -> None:
                                                finish_reason="length", text=""))
         return batch
 
-    trainer_mod.build_engine = lambda cfg, model_dir: NoEngine()
-    trainer_mod.OPDTrainer.generate = generate
+    from megatron_opd.rollout import colocated
+
+    colocated.build_engine = lambda *a, **k: NoEngine()
+    colocated.ColocatedRollout.sample = generate
     length = 16 + args.response_tokens
     extra = VARIANTS[args.worker] + ([f"train.max_tokens_per_micro_batch={length}"] if args.worker == "new" else [])
     cfg = load_config(REPO / "configs/recipes/demo.yaml", [

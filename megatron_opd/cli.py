@@ -65,7 +65,8 @@ def _eval(args) -> int:
     import json
 
     from megatron_opd.config import load_config
-    from megatron_opd.trainer import build_data, build_engine
+    from megatron_opd.rollout.colocated import build_engine
+    from megatron_opd.trainer import build_data
 
     cfg = load_config(args.config, args.overrides, require_teachers=False)
     data = build_data(cfg, args.checkpoint)

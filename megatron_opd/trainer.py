@@ -10,10 +10,11 @@ Each step:
     4. refit       the new student weights stream into the live vLLM engine
     5. evaluate / checkpoint / log
 
-All ranks run this file. Each data-parallel replica (TP x PP ranks) has its own vLLM engine on its
-leader (TP rank 0 of the first pipeline stage, colocated mode): the leader generates the replica's
-share of the step's prompts and broadcasts it to the replica's ranks, and the refit streams each
-replica's weights into its own engine; held-out evaluation is spread over the engines the same way.
+All ranks run this file. The engines are behind one rollout object (`self.engines`,
+rollout/colocated.py): by default every rank's device hosts an engine shard (rollout.tensor_parallel_size
+ranks per engine), a replica's share of the step's prompts is spread over its engines and the samples
+reach every rank of the replica; the refit streams each replica's weights into its engines; held-out
+evaluation is spread over every engine.
 The student, teacher(s) and reference share one TP/PP/EP layout, so the teacher's per-token log-probs
 land on exactly the ranks (the last pipeline stage) where the student's loss needs them.
 """
@@ -63,10 +64,8 @@ class OPDTrainer:
         self.cfg = cfg
         self.step = 0
         self.skipped_steps = 0
-        self.engine = None
-        self.sampler = None
-        """The engine that samples the training batch when it is not the student's (SFT on teacher
-        samples); None = the student's engine samples (on-policy)."""
+        self.engines = None
+        """The rollout side (rollout/colocated.py): every engine call of the loop goes through it."""
         self.metrics = None
         self.preempt = None
         self.preempted = False
@@ -117,6 +116,7 @@ class OPDTrainer:
                                 cfg.parallel.expert_model_parallel_size, cfg.parallel.etp)
         self.has_moe = any(s.is_moe for s in [self.spec, *teacher_specs, *([ref_spec] if ref_spec else [])])
         layout = parallel.validate_layout(cfg.parallel, parallel.launched_world_size())
+        check_engines(cfg, self.spec, layout.world)
         check_batch_split(cfg, layout.dp)
         out = Path(cfg.train.out_dir)
         ckpt = latest_checkpoint(out / "checkpoints") if cfg.train.resume != "false" else None
@@ -192,18 +192,12 @@ class OPDTrainer:
             import yaml
 
             (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        if is_replica_leader():  # one engine per data-parallel replica
-            import signal
+        from megatron_opd.rollout.colocated import ColocatedRollout
 
-            from megatron_opd.signals import shielded_children
-
-            # Its engine-core process must outlive SLURM's advance preemption signal (SIGUSR1); vLLM
-            # itself stops that process with SIGTERM, so SIGTERM stays deliverable.
-            with shielded_children((signal.SIGUSR1,)):
-                self.engine = build_engine(cfg, student_ckpt.path)
-                if self.objective.needs.teacher_samples:  # off-policy: the teacher's engine samples
-                    # its own engine-core process: two in-process vLLM engines cannot share one process
-                    self.sampler = build_engine(cfg, teacher_ckpts[0].path, in_process=False)
+        # off-policy (SFT on teacher samples): the teacher's own engine samples the training batch
+        self.engines = ColocatedRollout(cfg, student_ckpt.path, self.spec, verify=self.data.verify,
+                                        sampler_dir=teacher_ckpts[0].path if self.objective.needs.teacher_samples
+                                        else None)
         # The engine starts from the HF checkpoint; after a resume it must serve the restored weights.
         if resume_meta is not None:
             self.refit()
@@ -270,9 +264,7 @@ class OPDTrainer:
             batch, rollout_metrics = self.rollout()
         self._abandon_if_preempted()
         with self.phase("sleep", timings):
-            for engine in (self.engine, self.sampler):
-                if engine is not None:
-                    engine.sleep()
+            self.engines.sleep()
 
         # 2. micro-batches on the device; score with the frozen models
         with self.phase("score", timings):
@@ -289,14 +281,11 @@ class OPDTrainer:
         self.preempted = self._preemption_requested()  # the step is kept; the engine is not needed again
         if not self.preempted:
             with self.phase("wake", timings):
-                if self.engine is not None:
-                    self.engine.wake_up(["weights"])
+                self.engines.wake(["weights"])
             with self.phase("refit", timings):
                 refit_stats = self.refit()
-                if self.engine is not None:
-                    self.engine.wake_up(["kv_cache"])
-            if self.sampler is not None:  # the teacher's engine: fixed weights, nothing to refit
-                self.sampler.wake_up()
+                self.engines.wake(["kv_cache"])
+            self.engines.wake_sampler()
 
         timings["time/step"] = time.perf_counter() - t0
         tokens = int(batch.response_mask.sum().item())
@@ -312,21 +301,15 @@ class OPDTrainer:
     # 1. rollout
     # ------------------------------------------------------------------------------------------
     def rollout(self) -> tuple[StepBatch, dict]:
-        """This replica's share of the step's prompts, generated by the replica's engine and
-        broadcast to the replica's ranks; rollout metrics over all replicas."""
+        """This replica's share of the step's prompts, generated by the replica's engines and
+        gathered on the replica's ranks; rollout metrics over all replicas."""
         cfg = self.cfg
-        samples = self.data.train.next_batch(cfg.train.prompts_per_step)  # same on every rank
-        lo, hi = replica_share(len(samples))
-        share = samples[lo:hi]
-        payload = None
-        if self.engine is not None:
-            result = self.generate(share, first_index=lo)
-            payload = (result, self.data.verify(result, share))
-        result, rewards = broadcast_in_replica(payload)
-        batch = make_step_batch(result, share, rewards, self.data.teacher_domains,
+        prompts = self.data.train.next_batch(cfg.train.prompts_per_step)  # same on every rank
+        out = self.engines.generate(prompts, self.step)
+        batch = make_step_batch(out.batch, out.prompts, out.rewards, self.data.teacher_domains,
                                 pad_id=self.data.pad_id, max_len=cfg.rollout.max_model_len,
-                                length=self._common_length(result))
-        return batch, rollout_metrics(result, rewards)
+                                length=self._common_length(out.batch))
+        return batch, rollout_metrics(out.batch, out.rewards)
 
     def _common_length(self, result) -> Optional[int]:
         """When the MoE layers' expert groups span data-parallel replicas (`experts_span_replicas`),
@@ -338,12 +321,6 @@ class OPDTrainer:
         longest = torch.tensor([result.max_length()], device=platform.collective_device())
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
         return int(longest.item())
-
-    def generate(self, samples: list[dict], first_index: int):
-        """The engine's samples for these prompts (global indices from `first_index`: the per-prompt
-        seeds do not depend on the data-parallel size)."""
-        return (self.sampler or self.engine).generate([s["prompt"] for s in samples], n=self.cfg.rollout.n,
-                                    seed=self.cfg.train.seed * 1_000_003 + self.step, first_index=first_index)
 
     # ------------------------------------------------------------------------------------------
     # 2. micro-batches and scoring
@@ -543,29 +520,13 @@ class OPDTrainer:
     # 4. refit, 5. evaluation / checkpoint
     # ------------------------------------------------------------------------------------------
     def refit(self) -> dict:
-        from megatron_opd.rollout.refit import refit
-
-        stats = refit(self.engine, self.student.module, self.spec, self.cfg.rollout.refit_bucket_mb)
+        stats = self.engines.load_weights(self.student.module, self.spec)
         return {"refit/seconds": stats.seconds, "refit/gib": stats.bytes / 2**30}
 
     def evaluate(self) -> dict:
-        """Held-out avg@k, the prompts spread over the replicas' engines (collective over the
-        replica leaders; the metrics are returned on global rank 0, {} elsewhere)."""
-        from megatron.core import parallel_state as ps
-
-        if self.engine is None:
-            return {}
-        lo, hi = replica_share(len(self.data.held_out))
-        part = self.data.evaluate_share(self.engine, k=self.cfg.train.eval_samples, lo=lo, hi=hi)
-        parts = [part]
-        if ps.get_data_parallel_world_size() > 1:  # the leaders' DP group holds every replica's leader
-            parts = [None] * ps.get_data_parallel_world_size()
-            dist.all_gather_object(parts, part, group=ps.get_data_parallel_group())
-        if not self.rank0:
-            return {}
-        from megatron_opd.rewards.evaluation import metrics_at_k
-
-        return metrics_at_k(*([x for p in parts for x in p[i]] for i in range(3)))
+        """Held-out avg@k, the prompts spread over every engine (collective; the metrics are returned
+        on global rank 0, {} elsewhere)."""
+        return self.engines.evaluate(self.data, k=self.cfg.train.eval_samples)
 
     def save(self) -> None:
         from megatron_opd.checkpoint import save_checkpoint
@@ -608,10 +569,8 @@ class OPDTrainer:
 
                 out = Path(self.cfg.train.out_dir)
                 plot_run(out / "metrics.jsonl", out / "curves.png", title=out.name)
-        for engine in (self.sampler, self.engine):
-            if engine is not None:
-                engine.shutdown()
-        self.engine = self.sampler = None
+        if self.engines is not None:
+            self.engines.shutdown()
         if self.preempt is not None:
             self.preempt.uninstall()
         parallel.destroy()
@@ -671,6 +630,21 @@ def check_tokenizers(student_dir, others: list[tuple[str, object]]) -> None:
                              "sampled responses are formatted by the student's")
 
 
+def check_engines(cfg: OPDConfig, spec, world: int, gpus_per_node: Optional[int] = None) -> list:
+    """The engine placement of a run (rollout/placement.py), refused at start-up when an engine size
+    cannot be: it must divide the replica and the model's heads, and stay on one node."""
+    from megatron_opd.rollout.colocated import local_world_size
+    from megatron_opd.rollout.placement import check_engine_layout, plan_engines
+
+    p, r = cfg.parallel, cfg.rollout
+    check_engine_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, r.tensor_parallel_size,
+                        r.engines_per_replica, spec.num_attention_heads, spec.num_query_groups)
+    platform.check_engine_tensor_parallel(r.tensor_parallel_size)
+    return plan_engines(world, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                        r.tensor_parallel_size, gpus_per_node=gpus_per_node or local_world_size(),
+                        engines_per_replica=r.engines_per_replica)
+
+
 def check_resumable(ckpt: Path, cfg: OPDConfig) -> None:
     """train.resume=true continues a run only with the config that wrote its checkpoint, up to the run
     length, evaluation and logging (config.RESUMABLE_CHANGES). Checked from meta.json, before compute."""
@@ -717,34 +691,6 @@ def check_batch_split(cfg: OPDConfig, dp: int) -> None:
             f"train.mini_batches={cfg.train.mini_batches} does not divide the {micro} micro-batches of a "
             f"replica ({sequences} sequences / train.micro_batch_size={cfg.train.micro_batch_size}); every "
             "update must see an equal share: pick a divisor, or change prompts_per_step / micro_batch_size")
-
-
-def replica_share(n: int) -> tuple[int, int]:
-    """[lo, hi) of n items served by this rank's data-parallel replica."""
-    from megatron.core import parallel_state as ps
-
-    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    return r * n // dp, (r + 1) * n // dp
-
-
-def is_replica_leader() -> bool:
-    from megatron_opd.models.hf_mapping import is_replica_leader as leader
-
-    return leader()
-
-
-def broadcast_in_replica(obj):
-    """Pickle-broadcast from the replica leader to the replica's TP x PP ranks (rollout batches are
-    small next to the models)."""
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_model_parallel_group()
-    ranks = dist.get_process_group_ranks(group) if dist.is_initialized() else [0]
-    if len(ranks) == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=min(ranks), group=group)
-    return box[0]
 
 
 def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
@@ -797,14 +743,6 @@ def build_data(cfg: OPDConfig, tokenizer_dir):
     from megatron_opd.data.bundle import DataBundle
 
     return DataBundle(cfg, tokenizer_dir)
-
-
-def build_engine(cfg: OPDConfig, model_dir, in_process: Optional[bool] = None):
-    """The rollout engine serving the student (one per data-parallel replica, on its leader)."""
-    from megatron_opd.rollout.engine import RolloutEngine
-
-    return RolloutEngine(cfg.rollout, model_dir, seed=cfg.train.seed, system_prompt=cfg.data.system_prompt,
-                         in_process=in_process)
 
 
 def make_step_batch(result, samples, rewards, teacher_domains, pad_id, max_len,

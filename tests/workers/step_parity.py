@@ -22,8 +22,8 @@ class NoEngine:  # the batch is made by synthetic_generate; nothing is generated
     def shutdown(self): pass
 
 
-def synthetic_generate(self, samples, first_index):
-    """OPDTrainer.generate stand-in: prompts and responses of varied lengths, keyed by the global
+def synthetic_generate(self, samples, first_index, step=0):
+    """ColocatedRollout.sample stand-in: prompts and responses of varied lengths, keyed by the global
     prompt index (so every layout sees the same batch)."""
     import torch
 
@@ -52,8 +52,10 @@ def engine_free_trainer(config, overrides):
     from megatron_opd import trainer as trainer_mod
     from megatron_opd.config import load_config
 
-    trainer_mod.build_engine = lambda cfg, model_dir: NoEngine()
-    trainer_mod.OPDTrainer.generate = synthetic_generate
+    from megatron_opd.rollout import colocated
+
+    colocated.build_engine = lambda *a, **k: NoEngine()
+    colocated.ColocatedRollout.sample = synthetic_generate
     tr = trainer_mod.OPDTrainer(load_config(config, overrides))
     tr.setup()
     captured = {}

@@ -78,7 +78,9 @@ def main():
         dist_checkpointing.save = crashing_save
 
     if args.fixed_rollout:
-        OPDTrainer.generate = fixed_generate
+        from megatron_opd.rollout.colocated import ColocatedRollout
+
+        ColocatedRollout.sample = fixed_sample
 
     cfg = load_config(args.config, args.overrides)
     trainer = OPDTrainer(cfg)
@@ -90,14 +92,15 @@ def main():
         if trainer.rank0:
             print(json.dumps({"step": trainer.step, "skipped_steps": trainer.skipped_steps,
                               "phases": trainer.phases,
-                              "engine_asleep": sorted(trainer.engine.asleep) if trainer.engine else None}),
+                              "engine_asleep": trainer.engines.asleep}),
                   flush=True)
     finally:
         trainer.cleanup()
 
 
-def fixed_generate(self, samples, first_index):
-    """OPDTrainer.generate replaced: a deterministic batch keyed by (global prompt index, sample, step)."""
+def fixed_sample(self, samples, first_index, step):
+    """ColocatedRollout.sample replaced: a deterministic batch keyed by (global prompt index, sample,
+    step), produced by whichever engine serves the prompt."""
     import torch
 
     from megatron_opd.rollout.engine import RolloutBatch, RolloutSample
@@ -106,7 +109,7 @@ def fixed_generate(self, samples, first_index):
     batch = RolloutBatch()
     for j, ids in enumerate(self.engine.chat_prompt_ids([s["prompt"] for s in samples])):
         for k in range(n):
-            g = torch.Generator().manual_seed(((first_index + j) * 97 + k) * 1009 + self.step)
+            g = torch.Generator().manual_seed(((first_index + j) * 97 + k) * 1009 + step)
             length = 2 + int(torch.randint(0, self.cfg.rollout.max_new_tokens - 1, (1,), generator=g))
             tokens = torch.randint(3, vocab, (length,), generator=g).tolist()
             logprobs = (-1.0 - torch.rand(length, generator=g)).tolist()

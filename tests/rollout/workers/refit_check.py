@@ -45,7 +45,7 @@ def main():
     from megatron_opd.rollout.engine import RolloutEngine, RolloutEngineError
     from megatron_opd.rollout.monitor import logprob_gap
     from megatron_opd.rollout.refit import RefitError, refit, update_weights
-    from megatron_opd.trainer import is_replica_leader
+    from megatron_opd.models.hf_mapping import is_replica_leader
 
     pcfg = parallel.ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                                    expert_model_parallel_size=args.ep)
