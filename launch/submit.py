@@ -46,6 +46,10 @@ def check_layout(cfg, gpus_per_node: int) -> int:
         validate_layout(p, world)
     except ValueError as exc:
         raise ValueError(f"launch.nodes x gpus_per_node = {cfg.launch.nodes} x {gpus_per_node}: {exc}") from None
+    from megatron_opd.models.spec import ModelSpec
+    from megatron_opd.rollout.placement import plan_for_config
+
+    plan_for_config(cfg, world, gpus_per_node, ModelSpec.from_yaml(cfg.student.spec) if cfg.student.spec else None)
     return world
 
 

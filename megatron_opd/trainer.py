@@ -630,19 +630,15 @@ def check_tokenizers(student_dir, others: list[tuple[str, object]]) -> None:
                              "sampled responses are formatted by the student's")
 
 
-def check_engines(cfg: OPDConfig, spec, world: int, gpus_per_node: Optional[int] = None) -> list:
+def check_engines(cfg: OPDConfig, spec, world: int) -> list:
     """The engine placement of a run (rollout/placement.py), refused at start-up when an engine size
     cannot be: it must divide the replica and the model's heads, and stay on one node."""
     from megatron_opd.rollout.colocated import local_world_size
-    from megatron_opd.rollout.placement import check_engine_layout, plan_engines
+    from megatron_opd.rollout.placement import plan_for_config
 
-    p, r = cfg.parallel, cfg.rollout
-    check_engine_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, r.tensor_parallel_size,
-                        r.engines_per_replica, spec.num_attention_heads, spec.num_query_groups)
-    platform.check_engine_tensor_parallel(r.tensor_parallel_size)
-    return plan_engines(world, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                        r.tensor_parallel_size, gpus_per_node=gpus_per_node or local_world_size(),
-                        engines_per_replica=r.engines_per_replica)
+    plan = plan_for_config(cfg, world, local_world_size(), spec)
+    platform.check_engine_tensor_parallel(cfg.rollout.tensor_parallel_size)
+    return plan
 
 
 def check_resumable(ckpt: Path, cfg: OPDConfig) -> None:

@@ -116,9 +116,12 @@ def estimate_recipe(recipe: str, overrides: Optional[list[str]] = None, gpu_gib:
 
     from megatron_opd.parallel import validate_layout
 
+    from megatron_opd.rollout.placement import plan_for_config
+
     cfg = load_config(recipe, overrides)
     validate_layout(cfg.parallel, cfg.launch.nodes * cfg.launch.gpus_per_node)
     student = ModelSpec.from_yaml(cfg.student.spec)
+    plan_for_config(cfg, cfg.launch.nodes * cfg.launch.gpus_per_node, cfg.launch.gpus_per_node, student)
     frozen = [ModelSpec.from_yaml(t.spec) for t in cfg.teachers]
     if cfg.needs_reference and cfg.reference is not None and cfg.reference.spec:
         frozen.append(ModelSpec.from_yaml(cfg.reference.spec))

@@ -115,7 +115,7 @@ class ColocatedRollout:
         part = None
         if self.placement is not None:
             a, b = engine_share(lo, hi, len(self.replica_engines), self.placement.index)
-            batch = self.sample([prompts[i] for i in range(a, b)], first_index=a, step=step)
+            batch = self.sample(list(prompts[a:b]), first_index=a, step=step)
             rewards = self.verify(batch, list(prompts[a:b]))
             for s in batch.samples:  # indices relative to the replica's share
                 s.prompt_index += a - lo

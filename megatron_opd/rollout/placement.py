@@ -111,6 +111,18 @@ def plan_engines(world: int, tp: int, pp: int, engine_tp: int = 1, gpus_per_node
     return plan
 
 
+def plan_for_config(cfg, world: int, gpus_per_node: Optional[int] = None, spec=None) -> list[EnginePlacement]:
+    """The engine plan of a run config (`rollout.tensor_parallel_size`, `rollout.engines_per_replica`
+    against `parallel` and, given its spec, the student's heads); raises ValueError naming the field."""
+    p, r = cfg.parallel, cfg.rollout
+    check_engine_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, r.tensor_parallel_size,
+                        r.engines_per_replica, getattr(spec, "num_attention_heads", None),
+                        getattr(spec, "num_query_groups", None))
+    return plan_engines(world, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                        r.tensor_parallel_size, gpus_per_node=gpus_per_node,
+                        engines_per_replica=r.engines_per_replica)
+
+
 def engine_of_rank(plan: list[EnginePlacement], rank: int) -> Optional[EnginePlacement]:
     """The engine this rank owns (None: it owns none; it may still host a shard of one)."""
     return next((e for e in plan if e.owner == rank), None)

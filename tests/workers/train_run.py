@@ -9,6 +9,8 @@
                       depend only on its global index and the step, so runs of any layout (TP/PP/DP)
                       train on identical samples and can be compared exactly
 --dump-weights PATH   after training, save the student's HF-named weights to PATH (torch.save)
+--dump-samples PATH   rank 0 writes every step's replica samples (prompt ids, response ids, rollout
+                      log-probs) and every held-out evaluation's metrics to PATH (json)
 """
 
 import argparse
@@ -25,6 +27,7 @@ def main():
     ap.add_argument("--crash-save-step", type=int, default=None)
     ap.add_argument("--fixed-rollout", action="store_true")
     ap.add_argument("--dump-weights", default=None)
+    ap.add_argument("--dump-samples", default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
@@ -82,6 +85,24 @@ def main():
 
         ColocatedRollout.sample = fixed_sample
 
+    record = {"samples": [], "evals": []}
+    if args.dump_samples:
+        from megatron_opd.rollout.colocated import ColocatedRollout
+
+        real_gen, real_eval = ColocatedRollout.generate, ColocatedRollout.evaluate
+
+        def generate(self, prompts, step):
+            out = real_gen(self, prompts, step)
+            record["samples"].append([(s.prompt_ids, s.response_ids, s.response_logprobs) for s in out.batch.samples])
+            return out
+
+        def evaluate(self, data, k):
+            metrics = real_eval(self, data, k)
+            record["evals"].append(metrics)
+            return metrics
+
+        ColocatedRollout.generate, ColocatedRollout.evaluate = generate, evaluate
+
     cfg = load_config(args.config, args.overrides)
     trainer = OPDTrainer(cfg)
     try:
@@ -89,6 +110,9 @@ def main():
         trainer.train()
         if args.dump_weights:
             dump_weights(trainer, args.dump_weights)
+        if args.dump_samples and trainer.rank0:
+            with open(args.dump_samples, "w") as f:
+                json.dump(record, f)
         if trainer.rank0:
             print(json.dumps({"step": trainer.step, "skipped_steps": trainer.skipped_steps,
                               "phases": trainer.phases,
