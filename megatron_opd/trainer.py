@@ -636,9 +636,7 @@ def check_engines(cfg: OPDConfig, spec, world: int) -> list:
     from megatron_opd.rollout.colocated import local_world_size
     from megatron_opd.rollout.placement import plan_for_config
 
-    plan = plan_for_config(cfg, world, local_world_size(), spec)
-    platform.check_engine_tensor_parallel(cfg.rollout.tensor_parallel_size)
-    return plan
+    return plan_for_config(cfg, world, local_world_size(), spec)
 
 
 def check_resumable(ckpt: Path, cfg: OPDConfig) -> None:

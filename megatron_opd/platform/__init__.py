@@ -191,12 +191,6 @@ def engine_process_env(devices: tuple[int, ...], world_size: int) -> dict[str, s
     return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(cores[d % len(cores)]) for d in devices)}
 
 
-def check_engine_tensor_parallel(engine_tp: int) -> None:
-    """Engine TP > 1 runs vLLM's own multiprocess executor on the engine's devices; see README for
-    where that has run."""
-    return None
-
-
 def shared_buffer(nbytes: int) -> torch.Tensor:
     """A uint8 buffer another process can map through `rollout.transport.share_handle`: device memory
     on GPU (shared by CUDA IPC), a shared-memory file on CPU. torch.multiprocessing's "file_system"

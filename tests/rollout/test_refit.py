@@ -29,6 +29,16 @@ def test_tied_embedding_refit_is_exact(vllm_tied_ckpt, tp):
     assert r["gap_stale"] > 0.05 and r["gap_after_refit"] <= 1e-4 and r["score_gap_after_refit"] <= 1e-4
 
 
+def test_tp2_engine_refit_from_tp2_shards_matches_megatron(vllm_dense_ckpt):
+    """rollout.tensor_parallel_size=2 beside a TP=2 trainer: one vLLM engine whose two workers (vLLM's
+    multiprocess executor, one core each) both map the owner's transport slots and each load their
+    own half of every full tensor."""
+    r = _result(run_ranks(WORKER, 2, "--ckpt", str(vllm_dense_ckpt), "--tp", "2", "--engine-tp", "2",
+                          "--mode", "refit", "--bucket-mb", "0.05", timeout=400))
+    assert r["engines"] == 1
+    assert r["gap_stale"] > 0.05 and r["gap_after_refit"] <= 1e-4 and r["score_gap_after_refit"] <= 1e-4
+
+
 def test_two_engines_dp2_serve_their_own_prompts_and_refit_exactly(vllm_dense_ckpt):
     """DP=2: one engine per replica, each sampling its own prompt; one refit updates both."""
     r = _result(run_ranks(WORKER, 2, "--ckpt", str(vllm_dense_ckpt), "--mode", "refit", timeout=400))

@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--atol", type=float, default=1e-4)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--engines", choices=["leader", "every"], default="leader")
+    ap.add_argument("--engine-tp", type=int, default=1, help="TP of each engine (its workers on the "
+                    "devices of the owner's next ranks)")
     ap.add_argument("--bucket-mb", type=float, default=1)
     args = ap.parse_args()
 
@@ -58,7 +60,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     leader = is_replica_leader() or args.engines == "every"  # this rank owns an engine
     engine = RolloutEngine(RolloutConfig(max_new_tokens=16, max_model_len=512), args.ckpt, seed=0,
-                           devices=(rank,), world_size=world) if leader else None
+                           devices=tuple(range(rank, rank + args.engine_tp)), world_size=world) if leader else None
     owners = [None] * world
     dist.all_gather_object(owners, rank if leader else None)
     receivers = {r for r in owners if r is not None}
