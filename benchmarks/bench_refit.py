@@ -1,16 +1,27 @@
-"""Refit speed: seconds per refit of a Megatron student into a live vLLM engine, and its rate against a
-plain copy of the same tensors.
+"""Refit speed and memory: a Megatron student into a live vLLM engine, against a plain copy of the same
+tensors and against the file transport the torchrun path used before (commit 81e87ef).
 
-    .venv/bin/python benchmarks/bench_refit.py [--sizes 50m,200m] [--repeats 3] [--subprocess]
+    .venv/bin/python benchmarks/bench_refit.py [--sizes 50m,200m] [--repeats 3]
 
-One process (TP = 1, in-process engine, fp32). The baseline copies every HF-named tensor of the
-model into preallocated buffers of the same shapes (`dst.copy_(src)`): the memory traffic any refit
-must do at least once. The refit additionally gathers through the shared mapping (export_hf_weights),
-validates the manifest, loads through vLLM's `reload_weights` and resets the prefix cache.
-Ends with `name: value` lines; `refit_rate_ratio_vs_copy` is for the largest size. The time spent
-inside the engine's load is reported separately (`refit_engine_load_fraction_*`), and the rate of the
-export side alone (`refit_export_rate_ratio_vs_copy_*`): on CPU most of a refit is vLLM re-packing
-every linear layer for oneDNN inside `reload_weights`.
+One trainer process (TP = 1, fp32), three engines in turn:
+- in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, single-process runs): the transport slots are
+  handed over as tensors;
+- engine-core subprocess (the path every torchrun job takes): the slots are shared-memory tensors whose
+  handles the worker maps once (rollout/transport.py), bucket k loading while bucket k+1 is packed;
+- the baseline: the same subprocess engine fed the way it was before — every bucket exported and
+  written to a /dev/shm safetensors file, the whole model staged, then one `reload_weights` reading
+  them — driven from here through `collective_rpc` with a function (the project no longer ships it).
+The copy baseline copies every HF-named tensor into preallocated buffers (`dst.copy_(src)`): the
+memory traffic any refit must do at least once.
+
+Ends with `name: value` lines, for the largest size:
+- refit_rate_ratio_vs_copy: in-process refit, whole (vLLM's own load included);
+- refit_transport_rate_ratio_vs_copy: subprocess path, export + hand-over only (the refit's wall time
+  less the time the trainer waits for vLLM's load: export, checks, packing into the slots, RPCs);
+- refit_peak_extra_mib: the peak rise of the machine's used memory (total - available, which counts
+  /dev/shm) during the subprocess path's first refit, slots included; refit_peak_extra_bound_mib is
+  two slots plus the engine's weights; refit_files_peak_extra_mib the same for the file baseline;
+- refit_subprocess_time_ratio_vs_files: the subprocess path's refit time / the file baseline's.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import threading
 import time
 
 SIZES = {  # ~parameters with the 384-token demo tokenizer's vocabulary padded to 512
@@ -28,18 +40,85 @@ SIZES = {  # ~parameters with the 384-token demo tokenizer's vocabulary padded t
 }
 
 
-def bench(size: str, repeats: int, workdir: str, in_process: bool = True) -> dict:
+def _reload_files(worker, paths):
+    """The file transport's worker side, as the project had it (baseline only)."""
+    from safetensors import safe_open
+
+    def tensors():
+        for path in paths:
+            with safe_open(path, "pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    worker.model_runner.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
+    return len(paths)
+
+
+def files_refit(engine, model, spec, bucket_mb: float, shm_dir: str) -> float:
+    """The baseline: buckets to /dev/shm files (all staged), one reload, prefix-cache reset."""
+    from safetensors.torch import save_file
+
+    from megatron_opd.models.hf_mapping import export_hf_weights
+
+    t0 = time.perf_counter()
+    paths = []
+    for k, bucket in enumerate(export_hf_weights(model, spec, bucket_bytes=int(bucket_mb * 2**20))):
+        path = os.path.join(shm_dir, f"bucket_{k:05d}.safetensors")
+        save_file({n: t.contiguous() for n, t in bucket}, path)
+        paths.append(path)
+    engine.llm.collective_rpc(_reload_files, args=(paths,))
+    engine.reset_prefix_cache()
+    for p in paths:
+        os.unlink(p)
+    return time.perf_counter() - t0
+
+
+class PeakMemory:
+    """Samples the machine's used memory (total - available: process memory and /dev/shm) every 5 ms."""
+
+    def __enter__(self):
+        import psutil
+
+        self._vm = psutil.virtual_memory
+        self.base = self._used()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _used(self) -> int:
+        vm = self._vm()
+        return vm.total - vm.available
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._used())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._used())
+
+    @property
+    def extra_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def bench(size: str, repeats: int, workdir: str, mode: str) -> dict:
     import torch
 
     from megatron_opd import parallel
     from megatron_opd.config import RolloutConfig
     from megatron_opd.data.tokenizer import train_tokenizer
     from megatron_opd.models.builder import build_gpt_model
-    from megatron_opd.models.hf_mapping import export_hf_weights, load_hf_into_megatron
+    from megatron_opd.models.hf_mapping import bucket_bytes_of, bucket_plan, export_hf_weights, load_hf_into_megatron
     from megatron_opd.models.hf_tiny import save_tiny_checkpoint
     from megatron_opd.models.spec import ModelSpec
     from megatron_opd.rollout.engine import RolloutEngine
     from megatron_opd.rollout.refit import refit
+    from megatron_opd.rollout.transport import slot_bytes
 
     tok = os.path.join(workdir, "tok")
     if not os.path.isdir(tok):
@@ -53,53 +132,66 @@ def bench(size: str, repeats: int, workdir: str, in_process: bool = True) -> dic
     parallel.initialize(pcfg)
     model = build_gpt_model(spec, pcfg, role="teacher")
     load_hf_into_megatron(model, spec, ckpt)
-    engine = RolloutEngine(RolloutConfig(max_new_tokens=4, max_model_len=128), ckpt, in_process=in_process)
+    bucket_mb = 256
+    if mode == "files":
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the baseline sends a function
+    engine = RolloutEngine(RolloutConfig(max_new_tokens=4, max_model_len=128), ckpt, in_process=(mode == "inproc"))
     tensors = [t.clone() for b in export_hf_weights(model, spec) for _, t in b]
     buffers = [torch.empty_like(t) for t in tensors]
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    copy_s, refit_s, load_s = [], [], []
-    for _ in range(repeats):
+    plan = bucket_plan(spec, 1, bucket_mb * 2**20, 4)
+    slots = 2 * slot_bytes([[b for _, b in bucket_bytes_of(spec, bucket, 4)] for bucket in plan])
+    copy_s, refit_s, wait_s, peak = [], [], [], None
+    shm = tempfile.mkdtemp(prefix="mopd_bench_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    for i in range(repeats):
         t0 = time.perf_counter()
         for d, s in zip(buffers, tensors):
             d.copy_(s)
         copy_s.append(time.perf_counter() - t0)
-        stats = refit(engine, model, spec, bucket_mb=256)
-        refit_s.append(stats.seconds)
-        load_s.append(stats.load_seconds)
+        with PeakMemory() as mem:
+            if mode == "files":
+                refit_s.append(files_refit(engine, model, spec, bucket_mb, shm))
+                wait_s.append(0.0)
+            else:
+                stats = refit(engine, model, spec, bucket_mb=bucket_mb)
+                refit_s.append(stats.seconds)
+                wait_s.append(stats.load_seconds)
+        if i == 0:
+            peak = mem.extra_mib  # the first refit allocates the slots: counted
     engine.shutdown()
+    os.rmdir(shm)
     parallel.destroy()
     best = min(range(repeats), key=refit_s.__getitem__)
     return {"params": spec.num_parameters(), "bytes": nbytes, "copy_s": min(copy_s), "refit_s": refit_s[best],
-            "load_s": load_s[best]}
+            "wait_s": wait_s[best], "peak_extra_mib": peak, "slot_mib": slots / 2**20}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="50m,200m")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--subprocess", action="store_true",
-                    help="also measure the engine-core subprocess mode used under torchrun (/dev/shm buckets)")
     args = ap.parse_args()
     lines = {}
     with tempfile.TemporaryDirectory() as work:
         for size in args.sizes.split(","):
-            r = bench(size, args.repeats, work)
-            ratio = r["copy_s"] / r["refit_s"]  # rate(refit) / rate(copy)
-            print(f"{size}: {r['params'] / 1e6:.0f}M params, {r['bytes'] / 2**20:.0f} MiB, "
-                  f"refit {r['refit_s']:.3f} s ({r['bytes'] / r['refit_s'] / 2**30:.2f} GiB/s), "
-                  f"of which in vLLM's load {r['load_s']:.3f} s, copy {r['copy_s']:.3f} s", flush=True)
-            lines[f"refit_seconds_{size}"] = r["refit_s"]
-            lines[f"refit_engine_load_fraction_{size}"] = r["load_s"] / r["refit_s"]
-            # Our side alone (gather + rename + manifest checks), without vLLM's reload_weights.
-            lines[f"refit_export_rate_ratio_vs_copy_{size}"] = r["copy_s"] / (r["refit_s"] - r["load_s"])
-            lines[f"refit_rate_ratio_vs_copy_{size}"] = ratio
-            last = ratio
-            if args.subprocess:
-                sub = bench(size, args.repeats, work, in_process=False)
-                print(f"{size}: engine-core subprocess refit {sub['refit_s']:.3f} s", flush=True)
-                lines[f"refit_seconds_{size}_subprocess"] = sub["refit_s"]
-                lines[f"refit_subprocess_cost_ratio_{size}"] = sub["refit_s"] / r["refit_s"]
-    lines["refit_rate_ratio_vs_copy"] = last
+            r = {mode: bench(size, args.repeats, work, mode) for mode in ("inproc", "subprocess", "files")}
+            mib = r["inproc"]["bytes"] / 2**20
+            for mode, x in r.items():
+                print(f"{size} {mode}: {x['params'] / 1e6:.0f}M params, {mib:.0f} MiB, refit {x['refit_s']:.3f} s, "
+                      f"waiting for vLLM's load {x['wait_s']:.3f} s, copy {x['copy_s']:.3f} s, peak extra "
+                      f"memory {x['peak_extra_mib']:.0f} MiB (slots {x['slot_mib']:.0f} MiB)", flush=True)
+                lines[f"refit_seconds_{size}_{mode}"] = x["refit_s"]
+            inproc, sub, files = r["inproc"], r["subprocess"], r["files"]
+            lines[f"refit_rate_ratio_vs_copy_{size}"] = inproc["copy_s"] / inproc["refit_s"]
+            lines[f"refit_transport_rate_ratio_vs_copy_{size}"] = sub["copy_s"] / (sub["refit_s"] - sub["wait_s"])
+            lines[f"refit_peak_extra_mib_{size}"] = sub["peak_extra_mib"]
+            lines[f"refit_peak_extra_bound_mib_{size}"] = sub["slot_mib"] + mib
+            lines[f"refit_files_peak_extra_mib_{size}"] = files["peak_extra_mib"]
+            lines[f"refit_subprocess_time_ratio_vs_files_{size}"] = sub["refit_s"] / files["refit_s"]
+            last = size
+    for key in ("refit_rate_ratio_vs_copy", "refit_transport_rate_ratio_vs_copy", "refit_peak_extra_mib",
+                "refit_peak_extra_bound_mib", "refit_files_peak_extra_mib", "refit_subprocess_time_ratio_vs_files"):
+        lines[key] = lines[f"{key}_{last}"]
     for k, v in lines.items():
         print(f"{k}: {v:.4f}")
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from megatron_opd import parallel, platform
 from megatron_opd.checkpoint import rng_state, set_rng_state
-from megatron_opd.config import ModelRoleConfig, OPDConfig, config_changes, config_to_dict
+from megatron_opd.config import OPDConfig, config_changes, config_to_dict
 from megatron_opd.faults import maybe_fail
 from megatron_opd.signals import PREEMPTED_MARKER
 from megatron_opd.objectives.policy_loss import global_counts
@@ -80,52 +80,35 @@ class OPDTrainer:
     # setup
     # ------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from megatron_opd.checkpoint import (latest_checkpoint, load_checkpoint, set_aside_earlier_run,
-                                             start_writer_helpers)
-        from megatron_opd.metrics import MetricsLogger
-        from megatron_opd.models.builder import build_gpt_model
-        from megatron_opd.models.hf_mapping import HFCheckpoint, load_hf_into_megatron
-        from megatron_opd.models.spec import ModelSpec
-        from megatron_opd.models.student import build_optimizer, wrap_ddp
-        from megatron_opd.rollout.engine import check_rollout_capacity
+        """Set up a run, step by step; everything checkable without compute is checked first."""
+        from megatron_opd.builders import build_models, build_rollout, check_run, resolve_models
+        from megatron_opd.checkpoint import start_writer_helpers
+        from megatron_opd.models.student import build_optimizer
         from megatron_opd.signals import PreemptionFlag
 
         cfg = self.cfg
-        # Everything that can be checked without compute is checked before process groups exist.
-        student_ckpt = HFCheckpoint(cfg.student.checkpoint)
-        self.spec = ModelSpec.from_yaml(cfg.student.spec) if cfg.student.spec else student_ckpt.spec()
-        teacher_ckpts = [HFCheckpoint(t.checkpoint) for t in cfg.teachers]
-        teacher_specs = [ModelSpec.from_yaml(t.spec) if t.spec else c.spec()
-                         for t, c in zip(cfg.teachers, teacher_ckpts)]
-        ref_role = cfg.reference if cfg.needs_reference else None
-        ref_ckpt = HFCheckpoint(ref_role.checkpoint if ref_role and ref_role.checkpoint
-                                else cfg.student.checkpoint) if cfg.needs_reference else None
-        ref_spec = (ModelSpec.from_yaml(ref_role.spec) if ref_role and ref_role.spec
-                    else ref_ckpt.spec()) if ref_ckpt else None
-        if ref_ckpt is not None:  # config.yaml records the reference that actually runs
-            cfg.reference = ModelRoleConfig(checkpoint=str(ref_ckpt.path), spec=ref_role.spec if ref_role else None,
-                                            offload=bool(ref_role.offload) if ref_role else False)
-            ref_role = cfg.reference
-        check_vocabularies(self.spec, teacher_specs, ref_spec, cfg)
-        check_tokenizers(student_ckpt.path, [(f"teachers[{i}]", c.path) for i, c in enumerate(teacher_ckpts)]
-                         + ([("reference", ref_ckpt.path)] if ref_ckpt else []))
-        check_rollout_capacity(cfg.rollout, self.spec)
-        for s in [self.spec, *teacher_specs, *([ref_spec] if ref_spec else [])]:
-            s.validate_parallel(cfg.parallel.tensor_model_parallel_size,
-                                cfg.parallel.pipeline_model_parallel_size,
-                                cfg.parallel.expert_model_parallel_size, cfg.parallel.etp)
-        self.has_moe = any(s.is_moe for s in [self.spec, *teacher_specs, *([ref_spec] if ref_spec else [])])
-        layout = parallel.validate_layout(cfg.parallel, parallel.launched_world_size())
-        check_engines(cfg, self.spec, layout.world)
-        check_batch_split(cfg, layout.dp)
-        out = Path(cfg.train.out_dir)
-        ckpt = latest_checkpoint(out / "checkpoints") if cfg.train.resume != "false" else None
-        if ckpt is not None and cfg.train.resume == "true":
-            check_resumable(ckpt, cfg)
+        models = resolve_models(cfg)  # checkpoints and specs of every role
+        layout, ckpt = check_run(cfg, models)  # before any process group or weight exists
+        self.spec, self.student_dir, self.has_moe = models.spec, models.student.path, models.has_moe
+        self.data = build_data(cfg, models.student.path)  # bad data paths/fields fail here, cheaply
+        self._init_parallel(layout)
+        self.preempt = PreemptionFlag().install()
+        start_writer_helpers()  # before any signal can arrive (see checkpoint.start_writer_helpers)
+        self.student, self.teachers, self.reference = build_models(cfg, models, self.objective.needs)
+        self.optimizer, self.scheduler = build_optimizer(self.student, cfg.optim, cfg.train.steps,
+                                                         updates_per_step=cfg.train.mini_batches)
+        resumed = self._resume(ckpt)
+        self._open_run_dir(resumed)
+        self.engines = build_rollout(cfg, models, self.data.verify, self.objective.needs)
+        if resumed:  # the engines start from the HF checkpoint; they must serve the restored weights
+            self.refit()
 
-        self.student_dir = student_ckpt.path
-        self.data = build_data(cfg, student_ckpt.path)  # bad data paths/fields fail here, cheaply
+    def _init_parallel(self, layout) -> None:
+        """Process groups, then what depends on them: the objective and the log-prob path."""
+        from megatron_opd.loss import build_objective
+        from megatron_opd.models.forward import resolve_logprob_impl
 
+        cfg = self.cfg
         parallel.initialize(cfg.parallel, seed=cfg.train.seed)
         self.rank0 = parallel.is_rank0()
         self.experts_span_replicas = experts_span_replicas(cfg, self.has_moe, layout.dp)
@@ -135,10 +118,6 @@ class OPDTrainer:
                 f"{cfg.parallel.etp * cfg.parallel.expert_model_parallel_size} ranks) span data-parallel "
                 "replicas, which must then feed micro-batches of one shape; set it to null (fixed "
                 "train.micro_batch_size rows) or use ETP x EP <= TP")
-        from megatron_opd.models.forward import resolve_logprob_impl
-
-        from megatron_opd.loss import build_objective
-
         self.objective = build_objective(cfg.objective, tp_group=parallel.tp_group(),
                                          vocab_size=self.spec.vocab_size)
         self.logprob_impl = resolve_logprob_impl(
@@ -147,60 +126,41 @@ class OPDTrainer:
             self.logprob_impl = "fused"
         self.teacher_sequences = 0
         """Sequences pushed through teacher forwards in the current step (routing: each sample once)."""
-        self.preempt = PreemptionFlag().install()
-        start_writer_helpers()  # before any signal can arrive (see checkpoint.start_writer_helpers)
 
-        student = build_gpt_model(self.spec, cfg.parallel, cfg.precision, role="student")
-        load_hf_into_megatron(student, self.spec, student_ckpt)
-        self.student = wrap_ddp(student)
-        self.teachers = []
-        for spec, ck in zip(teacher_specs, teacher_ckpts) if self.objective.needs.teachers else ():
-            t = build_gpt_model(spec, cfg.parallel, cfg.precision, role="teacher")
-            load_hf_into_megatron(t, spec, ck)
-            self.teachers.append(t)
-        self.reference = None
-        if ref_ckpt is not None:
-            self.reference = build_gpt_model(ref_spec, cfg.parallel, cfg.precision, role="reference")
-            load_hf_into_megatron(self.reference, ref_spec, ref_ckpt)
-        # Frozen roles with `offload: true` wait in host memory until they score (see `on_device`).
-        for model, role in [*zip(self.teachers, cfg.teachers), (self.reference, cfg.reference)]:
-            if model is not None and role.offload:
-                platform.offload(model)
-        self.optimizer, self.scheduler = build_optimizer(self.student, cfg.optim, cfg.train.steps,
-                                                         updates_per_step=cfg.train.mini_batches)
+    def _resume(self, ckpt: Optional[Path]) -> bool:
+        """Restore the newest checkpoint (student, optimizer, scheduler, data order), or set an earlier
+        run's checkpoints aside for a fresh one. Returns whether the run resumed."""
+        from megatron_opd.checkpoint import load_checkpoint, set_aside_earlier_run
 
-        resume_meta = None
+        out = Path(self.cfg.train.out_dir)
         if ckpt is None:
             aside = set_aside_earlier_run(out / "checkpoints")
             if aside is not None:
                 print(f"train.resume=false: the earlier run's checkpoints in {out / 'checkpoints'} were "
                       f"moved to {aside}", flush=True)
-        if ckpt is not None:
-            resume_meta = load_checkpoint(ckpt, self.student, self.optimizer, self.scheduler)
-            self.step = resume_meta["step"]
-            self.skipped_steps = resume_meta.get("skipped_steps", 0)
-            self.data.train.load_state_dict(resume_meta["data"])
-            if self.rank0:
-                forced = " with a changed config (train.resume=force)" if cfg.train.resume == "force" else ""
-                print(f"resuming from {ckpt} (step {self.step} of {cfg.train.steps}){forced}", flush=True)
-        # Keep the metrics of steps up to the checkpoint; a fresh run (no checkpoint) starts a new file.
-        self.metrics = MetricsLogger(out, enabled=self.rank0,
-                                     resume_step=self.step if resume_meta else -1)
+            return False
+        meta = load_checkpoint(ckpt, self.student, self.optimizer, self.scheduler)
+        self.step = meta["step"]
+        self.skipped_steps = meta.get("skipped_steps", 0)
+        self.data.train.load_state_dict(meta["data"])
+        if self.rank0:
+            forced = " with a changed config (train.resume=force)" if self.cfg.train.resume == "force" else ""
+            print(f"resuming from {ckpt} (step {self.step} of {self.cfg.train.steps}){forced}", flush=True)
+        return True
+
+    def _open_run_dir(self, resumed: bool) -> None:
+        """Metrics (the steps up to the checkpoint are kept on resume; a fresh run starts a new file),
+        and on rank 0 the run's config.yaml."""
+        from megatron_opd.metrics import MetricsLogger
+
+        out = Path(self.cfg.train.out_dir)
+        self.metrics = MetricsLogger(out, enabled=self.rank0, resume_step=self.step if resumed else -1)
         if self.rank0:
             out.mkdir(parents=True, exist_ok=True)
             (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # this run has not been preempted (yet)
             import yaml
 
-            (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        from megatron_opd.rollout.colocated import ColocatedRollout
-
-        # off-policy (SFT on teacher samples): the teacher's own engine samples the training batch
-        self.engines = ColocatedRollout(cfg, student_ckpt.path, self.spec, verify=self.data.verify,
-                                        sampler_dir=teacher_ckpts[0].path if self.objective.needs.teacher_samples
-                                        else None)
-        # The engine starts from the HF checkpoint; after a resume it must serve the restored weights.
-        if resume_meta is not None:
-            self.refit()
+            (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -628,15 +588,6 @@ def check_tokenizers(student_dir, others: list[tuple[str, object]]) -> None:
         if o_template is not None and template is not None and o_template != template:
             raise ValueError(f"{role} ({path}) has a different chat template from the student; the "
                              "sampled responses are formatted by the student's")
-
-
-def check_engines(cfg: OPDConfig, spec, world: int) -> list:
-    """The engine placement of a run (rollout/placement.py), refused at start-up when an engine size
-    cannot be: it must divide the replica and the model's heads, and stay on one node."""
-    from megatron_opd.rollout.colocated import local_world_size
-    from megatron_opd.rollout.placement import plan_for_config
-
-    return plan_for_config(cfg, world, local_world_size(), spec)
 
 
 def check_resumable(ckpt: Path, cfg: OPDConfig) -> None:
