@@ -8,6 +8,10 @@ One trainer process (TP = 1, fp32), three engines in turn:
   handed over as tensors;
 - engine-core subprocess (the path every torchrun job takes): the slots are shared-memory tensors whose
   handles the worker maps once (rollout/transport.py), bucket k loading while bucket k+1 is packed;
+- transport: the subprocess path with vLLM's part taken out — the worker maps the slots at the start
+  (`_map_slots`, instead of starting vLLM's layer-wise reload), reads every byte of each bucket's views
+  instead of loading them (`_touch_bucket`) and finalises nothing: export + checks + packing +
+  hand-over;
 - the baseline: the same subprocess engine fed the way it was before — every bucket exported and
   written to a /dev/shm safetensors file, the whole model staged, then one `reload_weights` reading
   them — driven from here through `collective_rpc` with a function (the project no longer ships it).
@@ -16,8 +20,7 @@ memory traffic any refit must do at least once.
 
 Ends with `name: value` lines, for the largest size:
 - refit_rate_ratio_vs_copy: in-process refit, whole (vLLM's own load included);
-- refit_transport_rate_ratio_vs_copy: subprocess path, export + hand-over only (the refit's wall time
-  less the time the trainer waits for vLLM's load: export, checks, packing into the slots, RPCs);
+- refit_transport_rate_ratio_vs_copy: the transport mode's rate against the copy;
 - refit_peak_extra_mib: the peak rise of the machine's used memory (total - available, which counts
   /dev/shm) during the subprocess path's first refit, slots included; refit_peak_extra_bound_mib is
   two slots plus the engine's weights; refit_files_peak_extra_mib the same for the file baseline;
@@ -52,6 +55,20 @@ def _reload_files(worker, paths):
 
     worker.model_runner.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
     return len(paths)
+
+
+def _map_slots(worker, handles):
+    """Transport mode's refit start: map the trainer's slots, start no reload."""
+    from megatron_opd.rollout.transport import open_handle
+
+    worker._mopd_slots = [open_handle(h) for h in handles]
+
+
+def _touch_bucket(worker, index, rows):
+    """Transport mode's worker side: read every byte of the bucket's views, load nothing."""
+    from megatron_opd.rollout.transport import slot_views
+
+    return sum(float(t.sum()) for _, t in slot_views(worker._mopd_slots[index], rows))
 
 
 def files_refit(engine, model, spec, bucket_mb: float, shm_dir: str) -> float:
@@ -133,14 +150,24 @@ def bench(size: str, repeats: int, workdir: str, mode: str) -> dict:
     model = build_gpt_model(spec, pcfg, role="teacher")
     load_hf_into_megatron(model, spec, ckpt)
     bucket_mb = 256
-    if mode == "files":
-        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the baseline sends a function
+    if mode in ("files", "transport"):
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # these modes send a function
     engine = RolloutEngine(RolloutConfig(max_new_tokens=4, max_model_len=128), ckpt, in_process=(mode == "inproc"))
+    if mode == "transport":
+        def touch(bucket, layout):
+            index = bucket % len(engine._slots)
+            engine._loads[index] = engine._loader.submit(
+                engine.llm.collective_rpc, _touch_bucket, args=(index, [s.as_tuple() for s in layout]))
+
+        engine.load_bucket = touch
+        rpc = engine.llm.collective_rpc
+        vllm_part = {"megatron_opd_refit_begin": _map_slots, "megatron_opd_refit_end": lambda worker: None}
+        engine.llm.collective_rpc = lambda method, *a, **k: rpc(vllm_part.get(method, method), *a, **k)
     tensors = [t.clone() for b in export_hf_weights(model, spec) for _, t in b]
     buffers = [torch.empty_like(t) for t in tensors]
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     plan = bucket_plan(spec, 1, bucket_mb * 2**20, 4)
-    slots = 2 * slot_bytes([[b for _, b in bucket_bytes_of(spec, bucket, 4)] for bucket in plan])
+    slots = (1 if len(plan) == 1 or mode == "inproc" else 2) * slot_bytes([[b for _, b in bucket_bytes_of(spec, bucket, 4)] for bucket in plan])
     copy_s, refit_s, wait_s, peak = [], [], [], None
     shm = tempfile.mkdtemp(prefix="mopd_bench_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     for i in range(repeats):
@@ -170,26 +197,30 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="50m,200m")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", default="inproc,subprocess,transport,files")
     args = ap.parse_args()
     lines = {}
     with tempfile.TemporaryDirectory() as work:
         for size in args.sizes.split(","):
-            r = {mode: bench(size, args.repeats, work, mode) for mode in ("inproc", "subprocess", "files")}
-            mib = r["inproc"]["bytes"] / 2**20
+            r = {mode: bench(size, args.repeats, work, mode)
+                 for mode in args.modes.split(",")}
+            mib = next(iter(r.values()))["bytes"] / 2**20
             for mode, x in r.items():
                 print(f"{size} {mode}: {x['params'] / 1e6:.0f}M params, {mib:.0f} MiB, refit {x['refit_s']:.3f} s, "
                       f"waiting for vLLM's load {x['wait_s']:.3f} s, copy {x['copy_s']:.3f} s, peak extra "
                       f"memory {x['peak_extra_mib']:.0f} MiB (slots {x['slot_mib']:.0f} MiB)", flush=True)
                 lines[f"refit_seconds_{size}_{mode}"] = x["refit_s"]
+            if set(r) != {"inproc", "subprocess", "transport", "files"}:
+                continue  # the ratios need every mode
             inproc, sub, files = r["inproc"], r["subprocess"], r["files"]
             lines[f"refit_rate_ratio_vs_copy_{size}"] = inproc["copy_s"] / inproc["refit_s"]
-            lines[f"refit_transport_rate_ratio_vs_copy_{size}"] = sub["copy_s"] / (sub["refit_s"] - sub["wait_s"])
+            lines[f"refit_transport_rate_ratio_vs_copy_{size}"] = r["transport"]["copy_s"] / r["transport"]["refit_s"]
             lines[f"refit_peak_extra_mib_{size}"] = sub["peak_extra_mib"]
             lines[f"refit_peak_extra_bound_mib_{size}"] = sub["slot_mib"] + mib
             lines[f"refit_files_peak_extra_mib_{size}"] = files["peak_extra_mib"]
             lines[f"refit_subprocess_time_ratio_vs_files_{size}"] = sub["refit_s"] / files["refit_s"]
             last = size
-    for key in ("refit_rate_ratio_vs_copy", "refit_transport_rate_ratio_vs_copy", "refit_peak_extra_mib",
+    for key in [] if not lines.get(f"refit_rate_ratio_vs_copy_{last}") else ("refit_rate_ratio_vs_copy", "refit_transport_rate_ratio_vs_copy", "refit_peak_extra_mib",
                 "refit_peak_extra_bound_mib", "refit_files_peak_extra_mib", "refit_subprocess_time_ratio_vs_files"):
         lines[key] = lines[f"{key}_{last}"]
     for k, v in lines.items():

@@ -255,20 +255,25 @@ def hf_to_megatron_shard(
 def megatron_shards_to_hf(
     spec: ModelSpec, rule: ParamRule, shards: list[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """Inverse of `hf_to_megatron_shard`: all TP shards of one parameter -> its full HF tensors."""
+    """Inverse of `hf_to_megatron_shard`: all TP shards of one parameter -> its full HF tensors. With a
+    single shard (TP = 1) the results are views of it where the layout allows (no copy)."""
+
+    def cat(parts, dim):
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
     if rule.kind == "replicated":
         return [shards[0]]
     if rule.kind == "vocab":
-        return [torch.cat(shards, dim=0)[: spec.vocab_size]]
+        return [cat(shards, 0)[: spec.vocab_size]]
     if rule.kind == "column":
-        return [torch.cat(shards, dim=0)]
+        return [cat(shards, 0)]
     if rule.kind == "row":
-        return [torch.cat(shards, dim=1)]
+        return [cat(shards, 1)]
     if rule.kind == "qkv":
-        return list(_qkv_split(spec, torch.cat(shards, dim=0)))
+        return list(_qkv_split(spec, cat(shards, 0)))
     if rule.kind == "gate_up":
         halves = [s.chunk(2, dim=0) for s in shards]
-        return [torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])]
+        return [cat([g for g, _ in halves], 0), cat([u for _, u in halves], 0)]
     raise AssertionError(rule.kind)
 
 
@@ -472,7 +477,8 @@ def export_hf_tensors(
     the ranks in `receivers`, and (bucket index, None) once at the end of every bucket on every rank.
 
     Collective: every rank must iterate the generator to the end (or every rank stop after the same
-    bucket end). `receivers` are global ranks, each of which gets every tensor of its replica's model
+    bucket end). The tensors may be views of the model's parameters: consume or clone them before the
+    parameters change. `receivers` are global ranks, each of which gets every tensor of its replica's model
     (default: each replica's leader, `replica_leaders`): TP shards are all-gathered (so every TP rank
     has them), experts broadcast over the EP group, and each pipeline stage sends its tensors to every
     receiver of its pipeline group. Nothing is accumulated: a caller that consumes each tensor as it
@@ -508,6 +514,8 @@ def export_hf_tensors(
                     tensors = megatron_shards_to_hf(spec, rule, shards)
                     if ep_size > 1:
                         src = dist.get_process_group_ranks(ep_group)[owner]
+                        if rank != src:  # receive into new memory: `tensors` may be views of our own expert
+                            tensors = [torch.empty_like(t) for t in tensors]
                         for t in tensors:
                             dist.broadcast(t, src=src, group=ep_group)
                 else:

@@ -235,7 +235,10 @@ class RolloutEngine:
         self._slots: list = []
         self._slot_bytes = refit_slot_bytes
         self._loads: list[Optional[Future]] = [None, None]  # the bucket each slot is being loaded from
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mopd-refit")
+        # A subprocess engine loads bucket k in its own process while this one packs bucket k+1; an
+        # in-process engine's load would only contend for the GIL and the cores with the packing, so
+        # it loads each bucket before the next is packed (and then needs a single slot).
+        self._loader = None if in_process else ThreadPoolExecutor(max_workers=1, thread_name_prefix="mopd-refit")
 
     def _explain(self, exc: Exception) -> str:
         text = str(exc)
@@ -317,27 +320,36 @@ class RolloutEngine:
     # A refit streams: `begin_refit`, then per bucket `slot()` (a free slot, waiting for the load that
     # last used it) and `load_bucket(slot, layout)` (loaded by the engine in the background while the
     # trainer packs the next bucket into the other slot), then `end_refit(complete)`.
-    def begin_refit(self, slot_bytes: int) -> None:
+    def begin_refit(self, slot_bytes: int, buckets: int = 2) -> None:
+        """Start a refit of `buckets` buckets, each at most `slot_bytes` (the slots are allocated on
+        the first refit and kept: two, or one where one suffices)."""
         self._require_awake("refit", ["weights"])
-        if len(self._slots) != 2 or self._slots[0].numel() < slot_bytes:
+        count = 1 if buckets == 1 or self.in_process else 2
+        if len(self._slots) < count or self._slots[0].numel() < slot_bytes:
             from megatron_opd.rollout.transport import share_handle
 
-            self._slots = [platform.shared_buffer(slot_bytes) for _ in range(2)]
+            self._slots = [platform.shared_buffer(slot_bytes) for _ in range(count)]
             self._handles = self._slots if self.in_process else [share_handle(s) for s in self._slots]
         self._loads = [None, None]
         self.weights_complete = False
         self.llm.collective_rpc("megatron_opd_refit_begin", args=(self._handles,))
 
-    def slot(self, index: int):
-        """Slot `index` (0 / 1) once the engine has finished loading the bucket it last held."""
+    def slot(self, bucket: int):
+        """The slot for bucket number `bucket`, once the engine has finished loading what it last held."""
+        index = bucket % len(self._slots)
         pending, self._loads[index] = self._loads[index], None
         if pending is not None:
             pending.result()  # re-raises the engine's failure to load that bucket
         return self._slots[index]
 
-    def load_bucket(self, index: int, layout) -> None:
-        """Hand slot `index` (already packed) to the engine's workers; returns at once."""
+    def load_bucket(self, bucket: int, layout) -> None:
+        """Hand bucket number `bucket` (packed into `slot(bucket)`) to the engine's workers; a
+        subprocess engine loads it in the background, an in-process one before this returns."""
+        index = bucket % len(self._slots)
         rows = [s.as_tuple() for s in layout]
+        if self._loader is None:
+            self.llm.collective_rpc("megatron_opd_refit_bucket", args=(index, rows))
+            return
         self._loads[index] = self._loader.submit(
             self.llm.collective_rpc, "megatron_opd_refit_bucket", args=(index, rows))
 
@@ -345,7 +357,7 @@ class RolloutEngine:
         """Wait for the loads in flight and finalise vLLM's reload. Only a complete refit makes the
         engine serve again; after a failed one it keeps refusing until a complete refit succeeds."""
         errors = []
-        for i in (0, 1):
+        for i in range(len(self._slots)):
             try:
                 self.slot(i)
             except Exception as exc:

@@ -90,13 +90,13 @@ def update_weights(engine, named_tensors: list[tuple[str, torch.Tensor]], reset_
     buckets += [bucket] if bucket else []
     stats = RefitStats()
     t0 = time.perf_counter()
-    engine.begin_refit(slot_bytes([[t.numel() * elem for _, t in b] for b in buckets]))
+    engine.begin_refit(slot_bytes([[t.numel() * elem for _, t in b] for b in buckets]), buckets=len(buckets))
     try:
         for k, bucket in enumerate(buckets):
-            writer = SlotWriter(engine.slot(k % 2))
+            writer = SlotWriter(engine.slot(k))
             for name, t in bucket:
                 writer.add(name, t.to(dtype))
-            engine.load_bucket(k % 2, writer.layout)
+            engine.load_bucket(k, writer.layout)
             stats.bytes += writer.nbytes
             stats.buckets += 1
     except BaseException:
@@ -155,7 +155,8 @@ def refit(engine, model, spec, bucket_mb: float = 256, dtype: Optional[torch.dty
     if engine is not None:
         plan = bucket_plan(spec, pp, int(bucket_mb * 2**20), elem)
         try:
-            engine.begin_refit(slot_bytes([[b for _, b in bucket_bytes_of(spec, bucket, elem)] for bucket in plan]))
+            engine.begin_refit(slot_bytes([[b for _, b in bucket_bytes_of(spec, bucket, elem)] for bucket in plan]),
+                               buckets=len(plan))
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
     _agree(error)
@@ -171,7 +172,7 @@ def refit(engine, model, spec, bucket_mb: float = 256, dtype: Optional[torch.dty
                                              f"{manifest.get(name)} once")
                         if writer is None:
                             t_wait = time.perf_counter()
-                            writer = SlotWriter(engine.slot(bucket_index % 2))
+                            writer = SlotWriter(engine.slot(bucket_index))
                             stats.load_seconds += time.perf_counter() - t_wait
                         writer.add(name, t)
                         sent[name] = tuple(t.shape)
@@ -182,7 +183,9 @@ def refit(engine, model, spec, bucket_mb: float = 256, dtype: Optional[torch.dty
                 try:
                     maybe_fail("refit_bucket")  # fault-injection point (tests), any rank
                     if engine is not None and writer is not None:
-                        engine.load_bucket(bucket_index % 2, writer.layout)
+                        t_load = time.perf_counter()  # an in-process engine loads right here
+                        engine.load_bucket(bucket_index, writer.layout)
+                        stats.load_seconds += time.perf_counter() - t_load
                         stats.bytes += writer.nbytes
                         stats.buckets += 1
                 except Exception as exc:  # any failure: every rank stops at this bucket

@@ -64,8 +64,7 @@ class SlotWriter:
         self.layout: list[TensorSlot] = []
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        t = t.contiguous()
-        n = t.numel() * t.element_size()
+        n = t.numel() * t.element_size()  # a strided `t` is copied as it is: one pass, no temporary
         if self.offset + n > self.slot.numel():
             raise ValueError(f"refit bucket overflows its transport slot ({self.slot.numel()} bytes) at {name}")
         self.slot[self.offset:self.offset + n].view(t.dtype).view(t.shape).copy_(t)

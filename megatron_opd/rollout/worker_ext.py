@@ -19,10 +19,11 @@ class WeightReceiver:
 
         from megatron_opd.rollout.transport import open_handle
 
-        key = tuple(h if isinstance(h, bytes) else id(h) for h in handles)
-        if getattr(self, "_mopd_slot_key", None) != key:  # the trainer's slots are mapped once
-            self._mopd_slots = [open_handle(h) if isinstance(h, bytes) else h for h in handles]
-            self._mopd_slot_key = key
+        if not all(isinstance(h, bytes) for h in handles):  # in-process: the slots themselves
+            self._mopd_slots, self._mopd_slot_key = list(handles), None
+        elif getattr(self, "_mopd_slot_key", None) != tuple(handles):  # the trainer's slots, mapped once
+            self._mopd_slots = [open_handle(h) for h in handles]
+            self._mopd_slot_key = tuple(handles)
         initialize_layerwise_reload(self.model_runner.model)
 
     def megatron_opd_refit_bucket(self, slot: int, layout) -> int:
