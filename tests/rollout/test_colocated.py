@@ -58,6 +58,7 @@ def test_tp2_engine_per_rank_equals_one_engine_per_replica(models, tmp_path):
     assert every[2][2]["rollout/response_length"] > 1  # a real rollout, not an empty one
 
 
+@pytest.mark.slow
 def test_tp2_engine_of_tp2_equals_one_tp1_engine_per_replica(models, tmp_path):
     """rollout.tensor_parallel_size=2 at training TP=2: one engine whose two vLLM workers run on the
     replica's two ranks' cores, refit every step through the transport slots."""

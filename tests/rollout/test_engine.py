@@ -54,7 +54,8 @@ def test_sleeping_engine_refuses_to_generate_score_or_refit():
     from megatron_opd.rollout.engine import RolloutEngine, RolloutEngineError
 
     engine = RolloutEngine.__new__(RolloutEngine)  # the state machine only: no vLLM behind it
-    engine.sleep_mode, engine.asleep, engine.llm, engine.in_process, engine._staged = False, set(), None, True, []
+    engine.sleep_mode, engine.asleep, engine.llm, engine.in_process = False, set(), None, True
+    engine.weights_complete = True
     engine.sleep()
     with pytest.raises(RolloutEngineError, match="already asleep"):
         engine.sleep()
@@ -63,7 +64,7 @@ def test_sleeping_engine_refuses_to_generate_score_or_refit():
     with pytest.raises(RolloutEngineError, match="score"):
         engine.score([[1, 2]], [1])
     with pytest.raises(RolloutEngineError, match=r"refit .*\['weights'\]"):
-        engine.commit_refit()
+        engine.begin_refit(1024)
     engine.wake_up(["weights"])
     assert engine.asleep == {"kv_cache"}
     with pytest.raises(RolloutEngineError, match=r"generate .*\['kv_cache'\]"):
@@ -72,6 +73,9 @@ def test_sleeping_engine_refuses_to_generate_score_or_refit():
         engine.wake_up(["kv"])
     engine.wake_up()
     assert engine.asleep == set()
+    engine.weights_complete = False  # what a failed refit leaves: a mix of old and new layers
+    with pytest.raises(RolloutEngineError, match="generate refused: the engine's last refit did not complete"):
+        engine.generate([[1, 2]])
 
 
 def test_enable_thinking_reaches_the_chat_template_or_is_refused(tmp_path):

@@ -62,7 +62,7 @@ def test_refit_fault_fails_every_rank_and_engines_refuse_until_a_complete_refit(
     assert r["gap_after_clean_refit"] <= 1e-4
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)], ids=["tp2", "pp2"])
 def test_engine_on_every_rank_refits_exactly(vllm_tied_ckpt, tp, pp):
     """The default placement (one TP=1 engine per rank): every rank receives its replica's full
     weights — TP shards all-gathered, pipeline stages sent to every rank of the pipeline group — in
