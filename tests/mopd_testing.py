@@ -40,6 +40,25 @@ def run_ranks(script: Path, nproc: int, *args: str, timeout: float = 300.0, env:
     return proc.stdout
 
 
+def kill_ranks_when(script: Path, nproc: int, *args: str, marker: Path, timeout: float = 1200.0) -> None:
+    """Run `script` on `nproc` ranks and SIGKILL its whole process group (every rank and every engine
+    process, mid-run) as soon as `marker` exists."""
+    import signal
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", str(script), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    t0 = time.time()
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() - t0 < timeout, f"{marker} never appeared"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def last_json(out: str, key: str) -> dict:
     """The last JSON object in ``out`` that starts with ``{"key"``. Found by position, not by line:
     vLLM's engine-core subprocess shares the worker's stdout and can append its log to the same line."""

@@ -6,11 +6,6 @@ The fixed batch (tests/workers/train_run.py --fixed-rollout) depends only on eac
 index and the step, so every layout sees identical samples; the engines still start, refit every step
 and evaluate, spread over the data-parallel replicas."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +13,7 @@ import torch
 
 from megatron_opd.data.tokenizer import train_tokenizer
 from megatron_opd.models.hf_tiny import save_tiny_checkpoint
-from mopd_testing import REPO_ROOT, run_ranks, tiny_spec
+from mopd_testing import REPO_ROOT, kill_ranks_when, run_ranks, tiny_spec
 
 WORKER = Path(__file__).parent / "workers" / "train_run.py"
 RECIPE = str(REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml")
@@ -116,17 +111,7 @@ def test_8_ranks_tp2_pp2_dp2_with_moe_teacher_ep2_equals_1_rank_and_resumes_afte
     args = ["--config", RECIPE, "--fixed-rollout", "--dump-weights", str(killed / "weights.pt"),
             f"student.checkpoint={ckpts['student']}", f"teachers=[{{checkpoint: {ckpts['moe_teacher']}}}]",
             f"train.out_dir={killed}", *LAYOUT_4D]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8",
-                             str(WORKER), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    marker, t0 = killed / "checkpoints" / "step_1" / "meta.json", time.time()
-    while not marker.exists():
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.time() - t0 < 1200, "no step-1 checkpoint"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank and both engines, mid-run
-    proc.wait()
+    kill_ranks_when(WORKER, 8, *args, marker=killed / "checkpoints" / "step_1" / "meta.json")
     assert not (killed / "weights.pt").exists()
     run_ranks(WORKER, 8, *args, timeout=1500)
     resumed = (losses(killed), torch.load(killed / "weights.pt"))

@@ -456,8 +456,6 @@ def bucket_bytes_of(spec: ModelSpec, bucket: list, elem: int) -> list[tuple[str,
 
 def replica_leaders() -> set[int]:
     """Global ranks of every data-parallel replica's leader (TP rank 0 of pipeline stage 0)."""
-    from megatron.core import parallel_state as ps
-
     if not dist.is_initialized():
         return {0}
     leaders = [None] * dist.get_world_size()

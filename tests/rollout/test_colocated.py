@@ -79,11 +79,7 @@ def test_4_ranks_tp2_dp2_with_4_engines_equals_one_per_replica_and_resumes_after
     """TP=2 x DP=2 on 4 ranks: 4 engines (one per rank) against 2 (one per replica) on the same seeds;
     then the 4-engine run killed with SIGKILL after its step-1 checkpoint (every rank and engine) and
     resumed: its step-2 loss and final weights bit-identical to the uninterrupted run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from mopd_testing import kill_ranks_when
 
     tp2 = "parallel.tensor_model_parallel_size=2"
     every = run(models, tmp_path / "every", 4, tp2)
@@ -95,17 +91,7 @@ def test_4_ranks_tp2_dp2_with_4_engines_equals_one_per_replica_and_resumes_after
     args = ["--config", RECIPE, "--dump-weights", str(out / "weights.pt"), f"student.checkpoint={student}",
             f"teachers=[{{checkpoint: {teacher}}}]", f"train.out_dir={out}", "data.synthetic_eval_size=8",
             "train.eval_samples=2", tp2]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                             str(WORKER), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    marker, t0 = out / "checkpoints" / "step_1" / "meta.json", time.time()
-    while not marker.exists():
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.time() - t0 < 1200, "no step-1 checkpoint"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank and all four engines, mid-run
-    proc.wait()
+    kill_ranks_when(WORKER, 4, *args, marker=out / "checkpoints" / "step_1" / "meta.json")
     assert not (out / "weights.pt").exists()
     run_ranks(WORKER, 4, *args, timeout=1500)
     rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
