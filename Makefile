@@ -9,7 +9,7 @@ demo: setup
 	$(PY) -m megatron_opd.cli demo $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q -m "not slow and not gpu and not slurm" tests
+	$(PY) -m pytest -q --durations=15 -m "not slow and not gpu and not slurm" tests
 
 test-all: setup
 	$(PY) -m pytest -q tests

@@ -29,7 +29,7 @@ def run(models, out: Path, nproc: int, *overrides):
     run_ranks(WORKER, nproc, "--config", RECIPE, "--dump-weights", str(out / "weights.pt"),
               "--dump-samples", str(out / "samples.json"), f"student.checkpoint={student}",
               f"teachers=[{{checkpoint: {teacher}}}]", f"train.out_dir={out}", "data.synthetic_eval_size=8",
-              "train.eval_samples=2", *overrides, timeout=900)
+              "train.eval_samples=2", "rollout.engines_per_replica=null", *overrides, timeout=900)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     return (json.loads((out / "samples.json").read_text()), torch.load(out / "weights.pt"),
             {r["step"]: r for r in rows})
@@ -90,7 +90,7 @@ def test_4_ranks_tp2_dp2_with_4_engines_equals_one_per_replica_and_resumes_after
     out = tmp_path / "killed"
     args = ["--config", RECIPE, "--dump-weights", str(out / "weights.pt"), f"student.checkpoint={student}",
             f"teachers=[{{checkpoint: {teacher}}}]", f"train.out_dir={out}", "data.synthetic_eval_size=8",
-            "train.eval_samples=2", tp2]
+            "train.eval_samples=2", "rollout.engines_per_replica=null", tp2]
     kill_ranks_when(WORKER, 4, *args, marker=out / "checkpoints" / "step_1" / "meta.json")
     assert not (out / "weights.pt").exists()
     run_ranks(WORKER, 4, *args, timeout=1500)
