@@ -46,7 +46,8 @@ def test_two_engines_dp2_serve_their_own_prompts_and_refit_exactly(vllm_dense_ck
     assert r["gap_stale"] > 0.05 and r["gap_after_refit"] <= 1e-4 and r["score_gap_after_refit"] <= 1e-4
 
 
-@pytest.mark.parametrize("fault_rank,tp,engines", [(1, 1, "leader"), (1, 2, "leader"), (0, 2, "every")],
+@pytest.mark.parametrize("fault_rank,tp,engines", [(1, 1, "leader"), (1, 2, "leader"),
+                                                   pytest.param(0, 2, "every", marks=pytest.mark.slow)],
                          ids=["engine-rank-dp2", "non-engine-rank-tp2", "engine-per-rank-tp2"])
 def test_refit_fault_fails_every_rank_and_engines_refuse_until_a_complete_refit(vllm_dense_ckpt, fault_rank,
                                                                                  tp, engines):
