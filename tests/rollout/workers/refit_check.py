@@ -85,13 +85,18 @@ def main():
         return t.item()
 
     def megatron_logprobs(seq, plen):
-        """Student log p of seq[plen:], vocab-parallel over TP; collective, result on every rank."""
+        """Student log p of seq[plen:], vocab-parallel over TP; collective, result on every rank. Padded
+        at the end to one fixed length (causal: the scored positions do not see it), so that replicas
+        sharing an expert-parallel group (EP > 1 spans DP here) run forwards of one shape, as megatron's
+        token dispatcher requires."""
         out = []
+        n = len(seq)
+        seq = list(seq) + [0] * (len(prompt) + 32 - n)
 
         def fn(mb, logits):
             lp, _ = vocab_parallel_token_logprobs(logits[:, :-1], mb["input_ids"][:, 1:],
                                                   tp_group=parallel.tp_group(), valid_vocab_size=spec.vocab_size)
-            out.append(lp[0, plen - 1:])
+            out.append(lp[0, plen - 1:n - 1])
             return logits.sum() * 0, {}
 
         run_micro_batches(model, [{"input_ids": torch.tensor([seq])}], fn, forward_only=True)
