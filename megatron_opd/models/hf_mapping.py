@@ -404,14 +404,6 @@ def load_hf_into_megatron(model: torch.nn.Module, spec: ModelSpec, ckpt: HFCheck
 # -------------------------------------------------------------------------------------------------
 # Export: sharded Megatron model -> HF tensors on each replica's leader, in bounded buckets
 # -------------------------------------------------------------------------------------------------
-def _all_gather(t: torch.Tensor, group, size: int) -> list[torch.Tensor]:
-    if size == 1:
-        return [t]
-    out = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(out, t.contiguous(), group=group)
-    return out
-
-
 def _global_order(spec: ModelSpec, pp_size: int) -> list[tuple[ParamRule, Optional[int], Optional[int], int]]:
     """Every Megatron parameter of the model as (rule, layer, expert, owning pp stage), in HF order."""
     layers_per_stage = spec.num_layers // pp_size
@@ -463,6 +455,36 @@ def replica_leaders() -> set[int]:
     return {r for r in leaders if r is not None}
 
 
+def _gather_flat(tensors: list[torch.Tensor], group, size: int) -> list[list[torch.Tensor]]:
+    """All-gather several tensors over `group` in one collective: each rank's tensors are flattened
+    into one buffer, and the result is, per tensor, its `size` shards (views of the gathered buffer).
+    Every rank of the group passes tensors of the same shapes, in the same order."""
+    if size == 1 or not tensors:
+        return [[t] for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in tensors])  # [n]
+    out = torch.empty(size * flat.numel(), dtype=flat.dtype, device=flat.device)  # [size * n]
+    dist.all_gather_into_tensor(out, flat, group=group)
+    rows = out.view(size, -1)
+    shards, offset = [], 0
+    for t in tensors:
+        shards.append([rows[r, offset:offset + t.numel()].view(t.shape) for r in range(size)])
+        offset += t.numel()
+    return shards
+
+
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1).contiguous()
+
+
+def _unflatten(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[offset:offset + n].view(shape))
+        offset += n
+    return out
+
+
 @torch.no_grad()
 def export_hf_tensors(
     model: torch.nn.Module,
@@ -477,11 +499,15 @@ def export_hf_tensors(
     Collective: every rank must iterate the generator to the end (or every rank stop after the same
     bucket end). The tensors may be views of the model's parameters: consume or clone them before the
     parameters change. `receivers` are global ranks, each of which gets every tensor of its replica's model
-    (default: each replica's leader, `replica_leaders`): TP shards are all-gathered (so every TP rank
-    has them), experts broadcast over the EP group, and each pipeline stage sends its tensors to every
-    receiver of its pipeline group. Nothing is accumulated: a caller that consumes each tensor as it
-    comes (refit packs it into a transport buffer) holds one tensor at a time. Buckets are
-    `bucket_plan`'s, so callers can run a per-bucket collective (refit's failure agreement) in lockstep.
+    (default: each replica's leader, `replica_leaders`).
+
+    Communication is per bucket, not per parameter (buckets are `bucket_plan`'s, so callers can run a
+    per-bucket collective, refit's failure agreement, in lockstep). For each bucket, on the stage that
+    owns its entries: one all-gather over TP of the flattened TP-sharded dense parameters (replicated
+    ones need none), one all-gather over ETP of this EP rank's experts in the bucket, and one broadcast
+    over EP per expert-owning EP rank; then one send per (owning stage, receiver) of the stage's HF
+    tensors, flattened, to the receivers of its pipeline group. Besides the model, a rank holds at most
+    one bucket's gathered tensors (at TP = ETP = EP = PP = 1 nothing is copied: the tensors are views).
     """
     from megatron.core import parallel_state as ps
 
@@ -496,45 +522,68 @@ def export_hf_tensors(
     pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()) if pp_size > 1 else [rank]
     pp_receivers = [r for r in pp_ranks if r in receivers]  # this pipeline group's receivers
     experts_per_rank = spec.num_experts // ep_size if spec.is_moe else 0
-    ep_group = ps.get_expert_model_parallel_group() if ep_size > 1 else None
+    ep_ranks = dist.get_process_group_ranks(ps.get_expert_model_parallel_group()) if ep_size > 1 else None
     shapes = hf_tensor_shapes(spec)
 
+    def hf_shapes(entries) -> list[tuple[int, ...]]:
+        return [shapes[n] for rule, layer, expert, _ in entries for n in _names(rule, layer, expert)]
+
     for index, bucket in enumerate(bucket_plan(spec, pp_size, bucket_bytes, elem)):
-        for rule, layer, expert, stage in bucket:
-            names = _names(rule, layer, expert)
-            tensors: Optional[list[torch.Tensor]] = None
-            if stage == pp_rank:
-                if rule.per_expert:
-                    # The owner EP rank of this expert broadcasts its TP-gathered shards to the EP group.
-                    owner, local_idx = divmod(expert, experts_per_rank)
-                    lp = mine.get((rule.megatron, layer, ep_rank * experts_per_rank + local_idx))
-                    shards = _all_gather(lp.param.detach(), ps.get_expert_tensor_parallel_group(), etp_size)
-                    tensors = megatron_shards_to_hf(spec, rule, shards)
-                    if ep_size > 1:
-                        src = dist.get_process_group_ranks(ep_group)[owner]
-                        if rank != src:  # receive into new memory: `tensors` may be views of our own expert
-                            tensors = [torch.empty_like(t) for t in tensors]
-                        for t in tensors:
-                            dist.broadcast(t, src=src, group=ep_group)
-                else:
-                    lp = mine[(rule.megatron, layer, None)]
-                    shards = _all_gather(lp.param.detach(), ps.get_tensor_model_parallel_group(), tp_size)
-                    tensors = megatron_shards_to_hf(spec, rule, shards)
-            if pp_size > 1:
+        hf: dict[tuple, list[torch.Tensor]] = {}  # (rule.megatron, layer, expert) -> its HF tensors
+        local = [e for e in bucket if e[3] == pp_rank]
+        # Dense parameters of this stage: one TP all-gather of the sharded ones.
+        dense = [e for e in local if not e[0].per_expert]
+        sharded = [e for e in dense if e[0].kind != "replicated"]
+        gathered = _gather_flat([mine[(r.megatron, l, None)].param.detach() for r, l, _, _ in sharded],
+                                ps.get_tensor_model_parallel_group() if tp_size > 1 else None, tp_size)
+        for (rule, layer, _, _), shards in zip(sharded, gathered):
+            hf[(rule.megatron, layer, None)] = megatron_shards_to_hf(spec, rule, shards)
+        for rule, layer, _, _ in dense:
+            if rule.kind == "replicated":
+                hf[(rule.megatron, layer, None)] = [mine[(rule.megatron, layer, None)].param.detach()]
+        # Experts of this stage: this EP rank's own over ETP (one all-gather), then each owner's
+        # broadcast over EP (one per owner present in the bucket).
+        experts = [e for e in local if e[0].per_expert]
+        own = [e for e in experts if e[2] // experts_per_rank == ep_rank]
+        gathered = _gather_flat([mine[(r.megatron, l, x)].param.detach() for r, l, x, _ in own],
+                                ps.get_expert_tensor_parallel_group() if etp_size > 1 else None, etp_size)
+        for (rule, layer, expert, _), shards in zip(own, gathered):
+            hf[(rule.megatron, layer, expert)] = megatron_shards_to_hf(spec, rule, shards)
+        if ep_size > 1:
+            for owner in sorted({e[2] // experts_per_rank for e in experts}):
+                theirs = [e for e in experts if e[2] // experts_per_rank == owner]
+                if owner == ep_rank:
+                    flat = _flatten([t for r, l, x, _ in theirs for t in hf[(r.megatron, l, x)]])
+                else:  # new memory: nothing of ours is overwritten
+                    flat = torch.empty(sum(math.prod(s) for s in hf_shapes(theirs)), dtype=param_dtype,
+                                       device=lp_device)
+                dist.broadcast(flat, src=ep_ranks[owner], group=ps.get_expert_model_parallel_group())
+                if owner != ep_rank:
+                    tensors = iter(_unflatten(flat, hf_shapes(theirs)))
+                    for r, l, x, _ in theirs:
+                        hf[(r.megatron, l, x)] = [next(tensors) for _ in r.hf]
+        # Pipeline: each stage's tensors of the bucket, flattened, to the receivers of its group.
+        if pp_size > 1:
+            for stage in sorted({e[3] for e in bucket}):
+                entries = [e for e in bucket if e[3] == stage]
                 src = pp_ranks[stage]
-                if rank != src and rank in pp_receivers:
-                    tensors = [torch.empty(shapes[n], dtype=param_dtype, device=lp_device) for n in names]
-                    for t in tensors:
-                        dist.recv(t, src=src)
-                elif rank == src:
+                if rank == src:
+                    flat = _flatten([t for r, l, x, _ in entries for t in hf[(r.megatron, l, x)]])
                     for dst in pp_receivers:
                         if dst != src:
-                            for t in tensors:
-                                dist.send(t.contiguous(), dst=dst)
-            if rank in receivers:
-                for n, t in zip(names, tensors):
+                            dist.send(flat, dst=dst)
+                elif rank in pp_receivers:
+                    flat = torch.empty(sum(math.prod(s) for s in hf_shapes(entries)), dtype=param_dtype,
+                                       device=lp_device)
+                    dist.recv(flat, src=src)
+                    tensors = iter(_unflatten(flat, hf_shapes(entries)))
+                    for r, l, x, _ in entries:
+                        hf[(r.megatron, l, x)] = [next(tensors) for _ in r.hf]
+        if rank in receivers:
+            for rule, layer, expert, _ in bucket:
+                for n, t in zip(_names(rule, layer, expert), hf[(rule.megatron, layer, expert)]):
                     yield index, (n, t.to(dtype) if dtype is not None else t)
-            tensors = None
+        hf = None
         yield index, None
 
 

@@ -58,12 +58,34 @@ def main():
             print(json.dumps({"rank": dist.get_rank(), "max_abs_err": err}), flush=True)
             assert err <= args.atol, f"logits differ by {err} > {args.atol}"
     elif args.mode == "export":
-        exported = {}
-        for bucket in export_hf_weights(model, spec, bucket_bytes=64 * 1024):
+        from megatron_opd.models.hf_mapping import bucket_plan, replica_leaders
+
+        # Count the export's tensor collectives: one per bucket and kind of sharding, not per parameter.
+        calls = {"n": 0}
+        originals = {}
+        for fn in ("all_gather", "all_gather_into_tensor", "broadcast", "send", "recv"):
+            originals[fn] = getattr(dist, fn)
+
+            def counted(*a, _fn=originals[fn], **k):
+                calls["n"] += 1
+                return _fn(*a, **k)
+
+            setattr(dist, fn, counted)
+        receivers = replica_leaders()
+        exported, buckets = {}, 0
+        for bucket in export_hf_weights(model, spec, bucket_bytes=64 * 1024, receivers=receivers):
+            buckets += 1
             for name, t in bucket:
                 assert name not in exported, f"{name} exported twice"
                 exported[name] = t.clone()
+        for fn, original in originals.items():
+            setattr(dist, fn, original)
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, calls["n"])
+        params = sum(len(bucket) for bucket in bucket_plan(spec, args.pp, 64 * 1024, 4))
         if dist.get_rank() == 0:
+            print(json.dumps({"collectives_per_rank": per_rank, "buckets": buckets, "parameters": params}),
+                  flush=True)
             keys = set(ckpt.keys())
             assert set(exported) == keys, (sorted(keys - set(exported)), sorted(set(exported) - keys))
             for name in keys:
