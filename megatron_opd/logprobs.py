@@ -221,13 +221,26 @@ class _FusedLMHeadTokenLogprobs(torch.autograd.Function):
             x = _masked_fp32_logits(_lm_head(h, weight, fp8), vocab_start, valid_vocab_size)
             gl = _chunk_grad(x, target[sl], vocab_start, log_z[sl], mean_l[sl] if use_ent else None,
                              g_lp[sl], g_ent[sl].float() if use_ent else None)  # [c, V/tp] fp32
-            grad_hidden[sl] = (gl @ weight.float()).to(hidden.dtype)
-            grad_weight += gl.t() @ h.float()
+            gh, gw = lm_head_input_grads(gl, h, weight)
+            grad_hidden[sl] = gh
+            grad_weight += gw
         # The hidden state is replicated across TP ranks; each rank's gradient covers only its vocab
         # slice, so sum them (what ColumnParallelLinear's input region does in Megatron).
         if _group_size(group) > 1:
             dist.all_reduce(grad_hidden, group=group)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None, None
+
+
+def lm_head_input_grads(grad_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM-head GEMM's two backward GEMMs for one chunk: fp32 logit gradients `[c, V/tp]`, hidden
+    `[c, H]`, weight `[V/tp, H]` -> (d hidden `[c, H]` in hidden's dtype, d weight `[V/tp, H]`).
+
+    Both GEMMs run in the weight's dtype: a bf16 shard is never copied to fp32 (the GEMMs accumulate
+    in fp32 internally); only the chunk's logit gradient is rounded to bf16, as in megatron's own
+    vocab-parallel cross-entropy backward. The caller accumulates d weight over chunks in fp32."""
+    g = grad_logits.to(weight.dtype)  # [c, V/tp]
+    return (g @ weight).to(hidden.dtype), g.t() @ hidden.to(weight.dtype)
 
 
 def _lm_head(hidden: torch.Tensor, weight: torch.Tensor, fp8: bool) -> torch.Tensor:

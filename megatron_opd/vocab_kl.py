@@ -30,7 +30,8 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from megatron_opd.logprobs import _group_rank, _group_size, _lm_head, _masked_fp32_logits, fused_chunk_bytes
+from megatron_opd.logprobs import (_group_rank, _group_size, _lm_head, _masked_fp32_logits, fused_chunk_bytes,
+                                   lm_head_input_grads)
 
 DIRECTIONS = ("reverse", "forward")
 
@@ -131,8 +132,9 @@ class _VocabParallelKL(torch.autograd.Function):
                                         group, thresholds[sl] if thresholds is not None else None)
             gz = _chunk_grad(z_s, z_t, log_z_s[sl], log_z_t[sl], kl[sl], g_kl[sl], direction)
             del z_s, z_t
-            grad_hidden[sl] = (gz @ w_s.float()).to(h_s.dtype)
-            grad_weight += gz.t() @ h_s[sl].float()
+            gh, gw = lm_head_input_grads(gz, h_s[sl], w_s)
+            grad_hidden[sl] = gh
+            grad_weight += gw
         if _group_size(group) > 1:  # replicated hidden states: sum the vocabulary slices' shares
             dist.all_reduce(grad_hidden, group=group)
         return grad_hidden, grad_weight.to(w_s.dtype), None, None, None, None, None, None, None, None

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_opd.logprobs import (
     auto_chunk_size,
@@ -123,11 +124,57 @@ def test_bad_inputs_name_the_argument(case):
         vocab_parallel_token_logprobs(logits, target, chunk_size="big")
     with pytest.raises(ValueError, match="lm_head_weight has shape"):
         fused_lm_head_token_logprobs(torch.randn(3, 8), torch.randn(10, 9), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="where CUDA and TE exist, fp8=True is allowed")
+def test_fp8_without_transformer_engine_is_refused():
     with pytest.raises(ValueError, match="fp8"):
-        if not torch.cuda.is_available():
-            fused_lm_head_token_logprobs(torch.randn(3, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long), fp8=True)
-        else:
-            raise ValueError("fp8 (skip on GPU)")
+        fused_lm_head_token_logprobs(torch.randn(3, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long), fp8=True)
+
+
+class Fp32WeightSized(TorchDispatchMode):
+    """Counts the distinct fp32 buffers of a given size that ops produce (in-place updates of one
+    buffer count once)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.buffers = numel, set()
+
+    @property
+    def count(self):
+        return len(self.buffers)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == self.numel:
+                self.buffers.add(t.untyped_storage().data_ptr())
+        return out
+
+
+def test_bf16_lm_head_matches_fp32_and_never_copies_the_shard_to_fp32():
+    """bf16 hidden states and LM-head shard: log-probs and gradients within bf16 rounding of the fp32
+    computation on the same (bf16-representable) values, and the backward's GEMMs run in bf16: the only
+    fp32 tensor of the shard's size is the one gradient accumulator, whatever the number of chunks
+    (casting the shard per chunk made 2 more per chunk)."""
+    torch.manual_seed(3)
+    V, Vpad, H, chunk = 500, 512, 64, 8
+    hidden = (torch.randn(32, H) * 0.5).bfloat16().requires_grad_()
+    weight = (torch.randn(Vpad, H) * 0.2).bfloat16().requires_grad_()
+    target = torch.randint(0, V, (32,))
+    g = torch.randn(32)
+    with Fp32WeightSized(Vpad * H) as probe:
+        lp, _ = fused_lm_head_token_logprobs(hidden, weight, target, valid_vocab_size=V, chunk_size=chunk)
+        gh, gw = torch.autograd.grad((lp * g).sum(), [hidden, weight])
+    assert probe.count == 1, probe.count
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    lp32, _ = fused_lm_head_token_logprobs(h32, w32, target, valid_vocab_size=V, chunk_size=chunk)
+    gh32, gw32 = torch.autograd.grad((lp32 * g).sum(), [h32, w32])
+    # bf16 logits (8 mantissa bits) at |logit| ~ 3: ~0.01 absolute; gradients relative to their scale
+    assert (lp.float() - lp32).abs().max() < 0.05
+    for a, b in ((gh, gh32), (gw, gw32)):
+        assert ((a.float() - b).abs().max() / b.abs().max()) < 2e-2
 
 
 def test_tp2_logprobs_entropy_and_grads_equal_tp1():
