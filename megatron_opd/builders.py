@@ -101,7 +101,7 @@ def build_models(cfg: OPDConfig, models: RunModels, needs):
         load_hf_into_megatron(model, spec, ckpt)
         return model
 
-    student = wrap_ddp(build(models.spec, models.student, "student"))
+    student = wrap_ddp(build(models.spec, models.student, "student"), cfg.optim)
     teachers = [build(s, c, "teacher") for s, c in zip(models.teacher_specs, models.teachers)] \
         if needs.teachers else []
     reference = build(models.reference_spec, models.reference, "reference") if models.reference else None

@@ -60,9 +60,62 @@ def _unwrap(model):
     return getattr(model, "module", model)  # DDP wrapper -> GPTModel (its keys carry no "module.")
 
 
+#: How megatron's DistributedOptimizer lays its sharded state out in a checkpoint: each rank writes its
+#: own flat buffer shards in parallel (no gather), resumable at the same TP / PP layout with any DP size.
+#: (megatron-core 0.16.1's default, "fully_sharded_model_space", needs `flattened_range`, which its
+#: dist_checkpointing no longer supports.)
+DISTRIBUTED_OPTIMIZER_FORMAT = "dp_reshardable"
+
+
 def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
     model_sd = _unwrap(model).sharded_state_dict()
-    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    metadata = ({"distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_FORMAT}
+                if any(isinstance(o, DistributedOptimizer) for o in inner) else None)
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)}
+
+
+def _distributed_torch_adams(optimizer, loaded: Optional[dict] = None):
+    """(torch Adam, its loaded state dict or None) of every DistributedOptimizer over torch.optim.Adam."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded] if len(inner) == 1 else [loaded[i] if loaded else None for i in range(len(inner))]
+    for o, state in zip(inner, states):
+        if isinstance(o, DistributedOptimizer) and isinstance(getattr(o, "optimizer", None), torch.optim.Adam):
+            yield o.optimizer, state
+
+
+# Workarounds, both for megatron-core 0.16.1's DistributedOptimizer over torch.optim.Adam (no Apex or
+# TE fused Adam, as on CPU), which keeps torch's per-parameter Adam 'step' in its param groups:
+# 1. Its `state_dict()`, which loading calls first, reads 'step' from every parameter's state, which
+#    is empty before the first step (its `init_state_fn` creates only the moments), and asserts. Before
+#    a load every empty state gets a step and zero moments, which the load overwrites...
+# 2. ... except the step: the per-parameter copy it restores is the one it was handed (it saves the
+#    step in the param groups), and the step tensor it sets is one object shared by every parameter,
+#    which torch's Adam increments in place once per parameter. After a load, every parameter's state
+#    gets its own step tensor holding the checkpoint's step.
+def _give_empty_adam_state_a_step(optimizer) -> None:
+    for opt, _ in _distributed_torch_adams(optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if not opt.state[p]:
+                    opt.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p.data),
+                                        exp_avg_sq=torch.zeros_like(p.data))
+
+
+def _restore_adam_steps(optimizer, loaded: dict) -> None:
+    for opt, state in _distributed_torch_adams(optimizer, loaded):
+        steps = {g["step"] for g in state["optimizer"]["param_groups"] if g.get("step") is not None}
+        if len(steps) != 1:
+            raise ValueError(f"checkpoint holds optimizer steps {sorted(steps)}: expected one")
+        step = steps.pop()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt.state[p]["step"] = torch.tensor(float(step))
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
@@ -156,9 +209,12 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
 
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
+    _give_empty_adam_state_a_step(optimizer)
     state = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
     _unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # the distributed optimizer copies into views of the (fp32) model parameters
+        optimizer.load_state_dict(state["optimizer"])
+    _restore_adam_steps(optimizer, state["optimizer"])
     if scheduler is not None and meta.get("scheduler"):
         scheduler.load_state_dict(meta["scheduler"])
     rng_file = path / f"rng_rank{_rank()}.pt"

@@ -78,6 +78,36 @@ def test_dp2_equals_dp1_on_the_same_batch(ckpts, tmp_path):
     assert moved(ckpts, base[1]) > 50 * max(worst, 1e-7)
 
 
+def optimizer_state_mib(out: Path) -> float:
+    import json
+
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["memory/optimizer_state_mib"] for r in rows if "memory/optimizer_state_mib" in r][-1]
+
+
+def test_distributed_optimizer_at_dp2_equals_the_plain_one_and_resumes_after_kill9(ckpts, tmp_path):
+    """optim.use_distributed_optimizer at DP = 2 (fp32): the same losses and post-step weights as the
+    plain optimizer over 2 steps, each rank holding half the Adam state; kill -9 after step 1's
+    checkpoint, resume: the uninterrupted run's step-2 loss and weights, bit for bit."""
+    plain = run(ckpts, tmp_path / "plain", 2)
+    sharded = run(ckpts, tmp_path / "sharded", 2, "optim.use_distributed_optimizer=true")
+    worst = assert_same(plain, sharded, weight_atol=1e-6)
+    assert moved(ckpts, plain[1]) > 50 * max(worst, 1e-7)
+    ratio = optimizer_state_mib(tmp_path / "sharded") / optimizer_state_mib(tmp_path / "plain")
+    assert 0.45 <= ratio <= 0.55, ratio  # half, up to megatron's bucket padding
+
+    killed = tmp_path / "killed"
+    args = ["--config", RECIPE, "--fixed-rollout", "--dump-weights", str(killed / "weights.pt"),
+            f"student.checkpoint={ckpts['student']}", f"teachers=[{{checkpoint: {ckpts['teacher']}}}]",
+            f"train.out_dir={killed}", "optim.use_distributed_optimizer=true"]
+    kill_ranks_when(WORKER, 2, *args, marker=killed / "checkpoints" / "step_1" / "meta.json")
+    assert not (killed / "weights.pt").exists()
+    run_ranks(WORKER, 2, *args, timeout=900)
+    resumed = (losses(killed), torch.load(killed / "weights.pt"))
+    assert resumed[0][2] == sharded[0][2]
+    assert max((resumed[1][k] - sharded[1][k]).abs().max().item() for k in sharded[1]) == 0.0
+
+
 def test_dp2_reopold_equals_dp1(ckpts, tmp_path):
     """REOPOLD's top-beta entropy selection runs over the whole batch, across the replicas."""
     extra = ["objective.name=reopold", "objective.gopd=null", "objective.reopold.refinement_beta=0.5"]

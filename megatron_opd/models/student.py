@@ -6,6 +6,7 @@ Teacher and reference never pass through here, so they hold no grad buffers or o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -41,6 +42,20 @@ class OptimConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 disables)."""
 
+    use_distributed_optimizer: bool = False
+    """megatron's DistributedOptimizer: the fp32 main parameters and Adam state are sharded over the
+    data-parallel replicas (each DP rank holds 1/DP of them), gradients are reduce-scattered instead of
+    all-reduced and the updated parameters all-gathered after the step. Checkpoints go through
+    dist_checkpointing like the plain optimizer's. Worth it whenever DP > 1 (at DP = 1 it equals the
+    plain optimizer)."""
+
+    overlap_grad_reduce: bool = False
+    """Start each gradient bucket's reduction while the backward is still running (megatron DDP)."""
+
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: all-gather the updated parameters bucket by bucket during the
+    next forward instead of right after the step."""
+
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
@@ -57,16 +72,23 @@ class OptimConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"optim.{name} must be in [0, 1)")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("optim.overlap_param_gather needs optim.use_distributed_optimizer=true (the plain "
+                             "optimizer has no parameter gather to overlap)")
 
 
-def wrap_ddp(model: torch.nn.Module):
-    """Wrap the student in megatron's DistributedDataParallel (grad buffers in fp32)."""
+def wrap_ddp(model: torch.nn.Module, config: Optional[OptimConfig] = None):
+    """Wrap the student in megatron's DistributedDataParallel: fp32 gradient buffers (and fp32 gradient
+    reduction) whatever the parameters' dtype; sharded for the distributed optimizer if asked."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_opd.models.forward import prepare_for_training
 
+    config = config or OptimConfig()
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        grad_reduce_in_fp32=True, overlap_grad_reduce=config.overlap_grad_reduce,
+        use_distributed_optimizer=config.use_distributed_optimizer,
+        overlap_param_gather=config.overlap_param_gather,
     )
     wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     wrapped.spec = model.spec
@@ -92,7 +114,8 @@ def build_optimizer(model, config: OptimConfig, total_steps: int, updates_per_st
         bf16=mc.bf16,
         fp16=mc.fp16,
         params_dtype=mc.params_dtype,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=config.use_distributed_optimizer,
+        overlap_param_gather=config.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=False)
     # The scheduler counts optimizer updates: `updates_per_step` of them per training step
@@ -116,3 +139,17 @@ def build_optimizer(model, config: OptimConfig, total_steps: int, updates_per_st
         use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state this rank holds: Adam's moments and, for bf16/fp16 parameters, the
+    fp32 main copies (with the distributed optimizer, this rank's shard of each)."""
+    total = 0
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = inner.optimizer
+        for state in torch_opt.state.values():
+            total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+        for group in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):
+            for params in getattr(inner, group, None) or []:
+                total += sum(p.numel() * p.element_size() for p in params)
+    return total

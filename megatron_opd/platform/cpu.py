@@ -185,7 +185,7 @@ def activate() -> bool:
 
     # 5. Entry points with `device="cuda"` literals / `.cuda()` / `.type()` checks: run them inside
     #    the rewriting mode. These are called once per step, not per layer.
-    from megatron.core.optimizer import clip_grads, optimizer as mc_optimizer, grad_scaler
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer as mc_optimizer, grad_scaler
     from megatron.core.pipeline_parallel import schedules
 
     for owner, names in (
@@ -196,6 +196,9 @@ def activate() -> bool:
         (mc_optimizer.ChainedOptimizer, ("step", "load_state_dict")),
         (grad_scaler.ConstantGradScaler, ("__init__",)),
         (grad_scaler.DynamicGradScaler, ("__init__", "load_state_dict")),
+        # optim.use_distributed_optimizer: `.type() == 'torch.cuda.FloatTensor'` checks when the main
+        # parameter groups are built, `device=torch.cuda.current_device()` / `.cuda()` in its state I/O.
+        (distrib_optimizer.DistributedOptimizer, ("__init__", "load_state_dict", "get_parameter_state_dp_zero")),
     ):
         for name in names:
             if name in vars(owner):
