@@ -106,7 +106,7 @@ class OPDTrainer:
     def _init_parallel(self, layout) -> None:
         """Process groups, then what depends on them: the objective and the log-prob path."""
         from megatron_opd.loss import build_objective
-        from megatron_opd.models.forward import resolve_logprob_impl
+        from megatron_opd.models.forward import resolve_logprob_impl, uses_fp8_lm_head
 
         cfg = self.cfg
         parallel.initialize(cfg.parallel, seed=cfg.train.seed)
@@ -124,6 +124,8 @@ class OPDTrainer:
             cfg.train.logprob_impl, self.spec.vocab_size // cfg.parallel.tensor_model_parallel_size)
         if self.objective.needs.teacher_hidden:  # the exact KL runs the LM heads itself (config refuses logits)
             self.logprob_impl = "fused"
+        self.lm_head_fp8 = uses_fp8_lm_head(cfg.precision.fp8, self.logprob_impl)
+        """precision.fp8 on the fused LM head of every model's sampled-token log-probs (GPU, TE)."""
         self.teacher_sequences = 0
         """Sequences pushed through teacher forwards in the current step (routing: each sample once)."""
 
@@ -380,8 +382,8 @@ class OPDTrainer:
 
         def fn(mb, out):  # out: [b, s, H] hidden states (fused) or [b, s, V/tp] logits
             lp, ent = forward.response_logprobs(
-                model, out, mb, impl, tp_group=parallel.tp_group(),
-                valid_vocab_size=self.spec.vocab_size, compute_entropy=entropy)  # [b, s-1]
+                model, out, mb, impl, tp_group=parallel.tp_group(), valid_vocab_size=self.spec.vocab_size,
+                compute_entropy=entropy, fp8=self.lm_head_fp8 and impl == "fused")  # [b, s-1]
             extra = {"hidden": out[:, :-1][mb["mask"].bool()]} if hidden else {}
             return out.new_zeros(()), {"logprobs": lp, "entropy": ent, **extra}
 
@@ -439,6 +441,7 @@ class OPDTrainer:
                 lp, ent = forward.response_logprobs(
                     self.student, out, mb, self.logprob_impl, tp_group=parallel.tp_group(),
                     valid_vocab_size=self.spec.vocab_size, compute_entropy=needs.update_entropy,
+                    fp8=self.lm_head_fp8,
                 )  # [b, s-1]
                 finite = bool(torch.isfinite(lp).all())
                 if not finite:

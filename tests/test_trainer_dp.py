@@ -85,17 +85,23 @@ def optimizer_state_mib(out: Path) -> float:
     return [r["memory/optimizer_state_mib"] for r in rows if "memory/optimizer_state_mib" in r][-1]
 
 
-def test_distributed_optimizer_at_dp2_equals_the_plain_one_and_resumes_after_kill9(ckpts, tmp_path):
+def test_distributed_optimizer_at_dp2_equals_the_plain_one(ckpts, tmp_path):
     """optim.use_distributed_optimizer at DP = 2 (fp32): the same losses and post-step weights as the
-    plain optimizer over 2 steps, each rank holding half the Adam state; kill -9 after step 1's
-    checkpoint, resume: the uninterrupted run's step-2 loss and weights, bit for bit."""
+    plain optimizer over 2 steps, each rank holding half the Adam state."""
     plain = run(ckpts, tmp_path / "plain", 2)
     sharded = run(ckpts, tmp_path / "sharded", 2, "optim.use_distributed_optimizer=true")
     worst = assert_same(plain, sharded, weight_atol=1e-6)
     assert moved(ckpts, plain[1]) > 50 * max(worst, 1e-7)
     ratio = optimizer_state_mib(tmp_path / "sharded") / optimizer_state_mib(tmp_path / "plain")
+    print(f"distributed vs plain optimizer: weights within {worst:.2e}, Adam state per rank x{ratio:.3f}")
     assert 0.45 <= ratio <= 0.55, ratio  # half, up to megatron's bucket padding
 
+
+@pytest.mark.slow
+def test_distributed_optimizer_resumes_after_kill9_bit_identically(ckpts, tmp_path):
+    """kill -9 after step 1's checkpoint with the distributed optimizer at DP = 2, then resume: the
+    uninterrupted run's step-2 loss and weights, bit for bit (its sharded Adam state, step included)."""
+    sharded = run(ckpts, tmp_path / "sharded", 2, "optim.use_distributed_optimizer=true")
     killed = tmp_path / "killed"
     args = ["--config", RECIPE, "--fixed-rollout", "--dump-weights", str(killed / "weights.pt"),
             f"student.checkpoint={ckpts['student']}", f"teachers=[{{checkpoint: {ckpts['teacher']}}}]",

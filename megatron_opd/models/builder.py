@@ -73,6 +73,11 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, precision: Pre
     """Translate a ModelSpec into a megatron `TransformerConfig` (Qwen3 semantics)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    return TransformerConfig(**transformer_config_kwargs(spec, parallel, precision))
+
+
+def transformer_config_kwargs(spec: ModelSpec, parallel: ParallelConfig, precision: PrecisionConfig) -> dict:
+    """The `TransformerConfig` fields of a model (pure: what a GPU run would build can be checked here)."""
     spec.validate_parallel(
         parallel.tensor_model_parallel_size,
         parallel.pipeline_model_parallel_size,
@@ -136,14 +141,17 @@ def transformer_config(spec: ModelSpec, parallel: ParallelConfig, precision: Pre
             moe_router_score_function="softmax",
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
-            moe_token_dispatcher_type="allgather",
-            moe_grouped_gemm=False,
+            # The TE spec's experts are grouped-GEMM (TEGroupedMLP), dispatched all-to-all over EP as
+            # every Megatron recipe at scale runs them; the local spec (CPU) runs one MLP per expert
+            # with the all-gather dispatcher (gloo has all-to-all, but only the latter is tested here).
+            moe_token_dispatcher_type="alltoall" if precision.transformer_engine else "allgather",
+            moe_grouped_gemm=precision.transformer_engine,
             moe_expert_capacity_factor=None,  # dropless: logits must match HF exactly
             moe_router_dtype="fp32",
         )
     if precision.fp8:
         kwargs.update(fp8=precision.fp8, fp8_recipe="delayed", fp8_param=False)
-    return TransformerConfig(**kwargs)
+    return kwargs
 
 
 def layer_spec(spec: ModelSpec, config, precision: PrecisionConfig):

@@ -174,6 +174,12 @@ def resolve_logprob_impl(impl: str, local_vocab: int) -> str:
     return impl
 
 
+def uses_fp8_lm_head(fp8_recipe: Optional[str], impl: str) -> bool:
+    """Whether the LM-head GEMM runs in FP8: `precision.fp8` set and the fused path (ours) computes the
+    log-probs; with materialised logits megatron's own output layer does."""
+    return fp8_recipe is not None and impl == "fused"
+
+
 def response_logprobs(
     model: torch.nn.Module,
     out: torch.Tensor,
@@ -182,6 +188,7 @@ def response_logprobs(
     tp_group=None,
     valid_vocab_size: Optional[int] = None,
     compute_entropy: bool = False,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log p(input_ids[:, t+1]) (and entropy) at the response positions of one micro-batch.
 
@@ -189,6 +196,7 @@ def response_logprobs(
         out: what `run_micro_batches(..., output=...)` hands the loss: hidden states [b, s, H] for
             impl "fused", logits [b, s, V/tp] for impl "logits".
         mb: the micro-batch, with "input_ids" [b, s] and "mask" [b, s-1] (1 at response positions).
+        fp8: impl "fused" only: the LM-head GEMM in Transformer Engine FP8 (`precision.fp8`, GPU).
 
     Returns:
         `(logprobs [b, s-1], entropy [b, s-1] or None)`, fp32, 0 outside the mask. Only the
@@ -201,8 +209,11 @@ def response_logprobs(
     if impl == "fused":
         lp, ent = fused_lm_head_token_logprobs(
             picked, lm_head_weight(model), target, tp_group=tp_group,
-            valid_vocab_size=valid_vocab_size, compute_entropy=compute_entropy)
+            valid_vocab_size=valid_vocab_size, compute_entropy=compute_entropy, fp8=fp8)
     elif impl == "logits":
+        if fp8:
+            raise ValueError("fp8 LM head needs the fused path (train.logprob_impl: fused or auto); megatron's "
+                             "own output layer computes the materialised logits")
         lp, ent = vocab_parallel_token_logprobs(
             picked, target, tp_group=tp_group, valid_vocab_size=valid_vocab_size,
             compute_entropy=compute_entropy)

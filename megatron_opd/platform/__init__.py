@@ -109,16 +109,26 @@ def place_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def offload(module: torch.nn.Module) -> None:
-    """Park a module's parameters and buffers in (pinned) host memory between uses. CPU: no-op."""
+    """Park a module's parameters and buffers in pinned host memory between uses. CPU: no-op."""
     if not on_gpu():
         return
     for t in list(module.parameters()) + list(module.buffers()):
         if t.device.type == "cuda":
-            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-            host.copy_(t.data, non_blocking=True)
-            t.data = host
+            park_in_host(t, lambda shape, dtype: torch.empty(shape, dtype=dtype, device="cpu", pin_memory=True))
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
+
+
+def park_in_host(t: torch.Tensor, allocate) -> None:
+    """Copy `t`'s data into its host buffer and make that its data. The buffer is allocated (by
+    `allocate(shape, dtype)`: pinned memory on GPU) at the first offload and reused at every later one,
+    so a model offloaded every step does not pin fresh host memory every step."""
+    host = getattr(t, "_mopd_host_buffer", None)
+    if host is None or host.shape != t.shape or host.dtype != t.dtype:
+        host = allocate(t.shape, t.dtype)
+        t._mopd_host_buffer = host
+    host.copy_(t.data, non_blocking=True)
+    t.data = host
 
 
 def onload(module: torch.nn.Module) -> None:
