@@ -25,12 +25,11 @@ one process.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
-
-from megatron_opd import platform
 
 # chunk_size="auto" picks tokens per chunk from a byte budget for one fp32 `[chunk, V/tp]` buffer; a
 # fixed token count is wrong both ways (4096 tokens of a 152k vocabulary is 2.5 GB). Measured on CPU
@@ -59,11 +58,8 @@ def fused_chunk_bytes(local_vocab: int, hidden: int) -> int:
     return int(min(max(2 * local_vocab * hidden, DEFAULT_CHUNK_BYTES), FUSED_CHUNK_BYTES_MAX))
 
 
-def _resolve_chunk(chunk_size, n_tokens: int, local_vocab: int, device: torch.device,
-                   budget_bytes: Optional[int] = None) -> int:
+def _resolve_chunk(chunk_size, n_tokens: int, local_vocab: int, budget_bytes: Optional[int] = None) -> int:
     if chunk_size == "auto":
-        if platform.is_accelerator(device):  # accelerator memory: the large fused budget
-            budget_bytes = FUSED_CHUNK_BYTES_MAX
         return auto_chunk_size(local_vocab, budget_bytes)
     return chunk_size or max(n_tokens, 1)
 
@@ -250,6 +246,10 @@ def _lm_head(hidden: torch.Tensor, weight: torch.Tensor, fp8: bool) -> torch.Ten
     return hidden @ weight.t()
 
 
+def _transformer_engine_installed() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
 _TE_LINEARS: dict = {}
 
 
@@ -259,8 +259,6 @@ def _te_fp8_lm_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Only the forward logits (and their recomputation in backward) use FP8; the gradient GEMMs and
     every softmax reduction run in fp32. Not exercised on CPU: its test is marked `gpu`.
     """
-    if not platform.has_transformer_engine():
-        raise ValueError("fp8=True needs CUDA and Transformer Engine; set fp8=False on CPU")
     try:
         import transformer_engine.pytorch as te
         from transformer_engine.common.recipe import DelayedScaling, Format
@@ -305,6 +303,7 @@ def vocab_parallel_token_logprobs(
     valid_vocab_size: Optional[int] = None,
     compute_entropy: bool = False,
     chunk_size: Union[int, str, None] = "auto",
+    chunk_budget_bytes: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-probability of each target token (and entropy) from vocabulary-parallel logits.
 
@@ -316,7 +315,9 @@ def vocab_parallel_token_logprobs(
         valid_vocab_size: true vocabulary size; columns at or past it are padding and excluded.
         compute_entropy: also return the entropy of the full distribution at each position.
         chunk_size: tokens per chunk (bounds fp32 temporaries to `[chunk, V/tp]`); "auto" = as many
-            as fit DEFAULT_CHUNK_BYTES (cache-sized); None = no chunking.
+            as fit `chunk_budget_bytes` (default DEFAULT_CHUNK_BYTES: cache-sized); None = no chunking.
+        chunk_budget_bytes: the "auto" budget for one fp32 `[chunk, V/tp]` buffer; the caller, which
+            knows where the tensors live, passes FUSED_CHUNK_BYTES_MAX for accelerator memory.
 
     Returns:
         `(logprobs [...], entropy [...] or None)`, fp32. Differentiable w.r.t. `logits` when it
@@ -328,7 +329,7 @@ def vocab_parallel_token_logprobs(
     vocab_start = _group_rank(tp_group) * local_vocab
     flat = logits.reshape(-1, local_vocab)  # [n, V/tp]
     target = target_ids.reshape(-1).long()
-    chunk = _resolve_chunk(chunk_size, flat.shape[0], local_vocab, logits.device)
+    chunk = _resolve_chunk(chunk_size, flat.shape[0], local_vocab, chunk_budget_bytes)
     if torch.is_grad_enabled() and logits.requires_grad:
         lp, ent = _VocabParallelTokenLogprobs.apply(
             flat, target, vocab_start, valid_vocab_size, tp_group, compute_entropy, chunk)
@@ -349,6 +350,7 @@ def fused_lm_head_token_logprobs(
     compute_entropy: bool = False,
     chunk_size: Union[int, str, None] = "auto",
     fp8: bool = False,
+    chunk_budget_bytes: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Like `vocab_parallel_token_logprobs`, from final hidden states and the LM-head weight shard.
 
@@ -356,6 +358,8 @@ def fused_lm_head_token_logprobs(
         hidden: `[..., H]` final-norm hidden states (replicated across TP ranks).
         lm_head_weight: `[V/tp, H]` this rank's LM-head (output layer) rows.
         fp8: GPU only: run the LM-head GEMM in Transformer Engine FP8 (reductions stay fp32).
+        chunk_budget_bytes: the "auto" budget (default `fused_chunk_bytes`: half the fp32 shard, within
+            [8, 512] MiB); callers pass FUSED_CHUNK_BYTES_MAX for accelerator memory.
 
     The `[tokens, V/tp]` logits never exist at once: peak extra memory is `[chunk, V/tp]` fp32.
     The gradient w.r.t. `hidden` is all-reduced over `tp_group` (the input is replicated).
@@ -366,13 +370,13 @@ def fused_lm_head_token_logprobs(
                          "to match hidden's last dimension")
     tp = _group_size(tp_group)
     _validate(target_ids, lead, chunk_size, valid_vocab_size, lm_head_weight.shape[0], tp)
-    if fp8 and not platform.has_transformer_engine():
-        raise ValueError("fp8=True needs CUDA and Transformer Engine; set fp8=False on CPU")
+    if fp8 and not _transformer_engine_installed():
+        raise ValueError("fp8=True needs CUDA and Transformer Engine (pip install -e .[gpu]); set fp8=False")
     vocab_start = _group_rank(tp_group) * lm_head_weight.shape[0]
     flat = hidden.reshape(-1, h)
     target = target_ids.reshape(-1).long()
-    chunk = _resolve_chunk(chunk_size, flat.shape[0], lm_head_weight.shape[0], hidden.device,
-                           fused_chunk_bytes(lm_head_weight.shape[0], h))
+    budget = chunk_budget_bytes if chunk_budget_bytes is not None else fused_chunk_bytes(lm_head_weight.shape[0], h)
+    chunk = _resolve_chunk(chunk_size, flat.shape[0], lm_head_weight.shape[0], budget)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
     if needs_grad:
         lp, ent = _FusedLMHeadTokenLogprobs.apply(

@@ -27,10 +27,9 @@ from megatron_opd.objectives import (gopd_loss, group_advantages, grpo_loss, reo
                                     trust_region_distill_loss)
 from megatron_opd.objectives.erpd import ERPDStage1Config, ERPDStage2Config
 from megatron_opd.objectives.kl import kl_estimate
-from megatron_opd.objectives.policy_loss import (aggregate_loss, masked_mean, masked_std,
+from megatron_opd.objectives.policy_loss import (aggregate_loss, logprob_gap, masked_mean, masked_std,
                                                  truncated_is_weights)
 from megatron_opd.objectives.reopold import clipped_reward, phase, reward_floor, select_tokens
-from megatron_opd.rollout.monitor import logprob_gap
 
 
 @dataclass

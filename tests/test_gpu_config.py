@@ -40,7 +40,7 @@ def test_moe_under_the_te_spec_uses_grouped_gemm_and_the_alltoall_dispatcher(wit
     assert kw["moe_grouped_gemm"] is False and kw["moe_token_dispatcher_type"] == "allgather"
 
 
-def test_precision_fp8_reaches_the_fused_lm_head(with_te, monkeypatch):
+def test_precision_fp8_reaches_the_fused_lm_head(monkeypatch):
     """`precision.fp8` runs the LM-head GEMM of the sampled-token log-probs in FP8 (the fused path; with
     materialised logits megatron's output layer owns the GEMM and fp8 is refused there)."""
     from megatron_opd import logprobs
@@ -49,6 +49,7 @@ def test_precision_fp8_reaches_the_fused_lm_head(with_te, monkeypatch):
     assert forward.uses_fp8_lm_head("hybrid", "fused") and not forward.uses_fp8_lm_head(None, "fused")
     assert not forward.uses_fp8_lm_head("hybrid", "logits")
     calls = []
+    monkeypatch.setattr(logprobs, "_transformer_engine_installed", lambda: True)
     monkeypatch.setattr(logprobs, "_te_fp8_lm_head", lambda h, w: calls.append(h.shape) or h @ w.t())
     torch.manual_seed(0)
     weight = torch.randn(32, 8)

@@ -25,6 +25,26 @@ def test_no_cpu_gpu_branching_outside_platform():
     assert not offenders, "CPU/GPU branching outside megatron_opd/platform:\n" + "\n".join(offenders)
 
 
+# The math layer: pure torch and explicit process groups; the device of a collective's tensors is the
+# inputs' own, TE availability comes from the caller.
+_MATH = ["logprobs.py", "vocab_kl.py", "objectives"]
+_NOT_IN_MATH = re.compile(r"megatron_opd(\.| import )(platform|models|rollout|trainer|builders)\b")
+
+
+def test_the_math_layer_imports_no_platform_models_or_rollout():
+    offenders = []
+    for entry in _MATH:
+        root = REPO_ROOT / "megatron_opd" / entry
+        for path in sorted([root] if root.is_file() else root.rglob("*.py")):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if _NOT_IN_MATH.search(line.split("#", 1)[0]):
+                    offenders.append(f"{path.relative_to(REPO_ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "the math layer reaches into the rest of the package:\n" + "\n".join(offenders)
+    for line in ["from megatron_opd import platform", "from megatron_opd.platform import collective_device",
+                 "    from megatron_opd.rollout.monitor import logprob_gap"]:
+        assert _NOT_IN_MATH.search(line), line
+
+
 def test_the_boundary_check_catches_a_branch():
     """The pattern above is not vacuous: each form of branching it must catch, it catches."""
     for line in ["if torch.cuda.is_available():", "model.cuda()", "if x.device.type == 'cuda':",

@@ -15,7 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_opd.logprobs import fused_lm_head_token_logprobs, vocab_parallel_token_logprobs
+from megatron_opd import platform
+from megatron_opd.logprobs import FUSED_CHUNK_BYTES_MAX, fused_lm_head_token_logprobs, vocab_parallel_token_logprobs
 
 LOGPROB_IMPLS = ("auto", "fused", "logits")
 
@@ -206,17 +207,19 @@ def response_logprobs(
     mask = mb["mask"].bool()  # [b, s-1]
     target = mb["input_ids"][:, 1:][mask]  # [n]
     picked = out[:, :-1][mask]  # [n, H] or [n, V/tp]
+    # accelerator memory: large chunks (each costs TP collectives); host memory: cache-sized ones
+    budget = FUSED_CHUNK_BYTES_MAX if platform.is_accelerator(out.device) else None
     if impl == "fused":
         lp, ent = fused_lm_head_token_logprobs(
-            picked, lm_head_weight(model), target, tp_group=tp_group,
-            valid_vocab_size=valid_vocab_size, compute_entropy=compute_entropy, fp8=fp8)
+            picked, lm_head_weight(model), target, tp_group=tp_group, valid_vocab_size=valid_vocab_size,
+            compute_entropy=compute_entropy, fp8=fp8, chunk_budget_bytes=budget)
     elif impl == "logits":
         if fp8:
             raise ValueError("fp8 LM head needs the fused path (train.logprob_impl: fused or auto); megatron's "
                              "own output layer computes the materialised logits")
         lp, ent = vocab_parallel_token_logprobs(
             picked, target, tp_group=tp_group, valid_vocab_size=valid_vocab_size,
-            compute_entropy=compute_entropy)
+            compute_entropy=compute_entropy, chunk_budget_bytes=budget)
     else:
         raise ValueError(f"impl={impl!r}: resolve 'auto' with resolve_logprob_impl first")
 

@@ -289,11 +289,7 @@ def whiten_batch(signals: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
         x = signal.to(torch.float64) * m
         stats += torch.stack([m.sum(), x.sum(), (x * x).sum()])
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        from megatron_opd.platform import collective_device
-
-        stats = stats.to(collective_device(group))
-        dist.all_reduce(stats, group=group)
-        stats = stats.to(signals[0].device)
+        dist.all_reduce(stats, group=group)  # on the signals' device, which the group's backend takes
     n = stats[0].clamp(min=1)
     mean = stats[1] / n
     std = (stats[2] / n - mean**2).clamp(min=0).sqrt()

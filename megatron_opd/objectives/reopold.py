@@ -104,9 +104,7 @@ def top_fraction_mask(
         flat[idx] = True
         keep[valid] = flat
         return keep
-    from megatron_opd.platform import collective_device
-
-    dev = collective_device(group)  # NCCL groups take accelerator tensors, gloo groups host tensors
+    dev = vals.device  # the inputs' device is the one the group's backend takes (NCCL: GPU, gloo: host)
     sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, torch.tensor([vals.numel()], device=dev), group=group)
     n_max = max(int(s) for s in sizes)

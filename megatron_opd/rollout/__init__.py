@@ -1,1 +1,1 @@
-"""vLLM rollouts, live refit from the sharded Megatron student, and the mismatch monitor."""
+"""vLLM rollouts, live refit from the sharded Megatron student, placement and transport."""

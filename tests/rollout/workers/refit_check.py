@@ -45,7 +45,7 @@ def main():
     from megatron_opd.models.forward import run_micro_batches
     from megatron_opd.models.hf_mapping import HFCheckpoint, export_hf_weights, load_hf_into_megatron
     from megatron_opd.rollout.engine import RolloutEngine, RolloutEngineError
-    from megatron_opd.rollout.monitor import logprob_gap
+    from megatron_opd.objectives.policy_loss import logprob_gap
     from megatron_opd.rollout.refit import RefitError, refit, update_weights
     from megatron_opd.models.hf_mapping import is_replica_leader
 
