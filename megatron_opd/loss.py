@@ -95,13 +95,13 @@ class GOPDObjective(Objective):
                                self.tp_group, self.vocab_size, cfg.direction, cfg.top_k)  # [n]
         per_token = torch.zeros(mask.shape, dtype=kl.dtype, device=kl.device).masked_scatter(mask, kl)
         m = mask.to(per_token.dtype)
-        metrics = {"kl/student_teacher_exact": masked_mean(per_token.detach(), m).item()}
+        metrics = {"kl/student_teacher_exact": masked_mean(per_token.detach(), m)}
         old = mb.get("old_logprobs", out.logprobs.detach())
         if cfg.tis_cap is not None and mb.get("rollout_logprobs") is not None:
             # the positions were sampled by the engine: reweight each token's KL as the sampled path does
             w = truncated_is_weights(old, mb["rollout_logprobs"], cfg.tis_cap)
             per_token = per_token * w
-            metrics["tis_weight_mean"] = masked_mean(w, m).item()
+            metrics["tis_weight_mean"] = masked_mean(w, m)
         if cfg.kl_coef:
             per_token = per_token + cfg.kl_coef * kl_estimate(out.logprobs, mb["reference_logprobs"],
                                                               cfg.kl_loss_estimator)
@@ -110,11 +110,11 @@ class GOPDObjective(Objective):
         loss = aggregate_loss(per_token, m, cfg.loss_agg_mode, mb["global_tokens"], mb["global_seqs"])
         with torch.no_grad():
             reward = mb["teacher_logprobs"] - old
-            metrics.update({"reward/mean": masked_mean(reward, m).item(),
-                            "reward/std": masked_std(reward, m).item(),
-                            "kl/student_teacher": masked_mean(-reward, m).item()})
+            metrics.update({"reward/mean": masked_mean(reward, m),
+                            "reward/std": masked_std(reward, m),
+                            "kl/student_teacher": masked_mean(-reward, m)})
             if out.entropy is not None:
-                metrics["entropy"] = masked_mean(out.entropy.detach(), m).item()
+                metrics["entropy"] = masked_mean(out.entropy.detach(), m)
         return loss, metrics
 
 
@@ -160,7 +160,7 @@ class REOPOLDObjective(Objective):
             eps_high=cfg.eps_high, tis_cap=cfg.tis_cap, loss_agg_mode=cfg.loss_agg_mode,
             num_tokens=mb["global_tokens"], num_seqs=mb["global_seqs"])
         metrics["reopold/phase"] = float(phase(step, cfg.switch_step) == "refinement")
-        metrics["entropy"] = masked_mean(mb["old_entropy"], mb["mask"].to(mb["old_entropy"].dtype)).item()
+        metrics["entropy"] = masked_mean(mb["old_entropy"], mb["mask"].to(mb["old_entropy"].dtype))
         return loss, metrics
 
 
@@ -200,7 +200,7 @@ class GRPOObjective(Objective):
             kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_loss_estimator, entropy=out.entropy,
             entropy_coef=cfg.entropy_coef, loss_agg_mode=cfg.loss_agg_mode,
             num_tokens=mb["global_tokens"], num_seqs=mb["global_seqs"])
-        metrics["reward/mean"] = float(mb["outcome_rewards"].float().mean())
+        metrics["reward/mean"] = mb["outcome_rewards"].float().mean()
         return loss, metrics
 
 
@@ -223,7 +223,7 @@ class ERPDStage1Objective(Objective):
                                     num_seqs=mb["global_seqs"])
         with torch.no_grad():
             m = mb["mask"].to(out.logprobs.dtype)
-            metrics["kl/student_old_k1"] = masked_mean(out.logprobs.detach() - mb["old_logprobs"], m).item()
+            metrics["kl/student_old_k1"] = masked_mean(out.logprobs.detach() - mb["old_logprobs"], m)
         return loss, metrics
 
 
@@ -253,21 +253,20 @@ class SFTObjective(Objective):
         """correct_only: the verifier's rejected samples leave the mask, and the step's counts."""
         if not self.cfg.correct_only or not micro:
             return {}
-        kept = 0.0
         for mb in micro:
             mb["mask"] = mb["mask"] * (mb["outcome_rewards"] > 0).view(-1, 1).to(mb["mask"].dtype)
-            kept += float((mb["outcome_rewards"] > 0).sum())
+        kept = torch.stack([(mb["outcome_rewards"] > 0).sum() for mb in micro]).sum()
         counts = global_counts([mb["mask"] for mb in micro], dp_group)
         for mb in micro:
             mb["global_tokens"], mb["global_seqs"] = max(counts[0], 1.0), max(counts[1], 1.0)
-        return {"sft/kept_fraction": kept / sum(mb["mask"].shape[0] for mb in micro)}
+        return {"sft/kept_fraction": float(kept) / sum(mb["mask"].shape[0] for mb in micro)}  # once a step
 
     def loss(self, mb, out, step):
         m = mb["mask"].to(out.logprobs.dtype)
         loss = aggregate_loss(-out.logprobs, m, self.cfg.loss_agg_mode, mb["global_tokens"], mb["global_seqs"])
         with torch.no_grad():
-            metrics = {"kl/teacher_student": masked_mean(mb["rollout_logprobs"] - out.logprobs.detach(), m).item(),
-                       "nll": masked_mean(-out.logprobs.detach(), m).item()}
+            metrics = {"kl/teacher_student": masked_mean(mb["rollout_logprobs"] - out.logprobs.detach(), m),
+                       "nll": masked_mean(-out.logprobs.detach(), m)}
         return loss, metrics
 
 

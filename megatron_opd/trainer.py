@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_opd import parallel, platform
+from megatron_opd import checks, parallel, platform
 from megatron_opd.checkpoint import rng_state, set_rng_state
 from megatron_opd.config import OPDConfig, config_changes, config_to_dict
 from megatron_opd.faults import maybe_fail
@@ -229,13 +229,15 @@ class OPDTrainer:
             self.engines.sleep()
 
         # 2. micro-batches on the device; score with the frozen models
+        # (the objectives' input checks are read once per phase: checks.deferred)
         with self.phase("score", timings):
             micro = self.micro_batches(batch)
-            prepare_metrics = self.score(micro)
+            with checks.deferred():
+                prepare_metrics = self.score(micro)
         self._abandon_if_preempted()
 
         # 3. update: one optimizer step per mini-batch
-        with self.phase("update", timings):
+        with self.phase("update", timings), checks.deferred():
             update_metrics = self.update(micro)
 
         # 4. wake the engine's weights, refit them, then wake its KV cache for the next rollout
@@ -304,15 +306,22 @@ class OPDTrainer:
                 idx = torch.tensor(rows)
                 # Expert groups spanning replicas need one shape everywhere: keep the common length.
                 width = batch.input_ids.shape[1] if self.experts_span_replicas else max(lengths[r] for r in rows)
+                mask = batch.response_mask[idx, :width - 1]
+                teacher_index = batch.teacher_index[idx]
                 mb = {
                     "input_ids": batch.input_ids[idx, :width],
-                    "mask": batch.response_mask[idx, :width - 1],
+                    "mask": mask,
                     "rollout_logprobs": batch.rollout_logprobs[idx, :width - 1],
-                    "teacher_index": batch.teacher_index[idx],
+                    "teacher_index": teacher_index,
                     "outcome_rewards": batch.rewards[idx],
                     "group": batch.groups[idx],
                     "mini": m,
+                    # Sizes known here, on the host, so the device never has to be asked for them
+                    # (forward.response_positions): response tokens, and each teacher's rows.
+                    "response_tokens": int(mask.sum()),
+                    "teacher_rows": [(teacher_index == k).nonzero().squeeze(1) for k in range(len(self.teachers))],
                 }
+                mb["teacher_tokens"] = [int(mask[r].sum()) for r in mb["teacher_rows"]]
                 micro.append(platform.to_device(mb))  # the one host -> device move of the step's data
         # Global counts over all micro-batches and DP ranks: losses normalise by these, so
         # summing micro-batch losses and DP gradients gives exactly the full-batch objective.
@@ -335,10 +344,11 @@ class OPDTrainer:
         self.teacher_sequences = 0
         routed = len(self.teachers) > 1 and not self.experts_span_replicas
         for k, teacher in enumerate(self.teachers):
-            if routed:
-                parts = [(mb, (mb["teacher_index"] == k).nonzero().squeeze(1)) for mb in micro]
-                parts = [(mb, rows) for mb, rows in parts if len(rows)]
-                inputs = [{"input_ids": mb["input_ids"][rows], "mask": mb["mask"][rows]} for mb, rows in parts]
+            if routed:  # each micro-batch's rows of teacher k, known on the host (micro_batches)
+                parts = [(mb, mb["teacher_rows"][k], mb["teacher_tokens"][k]) for mb in micro]
+                parts = [(mb, rows, n) for mb, rows, n in parts if len(rows)]
+                inputs = [{"input_ids": mb["input_ids"][rows], "mask": mb["mask"][rows], "response_tokens": n}
+                          for mb, rows, n in parts]
             else:
                 inputs = micro
             self.teacher_sequences += sum(int(mb["input_ids"].shape[0]) for mb in inputs)
@@ -350,7 +360,7 @@ class OPDTrainer:
                     teacher_lm_head = lm_head_weight(teacher).detach().clone()
             for i, out in enumerate(outs):  # last pipeline stage only
                 if routed:
-                    mb, rows = parts[i]
+                    mb, rows, _ = parts[i]
                     mb.setdefault("teacher_logprobs", torch.zeros_like(mb["mask"], dtype=torch.float32))
                     mb["teacher_logprobs"][rows] = out["logprobs"]
                 else:
@@ -384,7 +394,7 @@ class OPDTrainer:
             lp, ent = forward.response_logprobs(
                 model, out, mb, impl, tp_group=parallel.tp_group(), valid_vocab_size=self.spec.vocab_size,
                 compute_entropy=entropy, fp8=self.lm_head_fp8 and impl == "fused")  # [b, s-1]
-            extra = {"hidden": out[:, :-1][mb["mask"].bool()]} if hidden else {}
+            extra = {"hidden": forward.gather_response(out, mb)[0]} if hidden else {}
             return out.new_zeros(()), {"logprobs": lp, "entropy": ent, **extra}
 
         output = "hidden" if impl == "fused" else "logits"
@@ -443,22 +453,20 @@ class OPDTrainer:
                     valid_vocab_size=self.spec.vocab_size, compute_entropy=needs.update_entropy,
                     fp8=self.lm_head_fp8,
                 )  # [b, s-1]
-                finite = bool(torch.isfinite(lp).all())
-                if not finite:
-                    # A diverged student: the step is skipped below and counted. The objective still
-                    # runs (on zeroed log-probs) so that this rank reports the same metric keys as
-                    # every other DP rank for reduce_metrics' all-reduce; its loss is kept in the
-                    # graph (the schedule backpropagates) but multiplied by 0.
-                    lp = torch.nan_to_num(lp, 0.0, 0.0, 0.0)
-                    ent = torch.nan_to_num(ent, 0.0, 0.0, 0.0) if ent is not None else None
+                # A diverged student (non-finite log-probs) is kept as a device flag, not read here:
+                # the objective runs on zeroed log-probs (every rank reports the same metric keys for
+                # reduce_metrics' all-reduce), its loss stays in the graph multiplied by 0, and the
+                # step's one finiteness check (_all_finite) skips the update and counts it.
+                nonfinite = ~torch.isfinite(lp).all()
+                lp = torch.nan_to_num(lp, 0.0, 0.0, 0.0)
+                ent = torch.nan_to_num(ent, 0.0, 0.0, 0.0) if ent is not None else None
                 student = StudentOutputs(logprobs=lp, entropy=ent)
                 if needs.teacher_hidden:  # [n, H] response positions, and the trainable LM-head shard
-                    student.hidden = out[:, :-1][mb["mask"].bool()]
+                    student.hidden = forward.gather_response(out, mb)[0]
                     student.lm_head = forward.lm_head_weight(self.student)
                 loss, metrics = objective_loss(self.objective, mb, student, step=self.step)
-                if not finite:
-                    return loss * 0.0, {**metrics, "loss": 0.0, "nonfinite": 1.0}
-                return loss, {**metrics, "loss": loss.detach(), "nonfinite": 0.0}
+                loss = torch.where(nonfinite, loss * 0.0, loss)
+                return loss, {**metrics, "loss": loss.detach(), "nonfinite": nonfinite.float()}
 
             self.student.zero_grad_buffer()
             self.optimizer.zero_grad()
@@ -511,14 +519,15 @@ class OPDTrainer:
             (Path(self.cfg.train.out_dir) / PREEMPTED_MARKER).write_text(f"{self.step}\n")
 
     def _all_finite(self, metrics: dict) -> bool:
-        """Loss (last stage) and every gradient (all ranks) finite? Agreed across all ranks."""
+        """Loss (last stage) and every gradient (all ranks) finite? One fused reduction over every
+        gradient buffer, agreed across all ranks, read once."""
         buffers = list(self.student.buffers) + list(self.student.expert_parallel_buffers)
-        ok = metrics.get("nonfinite", 0.0) == 0.0 and all(
-            bool(torch.isfinite(b.grad_data).all()) for b in buffers)
-        flag = torch.tensor([0.0 if ok else 1.0], device=platform.collective_device())
+        finite = torch.stack([torch.isfinite(b.grad_data).all() for b in buffers]).all()
+        bad = (~finite).float().reshape(1).to(platform.collective_device())
+        bad = torch.maximum(bad, torch.full_like(bad, float(metrics.get("nonfinite", 0.0) != 0.0)))
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() == 0.0
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0.0
 
     def _preemption_requested(self) -> bool:
         flag = torch.tensor([1.0 if self.preempt.requested else 0.0], device=platform.collective_device())
@@ -654,17 +663,20 @@ def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
         return {}
     keys = sorted({k for o in outs for k in o})  # the same on every DP rank (see update's loss_fn)
     dp = ps.get_data_parallel_world_size()
-    weights = [float(mb["mask"].sum()) for mb in micro]
-    total = max(sum(weights), 1.0)
+    dev = micro[0]["mask"].device
+    weights = torch.stack([mb["mask"].sum() for mb in micro]).to(torch.float64)  # [micro]
+    total = weights.sum().clamp(min=1.0)
     vals = []
-    for k in keys:
+    for k in keys:  # metric values stay on the device (tensors or host numbers), read once below
+        v = torch.stack([torch.as_tensor(o.get(k, 0.0), dtype=torch.float64, device=dev).reshape(())
+                         for o in outs])  # [micro]
         if k in ("loss",):
-            vals.append(sum(float(o.get(k, 0.0)) for o in outs))
+            vals.append(v.sum())
         elif k == "nonfinite" or k.endswith("max") or k.endswith("max_abs"):
-            vals.append(max(float(o.get(k, 0.0)) for o in outs))
+            vals.append(v.max())
         else:
-            vals.append(sum(float(o.get(k, 0.0)) * w for o, w in zip(outs, weights)) / total)
-    t = torch.tensor(vals, dtype=torch.float64)
+            vals.append((v * weights).sum() / total)
+    t = torch.stack(vals)
     if dp > 1:
         t = t.to(platform.collective_device(ps.get_data_parallel_group()))
         dist.all_reduce(t, group=ps.get_data_parallel_group())
@@ -672,7 +684,7 @@ def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
         # (max-type metrics are summed here too: acceptable for logging, documented as "mean over
         # DP of the per-rank max" would need a second collective)
         t = torch.where(torch.tensor([k == "loss" for k in keys], device=t.device), t, t / dp)
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, t.tolist()))  # the one host read of the metrics
 
 
 def broadcast_metrics_from_last_stage(metrics: dict) -> dict:

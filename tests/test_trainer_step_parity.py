@@ -59,3 +59,26 @@ def test_one_step_is_the_same_whichever_way_it_is_computed(ckpts, tmp_path, tp, 
     assert loss["unrouted"] == pytest.approx(loss["fixed"], rel=1e-5)
     assert r["sequences_unrouted"] == 2 * r["rows"]
     assert r["sequences_routed"] == r["rows"]
+
+
+HOST_SYNCS = Path(__file__).parent / "workers" / "host_syncs.py"
+
+
+@pytest.mark.parametrize("objective", ["sampled", "full"], ids=["sampled", "exact-kl"])
+def test_host_synchronisations_per_step_do_not_grow_with_micro_batches(ckpts, tmp_path, objective):
+    """One step's scoring and update read the device a fixed number of times: the same with 4 and with
+    16 micro-batches (per-micro-batch `.item()`, `nonzero`, boolean indexing or finiteness reads would
+    add one per micro-batch, each a pipeline stall on GPU)."""
+    student, teacher, _ = ckpts
+    out = run_ranks(HOST_SYNCS, 1, "--config", RECIPE, "--micro", "4,1", f"student.checkpoint={student}",
+                    f"teachers=[{{checkpoint: {teacher}}}]", "train.prompts_per_step=8",
+                    f"objective.gopd.estimator={objective}", "objective.gopd.tis_cap=2.0",
+                    f"train.out_dir={tmp_path}", timeout=600)
+    r = last_json(out, "host_syncs")["host_syncs"]
+    few, many = r["4"], r["16"]
+    # ours: one read of each phase's deferred input checks (score, update), the step's fused finiteness
+    # check and its metrics; megatron's own forward/backward schedule reads nothing
+    assert few["ours"] == many["ours"] <= 4, (few, many)
+    assert few["megatron_other"] == many["megatron_other"] == 0, (few, many)
+    # the optimizer step reads once per step, not per micro-batch
+    assert few["optimizer_step"] == many["optimizer_step"], (few, many)

@@ -175,6 +175,26 @@ def resolve_logprob_impl(impl: str, local_vocab: int) -> str:
     return impl
 
 
+def response_positions(mb: dict, seq_len: int) -> torch.Tensor:
+    """[n] flat indices, in the micro-batch's [b * seq_len] grid, of the positions whose next token is a
+    response token (mb["mask"] [b, seq_len - 1] is 1 there). Without a host read when the micro-batch
+    carries its count ("response_tokens", set on the host where it is built): `nonzero_static` knows
+    its output size; boolean indexing would have to ask the device."""
+    mask = mb["mask"]
+    grid = torch.nn.functional.pad(mask.bool(), (0, seq_len - mask.shape[1]))  # [b, seq_len]
+    n = mb.get("response_tokens")
+    if n is None:
+        return grid.reshape(-1).nonzero().squeeze(1)
+    return torch.nonzero_static(grid.reshape(-1), size=int(n)).squeeze(1)
+
+
+def gather_response(out: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """`out` [b, s, X] -> (its rows at the response positions [n, X], their flat indices [n])."""
+    b, s = out.shape[:2]
+    idx = response_positions(mb, s)
+    return out.reshape(b * s, -1).index_select(0, idx), idx
+
+
 def uses_fp8_lm_head(fp8_recipe: Optional[str], impl: str) -> bool:
     """Whether the LM-head GEMM runs in FP8: `precision.fp8` set and the fused path (ours) computes the
     log-probs; with materialised logits megatron's own output layer does."""
@@ -205,8 +225,8 @@ def response_logprobs(
         nothing past the last transformer layer.
     """
     mask = mb["mask"].bool()  # [b, s-1]
-    target = mb["input_ids"][:, 1:][mask]  # [n]
-    picked = out[:, :-1][mask]  # [n, H] or [n, V/tp]
+    picked, idx = gather_response(out, mb)  # [n, H] or [n, V/tp]; positions in the [b * s] grid
+    target = mb["input_ids"].reshape(-1).index_select(0, idx + 1)  # [n] the token each position predicts
     # accelerator memory: large chunks (each costs TP collectives); host memory: cache-sized ones
     budget = FUSED_CHUNK_BYTES_MAX if platform.is_accelerator(out.device) else None
     if impl == "fused":

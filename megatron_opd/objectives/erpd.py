@@ -210,7 +210,7 @@ def stage1_loss(
         r = implicit_reward(logprobs, old_logprobs, mask, get("beta"), get("aggregation"))  # [b]
         per_seq = F.binary_cross_entropy_with_logits(r, outcome_rewards.to(r.dtype), reduction="none")
         loss = per_seq.sum() / (num_seqs if num_seqs is not None else max(len(per_seq), 1))
-        metrics["ce/implicit_reward_mean"] = r.detach().mean().item()
+        metrics["ce/implicit_reward_mean"] = r.detach().mean()
     else:  # mse
         target = outcome_rewards.to(logprobs.dtype)
         if get("mse_per_token"):
@@ -229,12 +229,12 @@ def stage1_loss(
     return loss, metrics
 
 
-def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """1 - Var(target - pred) / Var(target) (1 = perfect fit; <= 0 = no better than the mean)."""
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - Var(target - pred) / Var(target) (1 = perfect fit; <= 0 = no better than the mean; NaN
+    where the target is constant). A 0-d tensor: no host read."""
     var = target.float().var(unbiased=False)
-    if var == 0:
-        return float("nan")
-    return float(1.0 - (target.float() - pred.float()).var(unbiased=False) / var)
+    ev = 1.0 - (target.float() - pred.float()).var(unbiased=False) / var
+    return torch.where(var == 0, torch.full_like(ev, float("nan")), ev)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,5 +339,5 @@ def trust_region_distill_loss(
             raise ValueError("erpd.stage2.entropy_coef > 0 needs entropy")
         per_token = per_token - cfg.entropy_coef * entropy
     loss = aggregate_loss(per_token, mask, loss_agg_mode, num_tokens, num_seqs)
-    metrics["kl/student_old"] = masked_mean(kl.detach(), mask).item()
+    metrics["kl/student_old"] = masked_mean(kl.detach(), mask)
     return loss, metrics

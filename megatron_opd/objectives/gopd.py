@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from megatron_opd.checks import require
 from megatron_opd.objectives.policy_loss import (
     check_finite,
     check_same_shape,
@@ -62,8 +63,7 @@ def select_per_sample(stacked: torch.Tensor, index: torch.Tensor) -> torch.Tenso
     if stacked.dim() != 3 or index.dim() != 1 or stacked.shape[1] != index.shape[0]:
         raise ValueError(f"stacked {tuple(stacked.shape)} must be [n_teachers, b, s] and index "
                          f"{tuple(index.shape)} must be [b]")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= stacked.shape[0]):
-        raise ValueError(f"teacher index out of range [0, {stacked.shape[0]})")
+    require((index >= 0) & (index < stacked.shape[0]), f"teacher index out of range [0, {stacked.shape[0]})")
     return stacked.gather(0, index.view(1, -1, 1).expand(1, -1, stacked.shape[2]))[0]
 
 
@@ -118,14 +118,14 @@ def gopd_loss(
     with torch.no_grad():
         reward = teacher_logprobs - old  # the OPD token reward log(pi*/pi_theta)
         metrics.update({
-            "reward/mean": masked_mean(reward, mask).item(),
-            "reward/std": masked_std(reward, mask).item(),
-            "advantage/mean": masked_mean(adv, mask).item(),
-            "advantage/std": masked_std(adv, mask).item(),
-            "kl/student_teacher": masked_mean(-reward, mask).item(),  # k1 estimate of KL(s || t)
+            "reward/mean": masked_mean(reward, mask),
+            "reward/std": masked_std(reward, mask),
+            "advantage/mean": masked_mean(adv, mask),
+            "advantage/std": masked_std(adv, mask),
+            "kl/student_teacher": masked_mean(-reward, mask),  # k1 estimate of KL(s || t)
         })
         if ref_logprobs is not None:
-            metrics["kl/student_reference"] = masked_mean(old - ref_logprobs, mask).item()
+            metrics["kl/student_reference"] = masked_mean(old - ref_logprobs, mask)
         if entropy is not None:
-            metrics["entropy"] = masked_mean(entropy.detach(), mask).item()
+            metrics["entropy"] = masked_mean(entropy.detach(), mask)
     return loss, metrics

@@ -64,10 +64,10 @@ def grpo_loss(
         logprobs, old, adv, mask, eps_low, eps_high, dual_clip_c, rollout_logprobs, tis_cap, ref_logprobs,
         kl_coef, kl_estimator, entropy, entropy_coef, None, loss_agg_mode, num_tokens, num_seqs)
     with torch.no_grad():
-        metrics["advantage/mean"] = masked_mean(adv, mask).item()
-        metrics["advantage/std"] = masked_mean((adv - masked_mean(adv, mask)) ** 2, mask).sqrt().item()
+        metrics["advantage/mean"] = masked_mean(adv, mask)
+        metrics["advantage/std"] = masked_mean((adv - masked_mean(adv, mask)) ** 2, mask).sqrt()
         if ref_logprobs is not None:
-            metrics["kl/student_reference"] = masked_mean(old - ref_logprobs, mask).item()
+            metrics["kl/student_reference"] = masked_mean(old - ref_logprobs, mask)
         if entropy is not None:
-            metrics["entropy"] = masked_mean(entropy.detach(), mask).item()
+            metrics["entropy"] = masked_mean(entropy.detach(), mask)
     return loss, metrics

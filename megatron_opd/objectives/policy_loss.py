@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_opd.checks import require
+
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
 
@@ -31,11 +33,12 @@ def check_same_shape(reference_name: str, reference: torch.Tensor, **tensors: Op
 
 
 def check_finite(mask: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
-    """NaN/inf log-probs on response tokens are an error (they would poison the update silently)."""
+    """NaN/inf log-probs on response tokens are an error (they would poison the update silently).
+    Inside `checks.deferred()` (the training step) the check costs no host read of its own."""
     m = mask.bool()
     for name, t in tensors.items():
-        if t is not None and not bool(torch.isfinite(t[m]).all()):
-            raise ValueError(f"{name} contains NaN or inf on response tokens (mask == 1)")
+        if t is not None:
+            require(torch.isfinite(t) | ~m, f"{name} contains NaN or inf on response tokens (mask == 1)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,7 +73,8 @@ def global_counts(masks: list[torch.Tensor], group=None) -> tuple[float, float]:
         t[1] += (m.sum(-1) > 0).sum()
     if group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
-    return t[0].item(), t[1].item()
+    tokens, seqs = t.tolist()  # one host read for both
+    return tokens, seqs
 
 
 def aggregate_loss(
@@ -142,8 +146,8 @@ def clipped_surrogate(
         loss = torch.where(adv < 0, capped, loss)
         metrics["dual_clip_fraction"] = _frac(dual & m, m)
     with torch.no_grad():
-        metrics["ratio_mean"] = masked_mean(ratio, mask).item()
-        metrics["ratio_max"] = ratio[m].max().item() if m.any() else 1.0
+        metrics["ratio_mean"] = masked_mean(ratio, mask)
+        metrics["ratio_max"] = torch.where(m, ratio, torch.ones_like(ratio)).max()  # 1 if no response token
     return loss, metrics
 
 
@@ -157,8 +161,8 @@ def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Ten
         return (old_logprobs - rollout_logprobs).clamp(max=math.log(cap)).exp()
 
 
-def _frac(x: torch.Tensor, m: torch.Tensor) -> float:
-    return float(x.sum()) / max(float(m.sum()), 1.0)
+def _frac(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return x.sum() / m.sum().clamp(min=1)
 
 
 def policy_gradient_loss(
@@ -196,8 +200,8 @@ def policy_gradient_loss(
     if tis_cap is not None and rollout_logprobs is not None:
         w = truncated_is_weights(old_logprobs, rollout_logprobs, tis_cap)
         per_token = per_token * w
-        metrics["tis_weight_mean"] = masked_mean(w, mask).item()
-        metrics["tis_truncated_fraction"] = masked_mean((w >= tis_cap - 1e-6).float(), mask).item()
+        metrics["tis_weight_mean"] = masked_mean(w, mask)
+        metrics["tis_truncated_fraction"] = masked_mean((w >= tis_cap - 1e-6).float(), mask)
     if kl_coef:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")
@@ -216,8 +220,6 @@ def logprob_gap(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, 
     if trainer_logprobs.shape != rollout_logprobs.shape or trainer_logprobs.shape != mask.shape:
         raise ValueError(f"shapes differ: trainer {tuple(trainer_logprobs.shape)}, rollout "
                          f"{tuple(rollout_logprobs.shape)}, mask {tuple(mask.shape)}")
-    m = mask.bool()
-    if not m.any():
-        return {"mismatch/max_abs": 0.0, "mismatch/mean_abs": 0.0}
-    gap = (trainer_logprobs.float() - rollout_logprobs.float()).abs()[m]
-    return {"mismatch/max_abs": gap.max().item(), "mismatch/mean_abs": gap.mean().item()}
+    m = mask.to(torch.float32)
+    gap = (trainer_logprobs.float() - rollout_logprobs.float()).abs() * m  # 0 off the response
+    return {"mismatch/max_abs": gap.max(), "mismatch/mean_abs": masked_mean(gap, m)}

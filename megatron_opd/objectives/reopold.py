@@ -162,11 +162,11 @@ def reopold_loss(
     loss = aggregate_loss(per_token * keep, mask, loss_agg_mode, num_tokens, num_seqs)
     with torch.no_grad():
         metrics.update({
-            "reward/mean": masked_mean(reward, mask).item(),
-            "reward/std": masked_std(reward, mask).item(),
-            "kl/student_teacher": masked_mean(old - teacher_logprobs, mask).item(),
-            "reopold/fraction_clipped": masked_mean(clipped.to(mask.dtype), mask).item(),
-            "reopold/fraction_kept": float(keep.sum()) / max(float(mask.sum()), 1.0),
+            "reward/mean": masked_mean(reward, mask),
+            "reward/std": masked_std(reward, mask),
+            "kl/student_teacher": masked_mean(old - teacher_logprobs, mask),
+            "reopold/fraction_clipped": masked_mean(clipped.to(mask.dtype), mask),
+            "reopold/fraction_kept": keep.sum() / mask.sum().clamp(min=1),
         })
     return loss, metrics
 
