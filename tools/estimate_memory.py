@@ -8,7 +8,8 @@ vLLM engine (asleep while the models compute, awake for rollout and refit).
 Formulas (bytes per GPU; P_local = the parameters one rank holds):
   weights      P_local x bytes(dtype)
   gradients    P_local x 4          (Megatron DDP reduces gradients in fp32)
-  optimizer    P_local x 12         (fp32 master copy + Adam m and v; 8 when the model is fp32)
+  optimizer    P_local x 12         (fp32 master copy + Adam m and v; 8 when the model is fp32),
+               / DP with optim.use_distributed_optimizer (each data-parallel rank holds its shard)
   frozen       sum over teacher(s)/reference of P_local x bytes(dtype); with `offload: true` a model
                is on the GPU only while it scores, so the score phase holds the largest one
   activations  micro_batch x seq x hidden x (layers / pp) x 34 x bytes / tp  (Korthikanti et al. 2022,
@@ -66,6 +67,8 @@ def estimate_memory(
     recompute: Optional[str] = None,
     engine_gib: float = 0.0,
     chunk_budget_bytes: int = FUSED_CHUNK_BYTES_MAX,
+    dp: int = 1,
+    distributed_optimizer: bool = False,
 ) -> dict:
     """Per-GPU GiB of each component, of the train and rollout phases, and their maximum ("total").
 
@@ -76,6 +79,8 @@ def estimate_memory(
         engine_gib: the colocated vLLM engine's budget while awake.
         chunk_budget_bytes: the log-prob chunk's byte budget (GPU: FUSED_CHUNK_BYTES_MAX; CPU:
             megatron_opd.logprobs.DEFAULT_CHUNK_BYTES).
+        dp, distributed_optimizer: the optimizer state is sharded over the `dp` data-parallel ranks
+            when distributed (gradient buffers stay whole: megatron reduce-scatters into them).
     """
     if attention not in ("flash", "unfused"):
         raise ValueError(f"attention={attention!r}: use 'flash' or 'unfused'")
@@ -84,7 +89,7 @@ def estimate_memory(
     out = {
         "student_weights": p_student * b,
         "gradients": p_student * 4,
-        "optimizer": p_student * (12 if b != 4 else 8),
+        "optimizer": p_student * (12 if b != 4 else 8) / (dp if distributed_optimizer else 1),
     }
     offloaded = frozen_offloaded or [False] * len(frozen)
     frozen_bytes = [local_params(s, tp, pp, ep, etp) * b for s in frozen]
@@ -129,6 +134,7 @@ def estimate_recipe(recipe: str, overrides: Optional[list[str]] = None, gpu_gib:
     if len(frozen) > len(offloaded):
         offloaded.append(bool(cfg.reference.offload))
     p = cfg.parallel
+    world = cfg.launch.nodes * cfg.launch.gpus_per_node
     # The GPU build uses the TE spec (flash attention) unless the recipe turns it off; the estimate is
     # for the cluster, so "auto" means the `gpu` extra (transformer-engine) is installed there.
     attention = "unfused" if cfg.precision.use_transformer_engine is False else "flash"
@@ -138,6 +144,8 @@ def estimate_recipe(recipe: str, overrides: Optional[list[str]] = None, gpu_gib:
         p.expert_model_parallel_size, cfg.precision.params_dtype, cfg.train.micro_batch_size,
         cfg.rollout.max_model_len, frozen_offloaded=offloaded, etp=p.etp, attention=attention,
         recompute=cfg.precision.recompute, engine_gib=engine,
+        dp=world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size),
+        distributed_optimizer=cfg.optim.use_distributed_optimizer,
     )
 
 

@@ -87,6 +87,9 @@ def test_estimate_memory_hand_computed():
     assert est["student_weights"] == pytest.approx(P / 4 * 4 / gib)
     assert est["gradients"] == pytest.approx(P / 4 * 4 / gib)
     assert est["optimizer"] == pytest.approx(P / 4 * 8 / gib)  # fp32 model: Adam m, v only
+    sharded = estimate_memory(spec, [spec], tp=2, pp=2, ep=1, dtype="bfloat16", dp=4, distributed_optimizer=True)
+    assert sharded["optimizer"] == pytest.approx(P / 4 * 12 / 4 / gib)  # fp32 main + m + v, over 4 DP ranks
+    assert sharded["gradients"] == pytest.approx(P / 4 * 4 / gib)  # the gradient buffer stays whole
     assert est["frozen_models"] == pytest.approx(P / 4 * 4 / gib)
     assert est["activations"] == pytest.approx(2 * 16 * 64 * (4 / 2) * 34 * 4 / 2 / gib)
     # forward chunk + its gradient: all 2 x 16 tokens fit one chunk of the 512 / 2 = 256-column slice
