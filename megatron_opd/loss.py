@@ -48,6 +48,12 @@ class StudentOutputs:
     lm_head: Optional[torch.Tensor] = None
     """[V/tp, H] this rank's LM-head rows, the trainable parameter (needs.teacher_hidden)."""
 
+    kl: Optional[torch.Tensor] = None
+    """[b, s] the exact per-token KL to the teacher, with grad (needs.teacher_hidden)."""
+
+    teacher_logprobs: Optional[torch.Tensor] = None
+    """[b, s] the teacher's log p(sampled token), from the same LM-head pass as `kl` (no grad)."""
+
 
 class Objective(abc.ABC):
     """The interface: what a step must provide, batch-level preparation, and the micro-batch loss."""
@@ -58,6 +64,14 @@ class Objective(abc.ABC):
         """Batch-level work after scoring, before the first update (every micro-batch of this replica;
         `dp_group` spans the replicas). Returns metrics."""
         return {}
+
+    def student_outputs(self, mb: dict, hidden: torch.Tensor, lm_head: torch.Tensor,
+                        target: torch.Tensor) -> StudentOutputs:
+        """Objectives that run the LM heads themselves (needs.teacher_hidden) compute the update's
+        student outputs in their own pass: `hidden` [n, H] the student's final hidden states at the n
+        response positions of mb, `lm_head` [V/tp, H] its trainable LM-head shard, `target` [n] the
+        sampled tokens."""
+        raise NotImplementedError(f"{type(self).__name__} does not run the LM heads (needs.teacher_hidden)")
 
     @abc.abstractmethod
     def loss(self, mb: dict, out: StudentOutputs, step: int) -> tuple[torch.Tensor, dict]:
@@ -86,14 +100,28 @@ class GOPDObjective(Objective):
                 kl_estimator=cfg.kl_loss_estimator, entropy=out.entropy, entropy_coef=cfg.entropy_coef)
         return self._exact_kl_loss(mb, out)
 
-    def _exact_kl_loss(self, mb, out):
-        from megatron_opd.vocab_kl import vocab_parallel_kl
+    def student_outputs(self, mb, hidden, lm_head, target):
+        """Exact KL: the KL, the student's log-prob (and entropy) and the teacher's log-prob of each
+        sampled token from one pass over both LM heads (`vocab_parallel_kl_and_logprobs`)."""
+        from megatron_opd.vocab_kl import vocab_parallel_kl_and_logprobs
 
         cfg = self.cfg
+        kl, lp, ent, lp_t = vocab_parallel_kl_and_logprobs(
+            hidden, lm_head, mb["teacher_hidden"], mb["teacher_lm_head"], target, self.tp_group,
+            self.vocab_size, cfg.direction, cfg.top_k, compute_entropy=self.needs.update_entropy)  # [n] each
         mask = mb["mask"].bool()  # [b, s]
-        kl = vocab_parallel_kl(out.hidden, out.lm_head, mb["teacher_hidden"], mb["teacher_lm_head"],
-                               self.tp_group, self.vocab_size, cfg.direction, cfg.top_k)  # [n]
-        per_token = torch.zeros(mask.shape, dtype=kl.dtype, device=kl.device).masked_scatter(mask, kl)
+
+        def at_positions(values):  # [n] -> [b, s], 0 elsewhere, differentiable
+            return torch.zeros(mask.shape, dtype=torch.float32, device=values.device).masked_scatter(mask, values)
+
+        return StudentOutputs(logprobs=at_positions(lp), entropy=at_positions(ent) if ent is not None else None,
+                              hidden=hidden, lm_head=lm_head, kl=at_positions(kl),
+                              teacher_logprobs=at_positions(lp_t.detach()))
+
+    def _exact_kl_loss(self, mb, out):
+        cfg = self.cfg
+        mask = mb["mask"].bool()  # [b, s]
+        per_token = out.kl
         m = mask.to(per_token.dtype)
         metrics = {"kl/student_teacher_exact": masked_mean(per_token.detach(), m)}
         old = mb.get("old_logprobs", out.logprobs.detach())
@@ -109,7 +137,7 @@ class GOPDObjective(Objective):
             per_token = per_token - cfg.entropy_coef * out.entropy
         loss = aggregate_loss(per_token, m, cfg.loss_agg_mode, mb["global_tokens"], mb["global_seqs"])
         with torch.no_grad():
-            reward = mb["teacher_logprobs"] - old
+            reward = out.teacher_logprobs - old
             metrics.update({"reward/mean": masked_mean(reward, m),
                             "reward/std": masked_std(reward, m),
                             "kl/student_teacher": masked_mean(-reward, m)})

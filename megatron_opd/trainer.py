@@ -22,6 +22,7 @@ land on exactly the ranks (the last pipeline stage) where the student's loss nee
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -353,13 +354,18 @@ class OPDTrainer:
                 inputs = micro
             self.teacher_sequences += sum(int(mb["input_ids"].shape[0]) for mb in inputs)
             with self.on_device(f"teachers[{k}]", teacher, self.cfg.teachers[k].offload):
-                outs = self.run_logprobs(teacher, inputs, hidden=needs.teacher_hidden)
+                # the exact KL needs only the teacher's hidden states: its LM head runs in the update's
+                # one pass over both heads (which also gives the teacher's sampled-token log-probs)
+                outs = self.run_logprobs(teacher, inputs, hidden=needs.teacher_hidden,
+                                         logprobs=not needs.teacher_hidden)
                 if needs.teacher_hidden and outs:  # last stage; a copy: an offloaded teacher's weights move
                     from megatron_opd.models.forward import lm_head_weight
 
                     teacher_lm_head = lm_head_weight(teacher).detach().clone()
             for i, out in enumerate(outs):  # last pipeline stage only
-                if routed:
+                if needs.teacher_hidden:  # one teacher (config): [n, H_t] at the response positions
+                    micro[i]["teacher_hidden"], micro[i]["teacher_lm_head"] = out["hidden"], teacher_lm_head
+                elif routed:
                     mb, rows, _ = parts[i]
                     mb.setdefault("teacher_logprobs", torch.zeros_like(mb["mask"], dtype=torch.float32))
                     mb["teacher_logprobs"][rows] = out["logprobs"]
@@ -367,8 +373,6 @@ class OPDTrainer:
                     mb, lp = micro[i], out["logprobs"]
                     mb["teacher_logprobs"] = lp if k == 0 else torch.where(
                         (mb["teacher_index"] == k)[:, None], lp, mb["teacher_logprobs"])
-                if needs.teacher_hidden:  # one teacher (config): [n, H_t] at the response positions
-                    mb["teacher_hidden"], mb["teacher_lm_head"] = out["hidden"], teacher_lm_head
         if self.reference is not None:
             with self.on_device("reference", self.reference, self.cfg.reference.offload):
                 outs = self.run_logprobs(self.reference, micro)
@@ -383,19 +387,23 @@ class OPDTrainer:
                 mb["old_logprobs"], mb["old_entropy"] = out["logprobs"], out["entropy"]
         return self.objective.prepare(micro, self.step, parallel.dp_group())
 
-    def run_logprobs(self, model, micro: list[dict], entropy: bool = False, hidden: bool = False) -> list[dict]:
+    def run_logprobs(self, model, micro: list[dict], entropy: bool = False, hidden: bool = False,
+                     logprobs: bool = True) -> list[dict]:
         """Forward-only log-probs (and entropy, and the final hidden states [n, H] at the response
-        positions) of each micro-batch (last pipeline stage; [] elsewhere)."""
+        positions; with logprobs=False only those, and the LM head does not run) of each micro-batch
+        (last pipeline stage; [] elsewhere)."""
         from megatron_opd.models import forward
 
         impl = "fused" if hidden else self.logprob_impl  # hidden states: the LM head runs here
 
         def fn(mb, out):  # out: [b, s, H] hidden states (fused) or [b, s, V/tp] logits
-            lp, ent = forward.response_logprobs(
-                model, out, mb, impl, tp_group=parallel.tp_group(), valid_vocab_size=self.spec.vocab_size,
-                compute_entropy=entropy, fp8=self.lm_head_fp8 and impl == "fused")  # [b, s-1]
-            extra = {"hidden": forward.gather_response(out, mb)[0]} if hidden else {}
-            return out.new_zeros(()), {"logprobs": lp, "entropy": ent, **extra}
+            result = {"hidden": forward.gather_response(out, mb)[0]} if hidden else {}
+            if logprobs:
+                lp, ent = forward.response_logprobs(
+                    model, out, mb, impl, tp_group=parallel.tp_group(), valid_vocab_size=self.spec.vocab_size,
+                    compute_entropy=entropy, fp8=self.lm_head_fp8 and impl == "fused")  # [b, s-1]
+                result.update(logprobs=lp, entropy=ent)
+            return out.new_zeros(()), result
 
         output = "hidden" if impl == "fused" else "logits"
         return forward.run_micro_batches(model, micro, fn, forward_only=True, output=output)
@@ -448,11 +456,19 @@ class OPDTrainer:
                     mb["global_tokens"], mb["global_seqs"] = counts
 
             def loss_fn(mb, out):
-                lp, ent = forward.response_logprobs(
-                    self.student, out, mb, self.logprob_impl, tp_group=parallel.tp_group(),
-                    valid_vocab_size=self.spec.vocab_size, compute_entropy=needs.update_entropy,
-                    fp8=self.lm_head_fp8,
-                )  # [b, s-1]
+                if needs.teacher_hidden:  # the objective runs both LM heads in one pass (exact KL)
+                    hidden, idx = forward.gather_response(out, mb)  # [n, H] at the response positions
+                    target = mb["input_ids"].reshape(-1).index_select(0, idx + 1)  # [n]
+                    student = self.objective.student_outputs(mb, hidden, forward.lm_head_weight(self.student),
+                                                             target)
+                    lp, ent = student.logprobs, student.entropy  # [b, s-1]
+                else:
+                    lp, ent = forward.response_logprobs(
+                        self.student, out, mb, self.logprob_impl, tp_group=parallel.tp_group(),
+                        valid_vocab_size=self.spec.vocab_size, compute_entropy=needs.update_entropy,
+                        fp8=self.lm_head_fp8,
+                    )  # [b, s-1]
+                    student = None
                 # A diverged student (non-finite log-probs) is kept as a device flag, not read here:
                 # the objective runs on zeroed log-probs (every rank reports the same metric keys for
                 # reduce_metrics' all-reduce), its loss stays in the graph multiplied by 0, and the
@@ -460,10 +476,8 @@ class OPDTrainer:
                 nonfinite = ~torch.isfinite(lp).all()
                 lp = torch.nan_to_num(lp, 0.0, 0.0, 0.0)
                 ent = torch.nan_to_num(ent, 0.0, 0.0, 0.0) if ent is not None else None
-                student = StudentOutputs(logprobs=lp, entropy=ent)
-                if needs.teacher_hidden:  # [n, H] response positions, and the trainable LM-head shard
-                    student.hidden = forward.gather_response(out, mb)[0]
-                    student.lm_head = forward.lm_head_weight(self.student)
+                student = dataclasses.replace(student, logprobs=lp, entropy=ent) if student is not None \
+                    else StudentOutputs(logprobs=lp, entropy=ent)
                 loss, metrics = objective_loss(self.objective, mb, student, step=self.step)
                 loss = torch.where(nonfinite, loss * 0.0, loss)
                 return loss, {**metrics, "loss": loss.detach(), "nonfinite": nonfinite.float()}

@@ -30,7 +30,8 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from megatron_opd.logprobs import (_group_rank, _group_size, _lm_head, _masked_fp32_logits, fused_chunk_bytes,
+from megatron_opd.logprobs import (_chunk_grad as _token_logprob_grad, _group_rank, _group_size, _lm_head,
+                                   _local_target_logit, _masked_fp32_logits, _validate, fused_chunk_bytes,
                                    lm_head_input_grads)
 
 DIRECTIONS = ("reverse", "forward")
@@ -202,3 +203,162 @@ def vocab_parallel_kl(
         from megatron_opd.logprobs import _NoCtx
 
         return _VocabParallelKL.forward(_NoCtx(), *args)
+
+
+# ------------------------------------------------------------------------------------------------
+# One pass for everything a step of the exact KL needs from the two LM heads
+# ------------------------------------------------------------------------------------------------
+def _support(z_s, z_t, threshold):
+    """Both chunks restricted to the KL's support M (copies: the full-vocabulary logits stay for the
+    sampled-token log-probs); the whole vocabulary when threshold is None."""
+    if threshold is None:
+        return z_s, z_t
+    outside = z_t < threshold.unsqueeze(-1)
+    return z_s.masked_fill(outside, float("-inf")), z_t.masked_fill(outside, float("-inf"))
+
+
+class _VocabParallelKLAndLogprobs(torch.autograd.Function):
+    """Per chunk, from one LM-head GEMM per model: the KL over M, the student's log-prob of the sampled
+    token (and entropy) over the whole vocabulary, and the teacher's log-prob of it. Backward recomputes
+    both chunks once and sums the KL's and the log-prob's gradients in the student's logits."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, target, vocab_start, valid_vocab_size, group, direction, top_k,
+                entropy, chunk):
+        n = h_s.shape[0]
+        new = lambda: torch.empty(n, dtype=torch.float32, device=h_s.device)  # noqa: E731
+        kl, lp_s, lp_t, log_z_s, log_z_sm, log_z_tm = new(), new(), new(), new(), new(), new()
+        mean_l = new() if entropy else None
+        thresholds = new() if top_k is not None else None
+        for s in range(0, n, chunk):
+            sl = slice(s, s + chunk)
+            z_t = _masked_fp32_logits(_lm_head(h_t[sl], w_t, False), vocab_start, valid_vocab_size)  # [c, V/tp]
+            z_s = _masked_fp32_logits(_lm_head(h_s[sl], w_s, False), vocab_start, valid_vocab_size)  # [c, V/tp]
+            thr = _support_threshold(z_t, top_k, group)
+            # the sampled token's log-probs, whole vocabulary: maxima, then sums (two collectives)
+            m = torch.stack([z_s.max(-1).values, z_t.max(-1).values])  # [2, c]
+            if _group_size(group) > 1:
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            e_s = (z_s - m[0].unsqueeze(-1)).exp()
+            sums = [e_s.sum(-1), (z_t - m[1].unsqueeze(-1)).exp().sum(-1),
+                    _local_target_logit(z_s, target[sl], vocab_start)[0],
+                    _local_target_logit(z_t, target[sl], vocab_start)[0]]
+            if entropy:
+                sums.append((e_s * z_s.masked_fill(e_s == 0, 0.0)).sum(-1))
+            del e_s
+            stacked = torch.stack(sums)  # [4 or 5, c]
+            if _group_size(group) > 1:
+                dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+            log_z_s[sl] = m[0] + stacked[0].log()
+            lp_s[sl] = stacked[2] - log_z_s[sl]
+            lp_t[sl] = stacked[3] - (m[1] + stacked[1].log())
+            if entropy:
+                mean_l[sl] = stacked[4] / stacked[0]
+            # the KL over its support M (the same chunk, restricted for top-k)
+            zm_s, zm_t = _support(z_s, z_t, thr)
+            del z_s, z_t
+            log_z_sm[sl], log_z_tm[sl], kl[sl] = _log_partition(zm_s, zm_t, direction, group)
+            if thr is not None:
+                thresholds[sl] = thr
+            del zm_s, zm_t
+        ctx.save_for_backward(h_s, w_s, h_t, w_t, target, log_z_s, log_z_sm, log_z_tm, kl,
+                              *([mean_l] if entropy else []), *([thresholds] if top_k is not None else []))
+        ctx.meta = (vocab_start, valid_vocab_size, group, direction, top_k, entropy, chunk)
+        ent = (log_z_s - mean_l) if entropy else torch.zeros(0, device=h_s.device)
+        return kl, lp_s, ent, lp_t
+
+    @staticmethod
+    def backward(ctx, g_kl, g_lp, g_ent, _g_lp_t):
+        vocab_start, valid_vocab_size, group, direction, top_k, entropy, chunk = ctx.meta
+        h_s, w_s, h_t, w_t, target, log_z_s, log_z_sm, log_z_tm, kl, *rest = ctx.saved_tensors
+        mean_l = rest.pop(0) if entropy else None
+        thresholds = rest.pop(0) if top_k is not None else None
+        zeros = torch.zeros_like(kl)
+        g_kl = g_kl.float() if g_kl is not None else zeros
+        g_lp = g_lp.float() if g_lp is not None else zeros
+        use_ent = entropy and g_ent is not None and g_ent.numel() > 0
+        grad_hidden = torch.empty_like(h_s)
+        grad_weight = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
+        for s in range(0, h_s.shape[0], chunk):
+            sl = slice(s, s + chunk)
+            z_t = _masked_fp32_logits(_lm_head(h_t[sl], w_t, False), vocab_start, valid_vocab_size)
+            z_s = _masked_fp32_logits(_lm_head(h_s[sl], w_s, False), vocab_start, valid_vocab_size)
+            gz = _token_logprob_grad(z_s, target[sl], vocab_start, log_z_s[sl], mean_l[sl] if use_ent else None,
+                                     g_lp[sl], g_ent[sl].float() if use_ent else None)  # [c, V/tp]
+            zm_s, zm_t = _support(z_s, z_t, thresholds[sl] if thresholds is not None else None)
+            del z_s, z_t
+            gz += _chunk_grad(zm_s, zm_t, log_z_sm[sl], log_z_tm[sl], kl[sl], g_kl[sl], direction)
+            del zm_s, zm_t
+            gh, gw = lm_head_input_grads(gz, h_s[sl], w_s)
+            grad_hidden[sl] = gh
+            grad_weight += gw
+        if _group_size(group) > 1:  # replicated hidden states: sum the vocabulary slices' shares
+            dist.all_reduce(grad_hidden, group=group)
+        return (grad_hidden, grad_weight.to(w_s.dtype), None, None, None, None, None, None, None, None, None,
+                None)
+
+
+def vocab_parallel_kl_and_logprobs(
+    student_hidden: torch.Tensor,
+    student_lm_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_lm_head: torch.Tensor,
+    target_ids: torch.Tensor,
+    tp_group=None,
+    valid_vocab_size: Optional[int] = None,
+    direction: str = "reverse",
+    top_k: Optional[int] = None,
+    compute_entropy: bool = False,
+    chunk_size: Union[int, str] = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """`vocab_parallel_kl` and, from the same chunks, the log-probs of the sampled tokens: one LM-head
+    GEMM per model and token in forward, one more in backward (computing them separately ran the
+    teacher's head three times and the student's four).
+
+    Args: as `vocab_parallel_kl`, plus
+        target_ids: `[n]` the sampled token at each position (global ids).
+        compute_entropy: also the student's entropy over the whole vocabulary.
+
+    Returns:
+        `(kl [n], student log p(target) [n], student entropy [n] or None, teacher log p(target) [n])`,
+        fp32. The KL's support is M (the teacher's top-k or the whole vocabulary), the log-probs' the
+        whole valid vocabulary. Differentiable w.r.t. the student's hidden states and LM head through
+        the KL, the student's log-probs and its entropy; the teacher's log-probs carry no gradient.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}: use one of {DIRECTIONS}")
+    n, h = student_hidden.shape
+    if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
+        raise ValueError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)}, expected [{n}, H_t] "
+                         "(one row per student position)")
+    if student_lm_head.dim() != 2 or student_lm_head.shape[1] != h:
+        raise ValueError(f"student_lm_head has shape {tuple(student_lm_head.shape)}, expected [V/tp, {h}]")
+    if teacher_lm_head.shape != (student_lm_head.shape[0], teacher_hidden.shape[1]):
+        raise ValueError(f"teacher_lm_head has shape {tuple(teacher_lm_head.shape)}, expected "
+                         f"[{student_lm_head.shape[0]}, {teacher_hidden.shape[1]}] (the student's "
+                         "vocabulary slice, the teacher's hidden size)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    local_vocab = student_lm_head.shape[0]
+    _validate(target_ids, (n,), chunk_size if chunk_size != "auto" else "auto", valid_vocab_size, local_vocab,
+              _group_size(tp_group))
+    if chunk_size == "auto":
+        # both models' logits, their restricted copies (top-k) and two temporaries per chunk
+        budget = fused_chunk_bytes(local_vocab, max(h, teacher_hidden.shape[1])) // (6 if top_k else 4)
+        chunk = max(1, budget // (4 * local_vocab))
+    elif isinstance(chunk_size, int) and chunk_size > 0:
+        chunk = chunk_size
+    else:
+        raise ValueError(f"chunk_size must be a positive number of tokens or 'auto', got {chunk_size!r}")
+    vocab_start = _group_rank(tp_group) * local_vocab
+    args = (student_hidden, student_lm_head, teacher_hidden.detach(), teacher_lm_head.detach(),
+            target_ids.reshape(-1).long(), vocab_start, valid_vocab_size, tp_group, direction, top_k,
+            compute_entropy, chunk)
+    if torch.is_grad_enabled() and (student_hidden.requires_grad or student_lm_head.requires_grad):
+        kl, lp_s, ent, lp_t = _VocabParallelKLAndLogprobs.apply(*args)
+    else:
+        with torch.no_grad():
+            from megatron_opd.logprobs import _NoCtx
+
+            kl, lp_s, ent, lp_t = _VocabParallelKLAndLogprobs.forward(_NoCtx(), *args)
+    return kl, lp_s, (ent if compute_entropy else None), lp_t

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megatron_opd.vocab_kl import vocab_parallel_kl
+from megatron_opd.vocab_kl import vocab_parallel_kl, vocab_parallel_kl_and_logprobs
 from mopd_testing import run_ranks
 
 
@@ -99,3 +99,75 @@ def test_bad_inputs_name_the_argument():
 def test_tp2_full_and_top_k_kl_and_gradients_equal_tp1():
     out = run_ranks(Path(__file__).parent / "workers" / "vocab_kl_tp.py", 2)
     assert out.count('"rank"') == 2
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("top_k", [None, 5])
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_one_pass_kl_and_logprobs_equal_dense_references(direction, top_k, chunk):
+    """KL over M, the student's log p(target) and entropy and the teacher's log p(target) over the whole
+    vocabulary, from one pass: values and the student's gradients of g1 KL + g2 log p + g3 H equal
+    float64 autograd through dense log_softmax."""
+    h_s, w_s, h_t, w_t = inputs()
+    valid = 37
+    target = torch.randint(0, valid, (len(h_s),), generator=torch.Generator().manual_seed(2))
+    a, b = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    kl, lp, ent, lp_t = vocab_parallel_kl_and_logprobs(a, b, h_t, w_t, target, None, valid, direction, top_k,
+                                                       compute_entropy=True, chunk_size=chunk)
+    ra, rb = h_s.double().requires_grad_(), w_s.double().requires_grad_()
+    ref_kl = dense_kl(ra, rb, h_t, w_t, valid, direction, top_k)
+    ls = (ra @ rb.t())[:, :valid].log_softmax(-1)
+    lt = (h_t.double() @ w_t.double().t())[:, :valid].log_softmax(-1)
+    ref_lp, ref_lp_t = ls.gather(1, target[:, None])[:, 0], lt.gather(1, target[:, None])[:, 0]
+    ref_ent = -(ls.exp() * ls).sum(-1)
+    for got, ref in ((kl, ref_kl), (lp, ref_lp), (ent, ref_ent), (lp_t, ref_lp_t)):
+        assert torch.allclose(got.double(), ref, atol=1e-5), (got - ref).abs().max()
+    g = torch.randn(3, len(kl), generator=torch.Generator().manual_seed(1))
+    ga, gb = torch.autograd.grad((kl * g[0] + lp * g[1] + ent * g[2]).sum(), [a, b])
+    rga, rgb = torch.autograd.grad((ref_kl * g[0] + ref_lp * g[1] + ref_ent * g[2]).sum(), [ra, rb])
+    assert torch.allclose(ga.double(), rga, atol=1e-5), (ga - rga).abs().max()
+    assert torch.allclose(gb.double(), rgb, atol=1e-5), (gb - rgb).abs().max()
+    assert gb[valid:].abs().max() == 0
+    # the KL alone is the KL of the separate function
+    torch.testing.assert_close(kl, vocab_parallel_kl(h_s, w_s, h_t, w_t, None, valid, direction, top_k))
+
+
+class LMHeadGEMMs(TorchDispatchMode):
+    """Rows pushed through a GEMM with each given weight as its right operand (the logits GEMMs)."""
+
+    def __init__(self, weights: dict):
+        super().__init__()
+        self.ptrs = {w.untyped_storage().data_ptr(): (name, tuple(w.t().shape)) for name, w in weights.items()}
+        self.rows = dict.fromkeys(weights, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.mm.default:  # hidden [c, H] @ weight^T [H, V]: one logits GEMM of c rows
+            name, shape = self.ptrs.get(args[1].untyped_storage().data_ptr(), (None, None))
+            if name is not None and tuple(args[1].shape) == shape:
+                self.rows[name] += args[0].shape[0]
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_pass_runs_each_lm_head_twice_per_token_where_separate_passes_ran_it_three_and_four_times():
+    """Logits GEMMs per model and token, forward + backward of a KL step that also needs the student's
+    and the teacher's sampled-token log-probs: 2 and 2 in one pass; the separate functions (teacher
+    log-probs in scoring, student log-probs in the update, then the KL) run the teacher's 3 times and the
+    student's 4 times (their backward recomputes too)."""
+    from megatron_opd.logprobs import fused_lm_head_token_logprobs
+
+    h_s, w_s, h_t, w_t = inputs(n=16)
+    target = torch.randint(0, 37, (16,))
+    a, b = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    with LMHeadGEMMs({"student": b, "teacher": w_t}) as one:
+        kl, lp, _, lp_t = vocab_parallel_kl_and_logprobs(a, b, h_t, w_t, target, None, 37, chunk_size=4)
+        (kl + lp).sum().backward()
+    a, b = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    with LMHeadGEMMs({"student": b, "teacher": w_t}) as separate:
+        with torch.no_grad():
+            fused_lm_head_token_logprobs(h_t, w_t, target, valid_vocab_size=37, chunk_size=4)
+        lp, _ = fused_lm_head_token_logprobs(a, b, target, valid_vocab_size=37, chunk_size=4)
+        kl = vocab_parallel_kl(a, b, h_t, w_t, None, 37, chunk_size=4)
+        (kl + lp).sum().backward()
+    per_token = lambda m: {k: v / 16 for k, v in m.rows.items()}  # noqa: E731
+    assert per_token(one) == {"student": 2, "teacher": 2}, one.rows
+    assert per_token(separate) == {"student": 4, "teacher": 3}, separate.rows
