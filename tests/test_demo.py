@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from megatron_opd.demo import DemoConfig
+from megatron_opd.demo import DemoConfig, gap_closed
 from mopd_testing import REPO_ROOT
 
 TOY = ["teacher_sft_steps=3", "student_sft_steps=3", "opd_steps=2", "sft_batch_size=8",
@@ -29,10 +29,9 @@ def test_demo_runs_end_to_end_and_reuses_its_model_cache(tmp_path):
     for key in ("teacher_acc", "student_acc_before", "student_acc_after_opd", "student_acc_after_exopd",
                 "student_acc_after_grpo"):
         assert 0.0 <= results[key] <= 1.0 and float(lines[key]) == results[key]
-    gap = results["teacher_acc"] - results["student_acc_before"]
-    if gap > 0:
-        assert results["gap_closed_opd"] == pytest.approx(
-            (results["student_acc_after_opd"] - results["student_acc_before"]) / gap, abs=1e-4)
+    assert results["gap_closed_opd"] == gap_closed(results["teacher_acc"], results["student_acc_before"],
+                                                   results["student_acc_after_opd"])
+    assert lines["gap_closed_opd"] == str(results["gap_closed_opd"])
     assert (tmp_path / "demo.png").stat().st_size > 0
     for run in ("opd", "exopd", "grpo"):
         assert (tmp_path / run / "metrics.jsonl").is_file()
@@ -47,6 +46,12 @@ def test_demo_runs_end_to_end_and_reuses_its_model_cache(tmp_path):
     assert weights.stat().st_mtime_ns != built
     stamp = json.loads((tmp_path / "cache" / "student_base" / "demo_build.json").read_text())
     assert stamp["error_rate"] == 0.3
+
+
+def test_gap_closed_by_hand():
+    assert gap_closed(0.9, 0.2, 0.76) == 0.8  # (0.76 - 0.2) / (0.9 - 0.2)
+    assert gap_closed(0.9, 0.2, 0.1) == pytest.approx(-0.1429)  # a run that got worse closes a negative share
+    assert gap_closed(0.5, 0.5, 0.7) is None and gap_closed(0.4, 0.5, 0.7) is None  # no gap to close
 
 
 def test_demo_config_errors_name_the_field():

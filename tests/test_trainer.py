@@ -161,7 +161,7 @@ def test_colocated_step_phase_order(models, tmp_path):
     parked again around its own forward) -> update -> wake -> refit, and ends with the engine awake.
     On CPU sleep/wake/offload do no memory work, but the same calls run in this order."""
     student, teacher = models
-    text = run_ranks(WORKER, 1, "--config", RECIPE, *overrides(
+    text = run_ranks(WORKER, 1, "--config", RECIPE, "--record-calls", *overrides(
         models, tmp_path / "phases", "train.steps=1", "objective.gopd.lam=1.25",
         f"teachers=[{{checkpoint: {teacher}, offload: true}}]",
         "reference={offload: true}"), timeout=400)  # no checkpoint: the student's base runs as reference
@@ -170,6 +170,14 @@ def test_colocated_step_phase_order(models, tmp_path):
 
     resolved = yaml.safe_load((tmp_path / "phases" / "config.yaml").read_text())
     assert resolved["reference"] == {"checkpoint": str(student), "spec": None, "domain": None, "offload": True}
+    # what the step did, recorded at the engine's, platform's and models' own entry points
+    assert result["calls"] == [
+        "generate", "engine.sleep",
+        "onload:teachers[0]", "forward:teachers[0]", "offload:teachers[0]",
+        "onload:reference", "forward:reference", "offload:reference",
+        "train:student",
+        "engine.wake_up['weights']", "engine.begin_refit", "engine.end_refit(complete=True)",
+        "engine.wake_up['kv_cache']"], result["calls"]
     assert result["phases"] == ["rollout", "sleep", "score", "onload:teachers[0]", "offload:teachers[0]",
                                 "onload:reference", "offload:reference", "update", "wake", "refit"]
     assert result["engine_asleep"] == []

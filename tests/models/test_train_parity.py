@@ -35,4 +35,6 @@ def test_selective_recompute_gives_the_same_gradients():
 
     r = last_json(run_ranks(Path(__file__).parent / "workers" / "recompute_parity.py", 1), "modes")
     assert r["modes"] == [None, "selective"] and r["grad_norm"] > 0
+    # the recompute ran: each layer's core attention forwarded once without, twice with (in backward)
+    assert r["attention_calls"] == [r["layers"], 2 * r["layers"]], r
     assert r["max_diff"] == 0.0

@@ -31,8 +31,10 @@ def test_entropy_mask_keeps_stated_fraction(beta):
     n = int(mask.sum())
     assert int(keep.sum()) == math.ceil(beta * n)
     assert not (keep & ~mask.bool()).any()
-    # the kept tokens are the highest-entropy ones
-    assert ent[keep].min() >= ent[mask.bool() & ~keep].max() if beta < 1 else True
+    # the kept tokens are exactly the ceil(beta * n) highest entropies of the valid ones (sorted by hand)
+    valid = sorted(((float(ent[i, j]), (i, j)) for i in range(4) for j in range(10) if mask[i, j]), reverse=True)
+    expected = {pos for _, pos in valid[:math.ceil(beta * n)]}
+    assert {(i, j) for i, j in keep.nonzero().tolist()} == expected
 
 
 def test_phase_switches_at_switch_step():
@@ -68,7 +70,8 @@ def test_refinement_keeps_top_beta_by_entropy_or_everything():
     torch.manual_seed(0)
     ent, mask = torch.rand(3, 6), torch.ones(3, 6)
     keep = select_tokens(torch.zeros(3, 6), ent, mask, "refinement", refinement_beta=0.5)
-    torch.testing.assert_close(keep, top_fraction_mask(ent, mask, 0.5))
+    median = ent.flatten().sort().values[8]  # 18 tokens: the top 9 are those above the 9th smallest
+    torch.testing.assert_close(keep, ent > median)
     assert select_tokens(torch.zeros(3, 6), None, mask, "refinement", refinement_beta=None).all()
 
 
@@ -76,17 +79,20 @@ def test_reopold_loss_trains_only_selected_tokens_and_reports_fractions():
     torch.manual_seed(0)
     lp = (torch.randn(3, 6) - 1).requires_grad_()
     t = torch.randn(3, 6) - 3
-    ent = torch.rand(3, 6)
     mask = torch.ones(3, 6)
-    keep = top_fraction_mask(ent, mask, 0.5)
+    keep = torch.zeros(3, 6, dtype=torch.bool)
+    keep[:, ::2] = True  # any selection: half the tokens
     loss, m = reopold_loss(lp, t, mask, keep, reward_clip_mixture=0.2)
-    assert m["reopold/fraction_kept"] == 0.5
-    assert 0 < m["reopold/fraction_clipped"] < 1
+    raw = t - lp.detach()
+    floor = math.log(0.2 / 0.8)
+    assert float(m["reopold/fraction_kept"]) == 0.5
+    assert float(m["reopold/fraction_clipped"]) == pytest.approx(float((raw < floor).float().mean()))
+    assert 0 < float(m["reopold/fraction_clipped"]) < 1
     (g,) = torch.autograd.grad(loss, lp)
     assert (g[~keep] == 0).all() and (g[keep] != 0).any()
-    # at rho = 1 the gradient is -max(r, floor) / N on kept tokens (policy gradient of the reward)
-    r, _ = clipped_reward(lp.detach(), t, 0.2)
-    torch.testing.assert_close(g[keep], -r[keep] / mask.sum())
+    # at rho = 1 the gradient is -max(r, floor) / N on kept tokens (policy gradient of the reward),
+    # with r = lp_t - lp_s and the floor log(m / (1 - m)) written out here
+    torch.testing.assert_close(g[keep], -raw.clamp(min=floor)[keep] / mask.sum())
 
 
 def test_bad_beta_and_missing_entropy():

@@ -11,15 +11,23 @@ from mopd_testing import last_json, run_ranks
 
 
 @pytest.mark.vllm
-def test_generate_semantics_and_clear_startup_errors(vllm_dense_ckpt, tmp_path):
+def test_generate_semantics_sleep_states_and_clear_startup_errors(vllm_dense_ckpt, tmp_path):
     bad = tmp_path / "llama"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8}))
     out = run_ranks(Path(__file__).parent / "workers" / "engine_check.py", 1, "--ckpt", str(vllm_dense_ckpt),
                     "--bad-arch", str(bad), timeout=400)
-    errors = last_json(out, "errors")["errors"]
+    result = last_json(out, "errors")
+    errors, refused = result["errors"], result["refused"]
     assert "student.checkpoint" in errors["missing"]
     assert "LlamaForCausalLM" in errors["arch"] and "not supported" in errors["arch"]
+    # the sleep state machine of a real engine (tests/rollout/workers/engine_check.py)
+    assert "already asleep" in refused["sleep_twice"]
+    assert "generate on an engine whose ['kv_cache', 'weights']" in refused["generate_asleep"]
+    assert "score" in refused["score_asleep"] and "refit" in refused["refit_asleep"]
+    assert "['kv_cache'] are asleep" in refused["generate_without_kv_cache"]
+    assert "last refit did not complete" in refused["generate_after_incomplete_refit"]
+    assert "wake_up tags ['kv']" in refused["unknown_tag"]
 
 
 def test_logprob_gap():
@@ -45,36 +53,6 @@ def test_kv_cache_too_small_or_context_too_long_fails_before_vllm_starts(vllm_de
         RolloutEngine(RolloutConfig(max_model_len=too_long, kv_cache_gib=1.0), vllm_dense_ckpt)
     with pytest.raises(RolloutEngineError, match="rollout.max_model_len=1024 exceeds.*=512"):
         RolloutEngine(RolloutConfig(max_model_len=1024, kv_cache_gib=2.0), vllm_dense_ckpt)
-
-
-def test_sleeping_engine_refuses_to_generate_score_or_refit():
-    """The asleep state is tracked on every platform (vLLM's own sleep call runs only on CUDA), so a
-    step that generates or refits on a sleeping engine fails on CPU as it would on a GPU."""
-    from megatron_opd.rollout.engine import RolloutEngine, RolloutEngineError
-
-    engine = RolloutEngine.__new__(RolloutEngine)  # the state machine only: no vLLM behind it
-    engine.sleep_mode, engine.asleep, engine.llm, engine.in_process = False, set(), None, True
-    engine.weights_complete = True
-    engine.sleep()
-    with pytest.raises(RolloutEngineError, match="already asleep"):
-        engine.sleep()
-    with pytest.raises(RolloutEngineError, match=r"generate on an engine whose \['kv_cache', 'weights'\]"):
-        engine.generate([[1, 2]])
-    with pytest.raises(RolloutEngineError, match="score"):
-        engine.score([[1, 2]], [1])
-    with pytest.raises(RolloutEngineError, match=r"refit .*\['weights'\]"):
-        engine.begin_refit(1024)
-    engine.wake_up(["weights"])
-    assert engine.asleep == {"kv_cache"}
-    with pytest.raises(RolloutEngineError, match=r"generate .*\['kv_cache'\]"):
-        engine.generate([[1, 2]])
-    with pytest.raises(ValueError, match="wake_up tags"):
-        engine.wake_up(["kv"])
-    engine.wake_up()
-    assert engine.asleep == set()
-    engine.weights_complete = False  # what a failed refit leaves: a mix of old and new layers
-    with pytest.raises(RolloutEngineError, match="generate refused: the engine's last refit did not complete"):
-        engine.generate([[1, 2]])
 
 
 def test_enable_thinking_reaches_the_chat_template_or_is_refused(tmp_path):

@@ -15,7 +15,9 @@ WORKER = REPO_ROOT / "tests" / "tools" / "workers" / "peak_memory.py"
 @pytest.mark.parametrize("shape", [
     ["--hidden", "512", "--layers", "4", "--vocab", "16384", "--seq", "256", "--batch", "2"],  # weights
     ["--hidden", "256", "--layers", "2", "--vocab", "4096", "--seq", "1024", "--batch", "2"],  # attention
-], ids=["weight_bound", "attention_bound"])
+    # bf16 mixed precision: bf16 weights and activations, fp32 gradients, fp32 main parameters + Adam
+    ["--hidden", "512", "--layers", "4", "--vocab", "16384", "--seq", "256", "--batch", "2", "--dtype", "bfloat16"],
+], ids=["weight_bound", "attention_bound", "weight_bound_bf16"])
 def test_train_phase_estimate_within_25_percent_of_measured_peak(shape):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     out = subprocess.run([sys.executable, str(WORKER), *shape], capture_output=True, text=True, env=env,

@@ -11,6 +11,10 @@
 --dump-weights PATH   after training, save the student's HF-named weights to PATH (torch.save)
 --dump-samples PATH   rank 0 writes every step's replica samples (prompt ids, response ids, rollout
                       log-probs) and every held-out evaluation's metrics to PATH (json)
+--record-calls        record what the last step did to the engine, the models and their memory, as the
+                      calls themselves (RolloutEngine.generate / sleep / wake_up / begin_refit /
+                      end_refit, platform.onload / offload, each model's forward passes), not the
+                      trainer's own phase names; printed as "calls"
 """
 
 import argparse
@@ -28,6 +32,7 @@ def main():
     ap.add_argument("--fixed-rollout", action="store_true")
     ap.add_argument("--dump-weights", default=None)
     ap.add_argument("--dump-samples", default=None)
+    ap.add_argument("--record-calls", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
@@ -103,8 +108,11 @@ def main():
 
         ColocatedRollout.generate, ColocatedRollout.evaluate = generate, evaluate
 
+    calls: list = []
     cfg = load_config(args.config, args.overrides)
     trainer = OPDTrainer(cfg)
+    if args.record_calls:
+        record_calls(trainer, calls)
     try:
         trainer.setup()
         trainer.train()
@@ -115,11 +123,52 @@ def main():
                 json.dump(record, f)
         if trainer.rank0:
             print(json.dumps({"step": trainer.step, "skipped_steps": trainer.skipped_steps,
-                              "phases": trainer.phases,
+                              "phases": trainer.phases, "calls": calls,
                               "engine_asleep": trainer.engines.asleep}),
                   flush=True)
     finally:
         trainer.cleanup()
+
+
+def record_calls(trainer, calls: list) -> None:
+    """Wrap the engine's, platform's and models' entry points so that each call appends its name to
+    `calls` (cleared at every step's rollout: what is left is the last step and its evaluation)."""
+    from megatron_opd import platform
+    from megatron_opd.models import forward
+    from megatron_opd.rollout.colocated import ColocatedRollout
+    from megatron_opd.rollout.engine import RolloutEngine
+
+    def role(model):  # (the set-up's own offloads run before the trainer holds its models)
+        student = getattr(trainer, "student", None)
+        if student is not None and (model is student or getattr(model, "module", None) is student):
+            return "student"
+        if model is getattr(trainer, "reference", None):
+            return "reference"
+        return next((f"teachers[{i}]" for i, t in enumerate(getattr(trainer, "teachers", [])) if t is model),
+                    "a model being built")
+
+    def wrap(owner, name, label):
+        real = getattr(owner, name)
+
+        def recorded(*a, **k):
+            entry = label(*a, **k)
+            if entry == "generate":
+                calls.clear()
+            calls.append(entry)
+            return real(*a, **k)
+
+        setattr(owner, name, recorded)
+
+    wrap(ColocatedRollout, "generate", lambda self, *a, **k: "generate")  # the step's rollout
+    wrap(RolloutEngine, "sleep", lambda self: "engine.sleep")
+    wrap(RolloutEngine, "wake_up", lambda self, tags=RolloutEngine.SLEEP_TAGS: f"engine.wake_up{sorted(tags)}")
+    wrap(RolloutEngine, "begin_refit", lambda self, *a, **k: "engine.begin_refit")
+    wrap(RolloutEngine, "end_refit", lambda self, complete: f"engine.end_refit(complete={complete})")
+    wrap(platform, "onload", lambda module: f"onload:{role(module)}")
+    wrap(platform, "offload", lambda module: f"offload:{role(module)}")
+    wrap(forward, "run_micro_batches",
+         lambda model, micro, fn, forward_only, output="logits":
+         f"{'forward' if forward_only else 'train'}:{role(model)}")
 
 
 def fixed_sample(self, samples, first_index, step):

@@ -41,9 +41,40 @@ def main():
     assert t["response_mask"][0].sum().item() == s0.length and t["response_mask"][0, p - 1] == 1
     assert t["response_mask"][0, p - 2] == 0
     assert abs(t["rollout_logprobs"][0, p - 1].item() - s0.response_logprobs[0]) < 1e-6
-    # KV cache too small for the context length -> a clear error naming the field
+    # The sleep state machine, on this real engine: a sleeping engine refuses to generate, score or
+    # refit (vLLM's own sleep call runs only on CUDA; the state is tracked everywhere).
+    refused = {}
+
+    def refuses(name, fn):
+        try:
+            fn()
+        except RolloutEngineError as exc:
+            refused[name] = str(exc)
+            return True
+        return False
+
+    engine.sleep()
+    assert refuses("sleep_twice", engine.sleep)
+    assert refuses("generate_asleep", lambda: engine.generate(prompts, seed=11))
+    assert refuses("score_asleep", lambda: engine.score([a.samples[0].prompt_ids + [5]], [p]))
+    assert refuses("refit_asleep", lambda: engine.begin_refit(1024))
+    engine.wake_up(["weights"])
+    assert engine.asleep == {"kv_cache"}
+    assert refuses("generate_without_kv_cache", lambda: engine.generate(prompts, seed=11))
+    try:
+        engine.wake_up(["kv"])
+        raise AssertionError("an unknown wake-up tag was accepted")
+    except ValueError as exc:
+        refused["unknown_tag"] = str(exc)
+    engine.wake_up()
+    c = engine.generate(prompts, seed=11)  # awake again: serves, the same seeded samples
+    assert [s.response_ids for s in c.samples] == [s.response_ids for s in a.samples]
+    # a refit that does not complete leaves a mix of old and new layers: the engine stops serving
+    engine.begin_refit(1024, buckets=1)
+    engine.end_refit(complete=False)
+    assert refuses("generate_after_incomplete_refit", lambda: engine.generate(prompts, seed=11))
     engine.shutdown()
-    print(json.dumps({"errors": errors}), flush=True)
+    print(json.dumps({"errors": errors, "refused": refused}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Worker: the peak memory of one OPD train phase (teacher scoring, student forward + backward through
 the trainer's log-prob path, optimizer step) against `tools.estimate_memory`'s train-phase prediction.
 
-One process, world size 1, fp32, local spec (unfused attention): the CPU counterpart of one GPU's
+One process, world size 1, fp32 or bf16 (--dtype), local spec (unfused attention): the CPU counterpart of one GPU's
 training phase. Peak = the process's VmHWM after the phase minus its RSS before any model exists
 (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), so the Python / torch / megatron-core
 baseline the estimator does not price is excluded.
@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--vocab", type=int, required=True)
     ap.add_argument("--seq", type=int, required=True)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
     import torch
@@ -48,7 +49,7 @@ def main():
                      norm_epsilon=1e-6, tie_word_embeddings=False, max_position_embeddings=args.seq)
     pcfg = parallel.ParallelConfig()
     parallel.initialize(pcfg, seed=0)
-    precision = PrecisionConfig(params_dtype="float32", use_transformer_engine=False)
+    precision = PrecisionConfig(params_dtype=args.dtype, use_transformer_engine=False)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     mb = {"input_ids": ids}
 
@@ -72,7 +73,7 @@ def main():
     optimizer.step()
     peak = _status_kib("VmHWM") - baseline
 
-    est = estimate_memory(spec, [spec], tp=1, pp=1, ep=1, dtype="float32", micro_batch=args.batch,
+    est = estimate_memory(spec, [spec], tp=1, pp=1, ep=1, dtype=args.dtype, micro_batch=args.batch,
                           seq_len=args.seq, attention="unfused",
                           chunk_budget_bytes=DEFAULT_CHUNK_BYTES)
     print(json.dumps({"measured_gib": peak / 2**20, "predicted_gib": est["train_phase"],
