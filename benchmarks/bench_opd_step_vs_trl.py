@@ -18,6 +18,12 @@ the response tokens each step actually sampled (megatron_opd's from its response
 completion labels of the batches its trainer generated; a step without a count is an error, not a
 default). Prints megatron_opd's per-phase breakdown and ends with
 `opd_step_tokens_per_s_ratio_vs_trl: <x>`.
+
+`--precision bf16` runs both sides in bf16 as well, in the same invocation: megatron_opd with
+`precision.params_dtype=bfloat16 rollout.dtype=bfloat16` (megatron's mixed precision: bf16 weights and
+GEMMs, fp32 main parameters, gradients and softmax reductions), TRL's GKDTrainer with `bf16=True` (CPU
+autocast of fp32 models), and adds `opd_step_tokens_per_s_ratio_vs_trl_bf16` and
+`opd_step_bf16_over_fp32_ratio` (our bf16 step's rate over our fp32 step's).
 """
 
 from __future__ import annotations
@@ -91,7 +97,7 @@ def run_ours(student, teacher, batch, max_new, steps, warmup, *extra) -> tuple[f
     return tokens / seconds, breakdown
 
 
-def run_trl(student, teacher, batch, max_new, steps, warmup) -> float:
+def run_trl(student, teacher, batch, max_new, steps, warmup, bf16: bool = False) -> float:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -116,7 +122,7 @@ def run_trl(student, teacher, batch, max_new, steps, warmup) -> float:
     cfg = GKDConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=batch,
                     max_steps=steps, lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=max_new,
                     learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to=[],
-                    use_cpu=True, bf16=False, dataloader_num_workers=0, gradient_accumulation_steps=1,
+                    use_cpu=True, bf16=bf16, dataloader_num_workers=0, gradient_accumulation_steps=1,
                     # TRL's default (True) also turns off the KV cache in its HF `generate`, which then
                     # re-runs every prefix (measured: > 8 min for one 64 x 128 rollout here); we do not
                     # checkpoint either, so TRL gets its fast path.
@@ -139,7 +145,7 @@ def run_trl(student, teacher, batch, max_new, steps, warmup) -> float:
     if len(tokens) != len(times):
         raise RuntimeError(f"TRL ran {len(times)} steps but {len(tokens)} generations were counted: the "
                            "benchmark's token count hook no longer matches GKDTrainer; fix it, do not guess")
-    print(f"trl GKDTrainer: {sum(times[warmup:]) / len(times[warmup:]):.2f} s and "
+    print(f"trl GKDTrainer{' (bf16)' if bf16 else ''}: {sum(times[warmup:]) / len(times[warmup:]):.2f} s and "
           f"{sum(tokens[warmup:]) / len(tokens[warmup:]):.0f} response tokens per step", flush=True)
     return sum(tokens[warmup:]) / sum(times[warmup:])
 
@@ -157,6 +163,8 @@ def main():
     ap.add_argument("--variants", default="new,logits-fixed",
                     help="megatron_opd settings to run: new (defaults: fused log-probs, token budget) and/or "
                          "logits-fixed (materialised logits, fixed 4-row micro-batches: the previous loop)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: also run the default variant and TRL in bf16 (same invocation, same models)")
     args = ap.parse_args()
     realistic = args.size == "realistic"
     defaults = dict(batch=(64 if realistic else 32), max_new_tokens=(128 if realistic else 24),
@@ -173,8 +181,12 @@ def main():
                 f"train.max_tokens_per_micro_batch={4096 if realistic else 1024}"],
         "logits-fixed": [f"rollout.max_model_len={256 if realistic else 96}", "train.logprob_impl=logits", "train.micro_batch_size=4"],
     }
+    names = args.variants.split(",")
+    if args.precision == "bf16":
+        variants["new-bf16"] = variants["new"] + ["precision.params_dtype=bfloat16", "rollout.dtype=bfloat16"]
+        names.append("new-bf16")
     results = {}
-    for name in args.variants.split(","):
+    for name in names:
         rate, breakdown = run_ours(args.student, args.teacher, *run, *variants[name])
         results[name] = rate
         print(f"megatron_opd [{name}]: {rate:.1f} response tokens/s; per step: "
@@ -189,6 +201,14 @@ def main():
     if "logits-fixed" in results and "new" in results:
         print(f"opd_step_tokens_per_s_ratio_vs_previous_loop: {results['new'] / results['logits-fixed']:.3f}")
     print(f"opd_step_tokens_per_s_ratio_vs_trl: {ours / theirs:.3f}")
+    if args.precision == "bf16":
+        theirs_bf16 = run_trl(args.student, args.teacher, *run, bf16=True)
+        print(f"trl GKDTrainer bf16: {theirs_bf16:.1f} response tokens/s", flush=True)
+        print(f"opd_step_tokens_per_s_megatron_opd_bf16: {results['new-bf16']:.2f}")
+        print(f"opd_step_tokens_per_s_trl_bf16: {theirs_bf16:.2f}")
+        print(f"opd_step_bf16_over_fp32_ratio: {results['new-bf16'] / results['new']:.3f}")
+        print(f"trl_bf16_over_fp32_ratio: {theirs_bf16 / theirs:.3f}")
+        print(f"opd_step_tokens_per_s_ratio_vs_trl_bf16: {results['new-bf16'] / theirs_bf16:.3f}")
 
 
 if __name__ == "__main__":

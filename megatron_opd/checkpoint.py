@@ -256,16 +256,28 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def set_aside_earlier_run(root: str | Path) -> Optional[Path]:
-    """A fresh run (train.resume=false) into a directory holding another run's checkpoints moves them to
-    `<root>.previous` (replacing an older one) instead of mixing step numbers with them. Rank 0 only."""
-    root = Path(root)
-    if _rank() != 0 or not any(root.glob("step_*")):
+#: What a run writes into its `train.out_dir` (besides files other tools add there).
+RUN_ARTIFACTS = ("checkpoints", "checkpoints.previous", "metrics.jsonl", "config.yaml", "curves.png",
+                 "tensorboard", "PREEMPTED")
+PREVIOUS_RUNS = "previous_runs"
+
+
+def set_aside_earlier_run(out_dir: str | Path) -> Optional[Path]:
+    """A fresh run (nothing resumed) into a directory holding an earlier run's outputs moves all of them
+    (checkpoints, metrics, config, curves, TensorBoard events) into `<out_dir>/previous_runs/<N>/`, N the
+    next free number: nothing of an earlier run is overwritten, mixed with the new one or ever deleted.
+    Returns where they went (None: nothing to set aside, or not rank 0)."""
+    out_dir = Path(out_dir)
+    found = [out_dir / name for name in RUN_ARTIFACTS if (out_dir / name).exists()]
+    if _rank() != 0 or not found:
         return None
-    aside = root.with_name(root.name + ".previous")
-    if aside.exists():
-        shutil.rmtree(aside)
-    os.replace(root, aside)
+    root = out_dir / PREVIOUS_RUNS
+    root.mkdir(exist_ok=True)
+    n = 1 + max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0)
+    aside = root / str(n)
+    aside.mkdir()
+    for path in found:
+        os.replace(path, aside / path.name)
     return aside
 
 

@@ -170,7 +170,7 @@ class TrainConfig:
     resume: str = "true"
     """true: continue from the newest checkpoint in out_dir if one exists, refusing a config that changed
     in anything but the run length, evaluation or logging (RESUMABLE_CHANGES); force: continue even so;
-    false: start afresh (an earlier run's checkpoints are moved to checkpoints.previous/)."""
+    false: start afresh (an earlier run's outputs are moved to previous_runs/<N>/, never deleted)."""
 
     skip_nonfinite: bool = True
     """Skip (and count) an update whose loss or grad norm is not finite instead of stopping."""

@@ -136,11 +136,13 @@ class OPDTrainer:
         from megatron_opd.checkpoint import load_checkpoint, set_aside_earlier_run
 
         out = Path(self.cfg.train.out_dir)
-        if ckpt is None:
-            aside = set_aside_earlier_run(out / "checkpoints")
+        if ckpt is None:  # a fresh run: whatever an earlier run left here is kept, numbered, untouched
+            aside = set_aside_earlier_run(out)
             if aside is not None:
-                print(f"train.resume=false: the earlier run's checkpoints in {out / 'checkpoints'} were "
-                      f"moved to {aside}", flush=True)
+                print(f"a fresh run in {out}: the earlier run's outputs (checkpoints, metrics, config, "
+                      f"TensorBoard) were moved to {aside}", flush=True)
+            if dist.is_initialized():
+                dist.barrier()  # every rank sees the emptied directory before anything is written
             return False
         meta = load_checkpoint(ckpt, self.student, self.optimizer, self.scheduler)
         self.step = meta["step"]
@@ -632,7 +634,7 @@ def check_resumable(ckpt: Path, cfg: OPDConfig) -> None:
         raise ValueError(
             f"train.resume: {ckpt} was written with a different config ({shown}). Only the run length, "
             "evaluation and logging may change on resume. Set train.resume=force to continue with the new "
-            "config, train.resume=false to start afresh (the old checkpoints move to checkpoints.previous/), "
+            "config, train.resume=false to start afresh (the earlier run moves to previous_runs/<N>/), "
             "or use another train.out_dir")
 
 

@@ -211,7 +211,39 @@ def test_fresh_run_into_an_earlier_runs_directory_keeps_its_own_checkpoint(model
         models, out, "train.steps=1", "train.keep_last=1", "train.resume=false"), timeout=400)
     assert "moved to" in text and latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step_1"
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_1"]
-    assert (out / "checkpoints.previous" / "step_2" / "meta.json").is_file()  # the earlier run, kept aside
+    earlier = out / "previous_runs" / "1"  # the earlier run, kept aside whole
+    assert (earlier / "checkpoints" / "step_2" / "meta.json").is_file()
+    assert [json.loads(l)["step"] for l in (earlier / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_fresh_runs_set_every_earlier_run_aside_numbered_and_never_delete_one(tmp_path):
+    """Two fresh runs after a first one: each earlier run's outputs move whole to previous_runs/<N>/
+    (the second fresh run used to delete the first one's `checkpoints.previous`, and every fresh run
+    overwrote metrics.jsonl, config.yaml and curves.png and mixed TensorBoard events)."""
+    from megatron_opd.checkpoint import set_aside_earlier_run
+
+    out = tmp_path / "run"
+
+    def fake_run(tag):
+        (out / "checkpoints" / "step_1").mkdir(parents=True)
+        (out / "checkpoints" / "step_1" / "meta.json").write_text(tag)
+        (out / "tensorboard").mkdir()
+        (out / "tensorboard" / "events").write_text(tag)
+        for name in ("metrics.jsonl", "config.yaml", "curves.png"):
+            (out / name).write_text(tag)
+        (out / "notes.txt").write_text("the user's own file")
+
+    assert set_aside_earlier_run(out) is None  # nothing there yet
+    fake_run("first")
+    assert set_aside_earlier_run(out) == out / "previous_runs" / "1"
+    fake_run("second")
+    assert set_aside_earlier_run(out) == out / "previous_runs" / "2"
+    for n, tag in ((1, "first"), (2, "second")):
+        kept = out / "previous_runs" / str(n)
+        assert all((kept / f).read_text() == tag for f in ("metrics.jsonl", "config.yaml", "curves.png",
+                                                           "tensorboard/events", "checkpoints/step_1/meta.json"))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "previous_runs"]
 
 
 def test_reward_correction_without_a_reference_checkpoint_is_refused():
