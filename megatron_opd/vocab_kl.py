@@ -141,6 +141,33 @@ class _VocabParallelKL(torch.autograd.Function):
         return grad_hidden, grad_weight.to(w_s.dtype), None, None, None, None, None, None, None, None
 
 
+def _check_inputs_and_chunk(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, direction: str,
+                            top_k: Optional[int], chunk_size, buffers_per_chunk: int) -> int:
+    """Refuse inconsistent shapes or settings, naming the argument; return the tokens per chunk ("auto":
+    `buffers_per_chunk` fp32 `[chunk, V/tp]` buffers within the fused log-prob path's budget)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}: use one of {DIRECTIONS}")
+    n, h = student_hidden.shape
+    if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
+        raise ValueError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)}, expected [{n}, H_t] "
+                         "(one row per student position)")
+    if student_lm_head.dim() != 2 or student_lm_head.shape[1] != h:
+        raise ValueError(f"student_lm_head has shape {tuple(student_lm_head.shape)}, expected [V/tp, {h}]")
+    if teacher_lm_head.shape != (student_lm_head.shape[0], teacher_hidden.shape[1]):
+        raise ValueError(f"teacher_lm_head has shape {tuple(teacher_lm_head.shape)}, expected "
+                         f"[{student_lm_head.shape[0]}, {teacher_hidden.shape[1]}] (the student's "
+                         "vocabulary slice, the teacher's hidden size)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    local_vocab = student_lm_head.shape[0]
+    if chunk_size == "auto":
+        budget = fused_chunk_bytes(local_vocab, max(h, teacher_hidden.shape[1])) // buffers_per_chunk
+        return max(1, budget // (4 * local_vocab))
+    if isinstance(chunk_size, int) and chunk_size > 0:
+        return chunk_size
+    raise ValueError(f"chunk_size must be a positive number of tokens or 'auto', got {chunk_size!r}")
+
+
 def vocab_parallel_kl(
     student_hidden: torch.Tensor,
     student_lm_head: torch.Tensor,
@@ -171,29 +198,9 @@ def vocab_parallel_kl(
     Returns:
         `[n]` fp32 KL per token, differentiable w.r.t. the student's hidden states and LM head.
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction={direction!r}: use one of {DIRECTIONS}")
-    n, h = student_hidden.shape
-    if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
-        raise ValueError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)}, expected [{n}, H_t] "
-                         "(one row per student position)")
-    if student_lm_head.dim() != 2 or student_lm_head.shape[1] != h:
-        raise ValueError(f"student_lm_head has shape {tuple(student_lm_head.shape)}, expected [V/tp, {h}]")
-    if teacher_lm_head.shape != (student_lm_head.shape[0], teacher_hidden.shape[1]):
-        raise ValueError(f"teacher_lm_head has shape {tuple(teacher_lm_head.shape)}, expected "
-                         f"[{student_lm_head.shape[0]}, {teacher_hidden.shape[1]}] (the student's "
-                         "vocabulary slice, the teacher's hidden size)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    chunk = _check_inputs_and_chunk(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, direction,
+                                    top_k, chunk_size, buffers_per_chunk=4)
     local_vocab = student_lm_head.shape[0]
-    if chunk_size == "auto":
-        # both models' logits and two temporaries per chunk: a quarter of the fused path's budget each
-        budget = fused_chunk_bytes(local_vocab, max(h, teacher_hidden.shape[1])) // 4
-        chunk = max(1, budget // (4 * local_vocab))
-    elif isinstance(chunk_size, int) and chunk_size > 0:
-        chunk = chunk_size
-    else:
-        raise ValueError(f"chunk_size must be a positive number of tokens or 'auto', got {chunk_size!r}")
     vocab_start = _group_rank(tp_group) * local_vocab
     args = (student_hidden, student_lm_head, teacher_hidden.detach(), teacher_lm_head.detach(), vocab_start,
             valid_vocab_size, tp_group, direction, top_k, chunk)
@@ -325,31 +332,11 @@ def vocab_parallel_kl_and_logprobs(
         whole valid vocabulary. Differentiable w.r.t. the student's hidden states and LM head through
         the KL, the student's log-probs and its entropy; the teacher's log-probs carry no gradient.
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction={direction!r}: use one of {DIRECTIONS}")
-    n, h = student_hidden.shape
-    if teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n:
-        raise ValueError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)}, expected [{n}, H_t] "
-                         "(one row per student position)")
-    if student_lm_head.dim() != 2 or student_lm_head.shape[1] != h:
-        raise ValueError(f"student_lm_head has shape {tuple(student_lm_head.shape)}, expected [V/tp, {h}]")
-    if teacher_lm_head.shape != (student_lm_head.shape[0], teacher_hidden.shape[1]):
-        raise ValueError(f"teacher_lm_head has shape {tuple(teacher_lm_head.shape)}, expected "
-                         f"[{student_lm_head.shape[0]}, {teacher_hidden.shape[1]}] (the student's "
-                         "vocabulary slice, the teacher's hidden size)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    # both models' logits, their restricted copies (top-k) and two temporaries per chunk
+    chunk = _check_inputs_and_chunk(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, direction,
+                                    top_k, chunk_size, buffers_per_chunk=6 if top_k else 4)
     local_vocab = student_lm_head.shape[0]
-    _validate(target_ids, (n,), chunk_size if chunk_size != "auto" else "auto", valid_vocab_size, local_vocab,
-              _group_size(tp_group))
-    if chunk_size == "auto":
-        # both models' logits, their restricted copies (top-k) and two temporaries per chunk
-        budget = fused_chunk_bytes(local_vocab, max(h, teacher_hidden.shape[1])) // (6 if top_k else 4)
-        chunk = max(1, budget // (4 * local_vocab))
-    elif isinstance(chunk_size, int) and chunk_size > 0:
-        chunk = chunk_size
-    else:
-        raise ValueError(f"chunk_size must be a positive number of tokens or 'auto', got {chunk_size!r}")
+    _validate(target_ids, (student_hidden.shape[0],), chunk, valid_vocab_size, local_vocab, _group_size(tp_group))
     vocab_start = _group_rank(tp_group) * local_vocab
     args = (student_hidden, student_lm_head, teacher_hidden.detach(), teacher_lm_head.detach(),
             target_ids.reshape(-1).long(), vocab_start, valid_vocab_size, tp_group, direction, top_k,
