@@ -445,7 +445,7 @@ class OPDTrainer:
     def update(self, micro: list[dict]) -> dict:
         from megatron_opd.loss import StudentOutputs, objective_loss
         from megatron_opd.models import forward
-        from megatron_opd.models.student import optimizer_state_bytes
+        from megatron_opd.models.student import gather_updated_params, optimizer_state_bytes
 
         cfg = self.cfg
         needs = self.objective.needs
@@ -502,6 +502,7 @@ class OPDTrainer:
                 metrics["grad_norm"] = float("nan")
             metrics["memory/optimizer_state_mib"] = optimizer_state_bytes(self.optimizer) / 2**20  # this rank's
             all_metrics.append(metrics)
+        gather_updated_params(self.student)  # the refit and the checkpoint read them next
         out = {k: sum(m[k] for m in all_metrics) / len(all_metrics) for k in all_metrics[0]}
         return broadcast_metrics_from_last_stage(out)
 

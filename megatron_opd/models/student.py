@@ -96,6 +96,15 @@ def wrap_ddp(model: torch.nn.Module, config: Optional[OptimConfig] = None):
     return wrapped
 
 
+def gather_updated_params(model) -> None:
+    """With `optim.overlap_param_gather`, megatron all-gathers the distributed optimizer's updated
+    parameter shards during the *next* forward; the refit and the checkpoint read the student's
+    parameters before that, so they are gathered now (synchronously; the next forward then finds them
+    gathered). Without it the optimizer step has already gathered them: nothing to do."""
+    if getattr(model, "ddp_config", None) is not None and model.ddp_config.overlap_param_gather:
+        model.start_param_sync(force_sync=True)
+
+
 def build_optimizer(model, config: OptimConfig, total_steps: int, updates_per_step: int = 1):
     """Megatron optimizer (AdamW, fp32 master weights when the model is bf16) and its scheduler."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
