@@ -67,7 +67,9 @@ def worker(args) -> None:
     cfg = load_config(REPO / "configs/recipes/demo.yaml", [
         f"student.checkpoint={args.models}/student", f"teachers=[{{checkpoint: {args.models}/teacher}}]",
         f"train.out_dir={args.out}", "train.prompts_per_step=4", "rollout.n=1",
-        f"rollout.max_model_len={length}", f"rollout.max_new_tokens={args.response_tokens}", *extra])
+        f"rollout.max_model_len={length}", f"rollout.max_new_tokens={args.response_tokens}",
+        # the sampled-token estimator: the path both variants can run (the exact KL needs the fused head)
+        "objective.gopd.estimator=sampled", *extra])
     tr = trainer_mod.OPDTrainer(cfg)
     tr.setup()
     try:
