@@ -73,10 +73,24 @@ def check_run(cfg: OPDConfig, models: RunModels):
     check_engines(cfg, models.spec, layout.world)
     check_batch_split(cfg, layout.dp)
     out = Path(cfg.train.out_dir)
+    check_writable(out)
     ckpt = latest_checkpoint(out / "checkpoints") if cfg.train.resume != "false" else None
     if ckpt is not None and cfg.train.resume == "true":
         check_resumable(ckpt, cfg)
     return layout, ckpt
+
+
+def check_writable(out: Path) -> None:
+    """The run directory must be writable before any model is built (minutes with a 30B teacher)."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_check_"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"train.out_dir={str(out)!r} is not writable ({exc.strerror or exc}); choose a directory "
+                         "this job can write to") from None
 
 
 def check_engines(cfg: OPDConfig, spec, world: int) -> list:

@@ -45,11 +45,17 @@ def load_records(
         if key not in ds.column_names:
             raise ValueError(f"{path}: no field {key!r} (columns: {ds.column_names}); set {field}")
     has_domain = domain_key in ds.column_names
-    return [
-        {"prompt": str(r[prompt_key]), "answer": str(r[answer_key]),
-         "domain": str(r[domain_key]) if has_domain and r[domain_key] is not None else default_domain}
-        for r in ds
-    ]
+    records = []
+    for i, r in enumerate(ds):
+        prompt = r[prompt_key]
+        if not isinstance(prompt, str) or not prompt.strip():
+            # a number column (an id) would otherwise train on "12345"-style prompts without a word
+            raise ValueError(
+                f"{path}: record {i}'s data.prompt_key={prompt_key!r} is {type(prompt).__name__} {prompt!r:.60}, "
+                "not text; point data.prompt_key at the column that holds the question")
+        records.append({"prompt": prompt, "answer": str(r[answer_key]),
+                        "domain": str(r[domain_key]) if has_domain and r[domain_key] is not None else default_domain})
+    return records
 
 
 def _has_text(path: Path) -> bool:

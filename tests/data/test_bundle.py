@@ -80,3 +80,19 @@ def test_multi_teacher_domain_without_a_teacher_is_refused_before_models_start(t
     with pytest.raises(ValueError, match=r"data.train_path: 1 prompt\(s\) have domain\(s\) \['chem'\] that no "
                                          r"teacher serves"):
         DataBundle(cfg, tmp_path / "tok")
+
+
+def test_a_prompt_field_that_is_not_text_is_refused_naming_the_field(tmp_path):
+    """A data.prompt_key naming a number column (an id) used to train on "12345"-style prompts."""
+    import json
+
+    from megatron_opd.data.dataset import load_records
+
+    path = tmp_path / "ids.jsonl"
+    path.write_text("".join(json.dumps({"id": 12345 + i, "question": f"{i}+1?", "answer": i + 1}) + "\n"
+                            for i in range(3)))
+    with pytest.raises(ValueError, match=r"data.prompt_key='id' is int 12345, not text"):
+        load_records(str(path), prompt_key="id")
+    records = load_records(str(path), prompt_key="question")
+    assert records[0] == {"prompt": "0+1?", "answer": "1", "domain": "math"}  # numeric answers are fine
+
