@@ -74,7 +74,8 @@ def check_run(cfg: OPDConfig, models: RunModels):
     check_batch_split(cfg, layout.dp)
     out = Path(cfg.train.out_dir)
     check_writable(out)
-    ckpt = latest_checkpoint(out / "checkpoints") if cfg.train.resume != "false" else None
+    report = print if parallel.launched_rank() == 0 else None
+    ckpt = latest_checkpoint(out / "checkpoints", report=report) if cfg.train.resume != "false" else None
     if ckpt is not None and cfg.train.resume == "true":
         check_resumable(ckpt, cfg)
     return layout, ckpt

@@ -118,21 +118,47 @@ def _restore_adam_steps(optimizer, loaded: dict) -> None:
                 opt.state[p]["step"] = torch.tensor(float(step))
 
 
-def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    """The newest complete checkpoint under `root`, or None."""
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint at `path` cannot be resumed from (None: it is complete). A complete checkpoint
+    has a readable meta.json, written last, whose manifest (every other file and its size) matches the
+    directory; checkpoints written before manifests existed are judged by their meta.json alone."""
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        return "no meta.json"
+    try:
+        manifest = json.loads(meta_path.read_text()).get("manifest")
+    except (OSError, ValueError) as exc:
+        return f"unreadable meta.json ({exc})"
+    for name, size in (manifest or {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def latest_checkpoint(root: str | Path, report=None) -> Optional[Path]:
+    """The newest complete checkpoint under `root` (`checkpoint_problem`), or None. Newer ones that are
+    damaged are passed over, each named to `report` (e.g. print) with what is wrong with it."""
     root = Path(root)
-    pointer = root / _LATEST
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / "meta.json").is_file():
+    # every step_N directory, newest first (a save in progress is step_N.tmp; `latest` is only a hint:
+    # a crash between the rename and its update leaves it one behind)
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name.split("_")[1].isdigit()),
+                        key=lambda p: int(p.name.split("_")[1]), reverse=True)
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-    # Fall back to scanning (e.g. a crash between the rename and the pointer update).
-    done = sorted(
-        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-         and (p / "meta.json").is_file()),
-        key=lambda p: int(p.name.split("_")[1]),
-    )
-    return done[-1] if done else None
+        if report is not None:
+            report(f"checkpoint {path} is incomplete ({problem}): passed over and kept as it is")
+    return None
+
+
+def _manifest(path: Path) -> dict[str, int]:
+    """Every file under `path` but meta.json, with its size."""
+    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != "meta.json"}
 
 
 def save_checkpoint(
@@ -174,16 +200,28 @@ def save_checkpoint(
         if tokenizer_dir is not None:
             copy_tokenizer(Path(tokenizer_dir), tmp)
         meta = {"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
-                **(extra or {})}
+                **(extra or {}), "manifest": _manifest(tmp)}
         _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, default=_json_default))
-        if final.exists():  # re-saving a step (e.g. SIGTERM right after a periodic save)
-            shutil.rmtree(final)
+        if final.exists():
+            if checkpoint_problem(final) is None:  # re-saving a step (e.g. SIGTERM right after a periodic save)
+                shutil.rmtree(final)
+            else:  # a damaged one the run passed over: kept for inspection, never overwritten
+                os.replace(final, _unused(root / f"damaged_{final.name}"))
         os.replace(tmp, final)
         maybe_fail("checkpoint_renamed")
         _write_atomic(root / _LATEST, final.name)
         _prune(root, keep_last, step)
     _barrier()
     return final
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ... : the first that does not exist."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def start_writer_helpers() -> None:

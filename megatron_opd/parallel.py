@@ -187,3 +187,9 @@ def launched_world_size() -> int:
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def launched_rank() -> int:
+    """This process's global rank as launched (torchrun's RANK; 0 without torchrun), known before any
+    process group exists."""
+    return int(os.environ.get("RANK", "0"))

@@ -23,3 +23,4 @@ def test_an_unwritable_out_dir_is_refused_before_any_model_is_built(tmp_path):
         locked.chmod(0o700)
     check_writable(tmp_path / "fine" / "run")
     assert (tmp_path / "fine" / "run").is_dir() and not list((tmp_path / "fine" / "run").iterdir())
+

@@ -279,6 +279,29 @@ def test_crash_while_saving_keeps_previous_checkpoint(models, tmp_path):
     assert (ckpts / "step_2" / "meta.json").is_file() and not (ckpts / "step_2.tmp").exists()
 
 
+def test_a_damaged_newest_checkpoint_is_passed_over_and_kept(models, tmp_path):
+    """A checkpoint whose shard, common state or RNG file is gone (or truncated) after it was written is
+    found by its manifest: the run resumes from the newest complete one, saying which it passed over and
+    why, and the damaged one is kept aside (damaged_step_N), not overwritten by the new step's save."""
+    from megatron_opd.checkpoint import checkpoint_problem, latest_checkpoint
+
+    out = tmp_path / "damaged"
+    run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, out, "train.steps=2"), timeout=400)
+    ckpts = out / "checkpoints"
+    manifest = json.loads((ckpts / "step_2" / "meta.json").read_text())["manifest"]
+    assert "rng_rank0.pt" in manifest and any(n.endswith(".distcp") for n in manifest)
+    assert checkpoint_problem(ckpts / "step_2") is None
+    shard = next(n for n in manifest if n.endswith(".distcp"))
+    (ckpts / "step_2" / shard).unlink()
+    said = []
+    assert latest_checkpoint(ckpts, report=said.append) == ckpts / "step_1"
+    assert said == [f"checkpoint {ckpts / 'step_2'} is incomplete ({shard} is missing): passed over and kept as it is"]
+    text = run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, out, "train.steps=3"), timeout=400)
+    assert said[0] in text and f"resuming from {ckpts / 'step_1'}" in text
+    assert checkpoint_problem(ckpts / "step_3") is None and checkpoint_problem(ckpts / "step_2") is None
+    assert (ckpts / "damaged_step_2" / "meta.json").is_file()  # the damaged one, as it was
+
+
 def test_teacher_with_different_vocabulary_is_refused_at_startup(models, tmp_path):
     from megatron_opd.config import load_config
     from megatron_opd.trainer import OPDTrainer
