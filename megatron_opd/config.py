@@ -673,13 +673,16 @@ class DataSection:
     evaluation; they are never trained on. One of eval_path / eval_holdout is required for file data."""
 
     prompt_key: str = "prompt"
-    """Field holding the prompt text."""
+    """Field holding the prompt: its text (sent as the user message) or a chat message list
+    ([{role, content}, ...], roles system/user/assistant, ending with the user's) used as the
+    conversation. A dotted path reaches into nested records (`extra.question`)."""
 
     answer_key: str = "answer"
-    """Field holding the verifiable answer."""
+    """Field holding the verifiable answer (graded by math-verify); a dotted path reaches into nested
+    records (`reward_model.ground_truth`)."""
 
     domain_key: str = "domain"
-    """Field holding the domain tag (multi-teacher routing); missing -> `default_domain`."""
+    """Field holding the domain tag (multi-teacher routing; dotted paths too); missing -> `default_domain`."""
 
     default_domain: str = "math"
     """Domain of prompts without a tag."""
@@ -702,7 +705,8 @@ class DataSection:
     runs with different train.seed (sampling, order) see the same data and are scored on the same prompts."""
 
     system_prompt: Optional[str] = None
-    """Optional system message for the chat template."""
+    """Optional system message put before every prompt's conversation. Refused when a prompt's message
+    list carries its own system message (one of the two must go)."""
 
     def __post_init__(self):
         if self.synthetic is None and self.train_path is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Optional
 
-from megatron_opd.data.dataset import PromptDataset, load_records
+from megatron_opd.data.dataset import PromptDataset, has_system_message, load_records
 from megatron_opd.data.synthetic import make_samples
 from megatron_opd.rewards.evaluation import metrics_at_k
 from megatron_opd.rewards.synthetic import boxed_match_reward
@@ -23,6 +23,14 @@ def check_domains(records: list[dict], teacher_domains: list, source: str) -> No
             f"{source}: {count} prompt(s) have domain(s) {unknown} that no teacher serves (teachers[*].domain: "
             f"{teacher_domains}); add a teacher for them, fix the data's domain field (data.domain_key), or set "
             "data.default_domain for prompts without one")
+
+
+def check_no_system_messages(records: list[dict]) -> None:
+    """data.system_prompt and a prompt's own system message cannot both apply: refuse rather than pick."""
+    own = sum(has_system_message(r["prompt"]) for r in records)
+    if own:
+        raise ValueError(f"data.system_prompt is set but {own} prompt(s) carry their own system message; remove "
+                         "data.system_prompt (their messages are used as they are) or the system messages")
 
 
 class DataBundle:
@@ -55,6 +63,8 @@ class DataBundle:
             from megatron_opd.rewards.math_verify_pool import MathVerifier
 
             self._math_verifier = MathVerifier()
+            if d.system_prompt is not None:
+                check_no_system_messages(train + held_out)
         self.teacher_domains = [t.domain for t in cfg.teachers]
         source = "data.synthetic" if d.synthetic else "data.train_path"
         check_domains(train, self.teacher_domains, source)

@@ -24,6 +24,7 @@ import torch
 
 from megatron_opd import platform
 from megatron_opd.config import RolloutConfig
+from megatron_opd.data.dataset import Prompt
 
 
 class RolloutEngineError(RuntimeError):
@@ -146,20 +147,31 @@ def chat_template_kwargs(cfg: RolloutConfig) -> dict:
     return {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
 
 
-def chat_prompt_ids(tokenizer, prompts: Sequence[str], cfg: RolloutConfig,
+def chat_messages(prompt: Prompt, system_prompt: Optional[str] = None) -> list[dict]:
+    """The conversation of a prompt: `system_prompt` (when set) as the system message, then the prompt's
+    text as the user message, or the prompt's own message list (which then has no system message of its
+    own: `DataBundle` refuses both at once)."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
+
+
+def _prompt_text(prompt: Prompt) -> str:
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def chat_prompt_ids(tokenizer, prompts: Sequence[Prompt], cfg: RolloutConfig,
                     system_prompt: Optional[str] = None) -> list[list[int]]:
     """Token ids the engine is given for each prompt: the chat template with the generation prompt."""
     out = []
     for p in prompts:
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": p})
+        messages = chat_messages(p, system_prompt)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                             **chat_template_kwargs(cfg))
         out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     return out
 
 
-def check_prompt_lengths(tokenizer, prompts: Sequence[str], cfg: RolloutConfig, source: str,
+def check_prompt_lengths(tokenizer, prompts: Sequence[Prompt], cfg: RolloutConfig, source: str,
                          system_prompt: Optional[str] = None) -> None:
     """Every prompt, after the chat template, must leave room for a response in rollout.max_model_len
     (vLLM would otherwise refuse it only at the first rollout). The template's own tokens are measured
@@ -167,9 +179,10 @@ def check_prompt_lengths(tokenizer, prompts: Sequence[str], cfg: RolloutConfig, 
     if not prompts:
         return
     overhead = len(chat_prompt_ids(tokenizer, [""], cfg, system_prompt)[0])
-    plain = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    margin = 8  # tokens merging across the template's boundaries
-    near = [i for i, ids in enumerate(plain) if overhead + len(ids) + margin >= cfg.max_model_len]
+    plain = tokenizer([_prompt_text(p) for p in prompts], add_special_tokens=False)["input_ids"]
+    margin = 8  # tokens merging across the template's boundaries, and each further message's own tokens
+    near = [i for i, (p, ids) in enumerate(zip(prompts, plain))
+            if overhead + len(ids) + margin * (1 if isinstance(p, str) else len(p)) >= cfg.max_model_len]
     exact = dict(zip(near, (len(x) for x in chat_prompt_ids(tokenizer, [prompts[i] for i in near], cfg,
                                                             system_prompt))))
     too_long = [i for i in near if exact[i] >= cfg.max_model_len]
@@ -251,13 +264,13 @@ class RolloutEngine:
         return f"vLLM engine failed to start for {self.model_dir}: {text.splitlines()[0][:300]}"
 
     # --------------------------------------------------------------------------------------------
-    def chat_prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+    def chat_prompt_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         return chat_prompt_ids(self.tokenizer, prompts, self.cfg, self.system_prompt)
 
-    def generate(self, prompts: Sequence[str] | Sequence[list[int]], n: Optional[int] = None,
+    def generate(self, prompts: Sequence[Prompt] | Sequence[list[int]], n: Optional[int] = None,
                  seed: Optional[int] = None, temperature: Optional[float] = None,
                  max_new_tokens: Optional[int] = None, first_index: int = 0) -> RolloutBatch:
-        """n samples per prompt (strings get the chat template; token-id lists are used as is).
+        """n samples per prompt (prompts get the chat template; token-id lists are used as is).
 
         `seed` makes the batch reproducible independently of earlier calls: each request gets its own
         seed derived from it and from its prompt's global index (`first_index` + position), so a
@@ -268,10 +281,10 @@ class RolloutEngine:
 
         self._require_awake("generate")
         n = n or self.cfg.n
-        if prompts and isinstance(prompts[0], str):
-            prompt_ids = self.chat_prompt_ids(prompts)  # type: ignore[arg-type]
-        else:
+        if prompts and isinstance(prompts[0], (list, tuple)) and prompts[0] and isinstance(prompts[0][0], int):
             prompt_ids = [list(p) for p in prompts]  # type: ignore[arg-type]
+        else:
+            prompt_ids = self.chat_prompt_ids(prompts)  # type: ignore[arg-type]
         params = [
             SamplingParams(
                 n=n, temperature=self.cfg.temperature if temperature is None else temperature,
