@@ -50,6 +50,9 @@ def check_layout(cfg, gpus_per_node: int) -> int:
     from megatron_opd.rollout.placement import plan_for_config
 
     plan_for_config(cfg, world, gpus_per_node, ModelSpec.from_yaml(cfg.student.spec) if cfg.student.spec else None)
+    from megatron_opd.trainer import check_batch_split
+
+    check_batch_split(cfg, world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size))
     return world
 
 
@@ -222,6 +225,27 @@ def refuse_uncommitted() -> None:
 
 
 def main(argv=None) -> int:
+    from megatron_opd.cli import USER_ERRORS
+    from megatron_opd.quiet import quiet_libraries
+
+    quiet_libraries()
+    try:
+        return _submit(argv)
+    except USER_ERRORS as exc:  # one line, before any job starts (as `megatron-opd train` says it)
+        print(f"launch.submit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def rank_error(log_dir: Path) -> Optional[str]:
+    """The one-line user error a trainer rank printed (`megatron-opd: error: ...`) in a job's logs."""
+    for log in sorted(p for p in Path(log_dir).rglob("*.log") if p.stat().st_size < 50_000_000):
+        for line in log.read_text(errors="replace").splitlines():
+            if "megatron-opd: error: " in line:
+                return line[line.index("megatron-opd: error: ") + len("megatron-opd: error: "):]
+    return None
+
+
+def _submit(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--cluster", default=None, help="cluster YAML; omit to run locally")
@@ -275,6 +299,10 @@ def main(argv=None) -> int:
         state = exp.status(return_dict=True) or {}
         failed = [name for name, task in state.items() if str(task.get("status", "")).upper() != "SUCCEEDED"]
         if failed:
+            said = rank_error(Path(exp._exp_dir))
+            if said is not None:  # a user error the trainer found (torchrun's own report hides it)
+                print(f"launch.submit: error: {said} (logs: {exp._exp_dir})", file=sys.stderr)
+                return 2
             print(f"launch.submit: the local job {failed[0]} did not succeed ({state[failed[0]].get('status')}); "
                   f"logs: {exp._exp_dir}", file=sys.stderr)
             return 1

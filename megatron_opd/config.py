@@ -856,9 +856,21 @@ def _resolve_spec_paths(cfg, recipe_dir: Path) -> None:
 def _load_yaml_chain(path: Path):
     from omegaconf import OmegaConf
 
+    import yaml
+    from omegaconf import DictConfig
+
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    cfg = OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as exc:  # PyYAML's 30-line report: the file, line and column are what matter
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"config file {path}: YAML syntax error{where} ({problem}); fix it there") from None
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"config file {path} holds a {type(cfg).__name__}, not a mapping of sections "
+                         "(train:, data:, ...); see configs/recipes/ for the layout")
     _resolve_spec_paths(cfg, path.parent)
     base = cfg.pop("base", None)
     if base is None:
@@ -890,7 +902,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     try:
         return OmegaConf.to_object(merged_config(path, overrides))
     except OmegaConfBaseException as exc:
-        raise ValueError(f"config error: {exc}") from None
+        raise ValueError(config_error(exc)) from None
     finally:
         _REQUIRE_TEACHERS.reset(token)
 
@@ -911,7 +923,15 @@ def merged_config(path: Optional[str | Path] = None, overrides: Optional[list[st
             merged = OmegaConf.merge(merged, layer)
         return merged
     except OmegaConfBaseException as exc:
-        raise ValueError(f"config error: {exc}") from None
+        raise ValueError(config_error(exc)) from None
+
+
+def config_error(exc) -> str:
+    """One line for an OmegaConf error: the field first, then what is wrong (OmegaConf's own text puts
+    the field on a later line among its internal reference and object types)."""
+    what = (getattr(exc, "msg", None) or str(exc)).splitlines()[0].strip()
+    key = getattr(exc, "full_key", None)
+    return f"config error at {key}: {what}" if key else f"config error: {what}"
 
 
 def _refuse_moved_objective_keys(layer) -> None:

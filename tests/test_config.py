@@ -154,3 +154,26 @@ def test_a_retired_key_is_refused_in_recipes_but_not_a_change_on_resume():
     new = config_to_dict(load_config(TINY))
     old = {**new, "rollout": {**new["rollout"], "mismatch_probe_size": 2}}  # a checkpoint written earlier
     assert config_changes(old, new) == []
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.stepz=3"], "config error at train.stepz: Key 'stepz' not in 'TrainConfig'. Did you mean: 'steps'?"),
+    (["train.steps=abc"], "config error at train.steps: Value 'abc' of type 'str' could not be converted to Integer"),
+])
+def test_config_errors_are_one_line_with_the_field_first(overrides, message):
+    """OmegaConf's own text put the field on its second line, among reference and object types."""
+    with pytest.raises(ValueError) as err:
+        load_config(TINY, overrides)
+    assert str(err.value) == message
+
+
+def test_a_recipe_that_is_not_yaml_or_not_a_mapping_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: 3\n  seed: [1, 2\ndata:\n  x: 1\n")
+    with pytest.raises(ValueError) as err:
+        load_config(bad)
+    assert str(err.value) == (f"config file {bad}: YAML syntax error at line 4, column 5 (did not find expected "
+                              "',' or ']'); fix it there")
+    bad.write_text("- train\n- data\n")
+    with pytest.raises(ValueError, match=r"bad.yaml holds a ListConfig, not a mapping of sections"):
+        load_config(bad)

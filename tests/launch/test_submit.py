@@ -131,4 +131,29 @@ def test_local_run_keeps_overrides_with_spaces_and_reports_a_failed_job(tmp_path
     steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1]
     bad = submit("teachers=[{checkpoint: /nonexistent/teacher}]", f"train.out_dir={tmp_path / 'bad'}")
-    assert bad.returncode == 1 and "the local job train did not succeed (FAILED); logs:" in bad.stderr
+    # the rank's one line, not torchrun's ChildFailedError report, and exit 2 as `megatron-opd train` says it
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    said = bad.stderr.strip().splitlines()[-1]
+    assert said.startswith("launch.submit: error: ") and "/nonexistent/teacher" in said and "(logs: " in said
+    assert "ChildFailedError" not in bad.stderr
+
+
+def test_user_errors_are_one_line_before_any_job(tmp_path):
+    """A layout the world cannot split and a YAML syntax error: exit 2 with one line, before torchrun
+    (under torchrun the first would end in a 44-line ChildFailedError report)."""
+    import subprocess
+
+    def submit(recipe, *overrides):
+        return subprocess.run([sys.executable, "-m", "launch.submit", "--recipe", str(recipe), *overrides],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+    split = submit("configs/recipes/tiny_opd.yaml", "launch.gpus_per_node=2", "train.prompts_per_step=3")
+    assert split.returncode == 2 and split.stderr.strip().splitlines() == [
+        "launch.submit: error: train.prompts_per_step=3 does not split over 2 data-parallel replicas; use a "
+        "multiple of the data-parallel size (world size / (TP x PP))"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: " + str(REPO_ROOT / "configs/recipes/tiny_opd.yaml") + "\ntrain:\n  steps: [1, 2\n")
+    syntax = submit(bad)
+    assert syntax.returncode == 2 and syntax.stderr.strip().splitlines() == [
+        f"launch.submit: error: config file {bad}: YAML syntax error at line 4, column 1 (did not find expected "
+        "',' or ']'); fix it there"]
