@@ -38,15 +38,16 @@ def resolve_models(cfg: OPDConfig) -> RunModels:
     from megatron_opd.models.hf_mapping import HFCheckpoint
     from megatron_opd.models.spec import ModelSpec
 
-    student = HFCheckpoint(cfg.student.checkpoint)
-    teachers = [HFCheckpoint(t.checkpoint) for t in cfg.teachers]
+    student = HFCheckpoint(cfg.student.checkpoint, role="student.checkpoint")
+    teachers = [HFCheckpoint(t.checkpoint, role=f"teachers[{i}].checkpoint") for i, t in enumerate(cfg.teachers)]
     models = RunModels(
         student=student, spec=ModelSpec.from_yaml(cfg.student.spec) if cfg.student.spec else student.spec(),
         teachers=teachers,
         teacher_specs=[ModelSpec.from_yaml(t.spec) if t.spec else c.spec() for t, c in zip(cfg.teachers, teachers)])
     if cfg.needs_reference:
         role = cfg.reference
-        models.reference = HFCheckpoint(role.checkpoint if role and role.checkpoint else cfg.student.checkpoint)
+        models.reference = HFCheckpoint(role.checkpoint if role and role.checkpoint else cfg.student.checkpoint,
+                                        role="reference.checkpoint" if role and role.checkpoint else "student.checkpoint")
         models.reference_spec = ModelSpec.from_yaml(role.spec) if role and role.spec else models.reference.spec()
         cfg.reference = ModelRoleConfig(checkpoint=str(models.reference.path), spec=role.spec if role else None,
                                         offload=bool(role.offload) if role else False)

@@ -38,28 +38,44 @@ from megatron_opd.models.spec import ModelSpec
 # HF checkpoint access (lazy, safetensors)
 # -------------------------------------------------------------------------------------------------
 class HFCheckpoint:
-    """Read-only view of a HF safetensors checkpoint directory (single file or sharded index)."""
+    """Read-only view of a HF safetensors checkpoint directory (single file or sharded index).
 
-    def __init__(self, path: str | Path):
+    `role` names the config field it came from (`teachers[0].checkpoint`) in every error: a missing or
+    Megatron-format directory, an unreadable (truncated) file, and tensors with NaN or inf values, which
+    `get` refuses (vLLM would start on them and fail only at the first rollout)."""
+
+    def __init__(self, path: str | Path, role: str = "HF checkpoint"):
         from safetensors import safe_open
 
         self.path = Path(path)
+        self.role = role
         if not self.path.is_dir():
-            raise FileNotFoundError(f"HF checkpoint directory {self.path} does not exist")
+            raise FileNotFoundError(f"{role}: HF checkpoint directory {self.path} does not exist")
         index = self.path / "model.safetensors.index.json"
+        self._safe_open = safe_open
+        self._handles = {}
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         else:
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
-                raise FileNotFoundError(f"no *.safetensors files in {self.path}")
+                raise FileNotFoundError(f"{role}: no *.safetensors files in {self.path}{_megatron_hint(self.path)}")
             weight_map = {}
             for f in files:
-                with safe_open(str(f), "pt") as h:
-                    weight_map.update({k: f.name for k in h.keys()})
+                weight_map.update({k: f.name for k in self._open(f.name).keys()})
         self._weight_map = weight_map
-        self._handles = {}
-        self._safe_open = safe_open
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            from safetensors import SafetensorError
+
+            try:
+                self._handles[fname] = self._safe_open(str(self.path / fname), "pt")
+            except (SafetensorError, OSError) as exc:
+                raise ValueError(f"{self.role}: {self.path / fname} is not a readable safetensors file "
+                                 f"({str(exc).splitlines()[0][:160]}): the file is damaged or truncated; copy "
+                                 "or convert it again") from None
+        return self._handles[fname]
 
     def keys(self) -> list[str]:
         return list(self._weight_map)
@@ -68,10 +84,7 @@ class HFCheckpoint:
         return name in self._weight_map
 
     def _handle(self, name: str):
-        fname = self._weight_map[name]
-        if fname not in self._handles:
-            self._handles[fname] = self._safe_open(str(self.path / fname), "pt")
-        return self._handles[fname]
+        return self._open(self._weight_map[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
@@ -79,10 +92,24 @@ class HFCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._weight_map:
             raise KeyError(f"tensor {name!r} missing from HF checkpoint {self.path}")
-        return self._handle(name).get_tensor(name)
+        tensor = self._handle(name).get_tensor(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{self.role}: tensor {name} in {self.path / self._weight_map[name]} has {bad} NaN or "
+                             "inf value(s): the checkpoint is damaged; copy or convert it again")
+        return tensor
 
     def spec(self) -> ModelSpec:
         return ModelSpec.from_hf_config(self.path)
+
+
+def _megatron_hint(path: Path) -> str:
+    """How to turn a Megatron checkpoint (a run's checkpoints/ or one step of it) into a HF directory."""
+    marks = ("latest", "meta.json", "metadata.json", "checkpoints")
+    if any((path / m).exists() for m in marks) or any(path.glob("step_*")):
+        return (f": it is a Megatron checkpoint or run; convert it with `python -m tools.convert_megatron_to_hf "
+                f"--megatron {path} --out <dir>` and give that directory")
+    return ""
 
 
 # -------------------------------------------------------------------------------------------------

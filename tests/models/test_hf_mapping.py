@@ -72,3 +72,42 @@ def test_transformer_engine_names_map_to_the_local_spec():
                       "decoder.layers.0.mlp.experts.local_experts.7.linear_fc1.weight",
                       "decoder.layers.0.mlp.router.weight", "output_layer.weight"]:
         assert canonical_name(unchanged) == unchanged
+
+
+def test_a_damaged_hf_checkpoint_is_named_with_its_role(tiny_dense_ckpt, tmp_path):
+    """NaN weights surfaced only after vLLM started ("rollout_logprobs contains NaN"); a truncated file as
+    a 19-line SafetensorError naming neither file nor role; a Megatron checkpoint with no converter hint."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_opd.models.hf_mapping import HFCheckpoint
+
+    bad = tmp_path / "nan"
+    shutil.copytree(tiny_dense_ckpt, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    ckpt = HFCheckpoint(bad, role="teachers[1].checkpoint")
+    ckpt.get("model.layers.0.mlp.up_proj.weight")  # the others load
+    with pytest.raises(ValueError, match=rf"teachers\[1\].checkpoint: tensor {name} in .*nan/model.safetensors "
+                                         r"has 1 NaN or inf value\(s\): the checkpoint is damaged"):
+        ckpt.get(name)
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_dense_ckpt, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"student.checkpoint: .*cut/model.safetensors is not a readable safetensors "
+                                         r"file \(.*\): the file is damaged or truncated"):
+        HFCheckpoint(cut, role="student.checkpoint")
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_2").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"student.checkpoint: no \*.safetensors files in .*run: it is a "
+                                                r"Megatron checkpoint or run; convert it with `python -m "
+                                                r"tools.convert_megatron_to_hf --megatron .*run --out <dir>`"):
+        HFCheckpoint(run, role="student.checkpoint")
+    with pytest.raises(FileNotFoundError, match=r"teachers\[0\].checkpoint: HF checkpoint directory /nonexistent"):
+        HFCheckpoint("/nonexistent", role="teachers[0].checkpoint")
