@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "math-verify==0.9.0",
     "safetensors==0.8.0",
     "tensorboard==2.21.0",
+    "wandb==0.31.0",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
     "omegaconf==2.4.0",

@@ -77,8 +77,10 @@ def check_run(cfg: OPDConfig, models: RunModels):
     check_writable(out)
     report = print if parallel.launched_rank() == 0 else None
     ckpt = latest_checkpoint(out / "checkpoints", report=report) if cfg.train.resume != "false" else None
-    if ckpt is not None and cfg.train.resume == "true":
-        check_resumable(ckpt, cfg)
+    if ckpt is not None:
+        for line in check_resumable(ckpt, cfg, layout.dp):
+            if report is not None:
+                report(line)
     return layout, ckpt
 
 

@@ -255,8 +255,11 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     _restore_adam_steps(optimizer, state["optimizer"])
     if scheduler is not None and meta.get("scheduler"):
         scheduler.load_state_dict(meta["scheduler"])
+    from megatron_opd.parallel import current_layout
+
     rng_file = path / f"rng_rank{_rank()}.pt"
-    if rng_file.is_file():
+    # at another layout rank N's RNG belonged to another shard's rank: the new layout keeps its own seeds
+    if rng_file.is_file() and meta.get("layout", current_layout()) == current_layout():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return meta
 
@@ -296,7 +299,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 #: What a run writes into its `train.out_dir` (besides files other tools add there).
 RUN_ARTIFACTS = ("checkpoints", "checkpoints.previous", "metrics.jsonl", "config.yaml", "curves.png",
-                 "tensorboard", "PREEMPTED")
+                 "tensorboard", "PREEMPTED", "wandb", "wandb_run_id")
 PREVIOUS_RUNS = "previous_runs"
 
 

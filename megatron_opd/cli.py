@@ -119,7 +119,7 @@ def _demo(args) -> int:
     from megatron_opd.demo import DemoConfig, run_demo
 
     cfg = DemoConfig.from_overrides(args.overrides, out_dir=args.out_dir)
-    run_demo(cfg)
+    run_demo(cfg, verbose=args.verbose)
     return 0
 
 
@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     p_env.set_defaults(func=_check_env)
     p_demo = sub.add_parser("demo", help="the embedded demo: build a teacher, distil a student on CPU")
     p_demo.add_argument("--out-dir", default="runs/demo", help="run directory (teacher cache inside)")
+    p_demo.add_argument("--verbose", action="store_true", help="print each stage's command line")
     p_demo.add_argument("overrides", nargs="*", help="key=value overrides of DemoConfig fields")
     p_demo.set_defaults(func=_demo)
     p_study = sub.add_parser("study", help="a grid of methods x seeds on the demo's task: table + plots")

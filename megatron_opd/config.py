@@ -168,9 +168,11 @@ class TrainConfig:
     """Run directory: checkpoints, metrics.jsonl, TensorBoard events, plots."""
 
     resume: str = "true"
-    """true: continue from the newest checkpoint in out_dir if one exists, refusing a config that changed
-    in anything but the run length, evaluation or logging (RESUMABLE_CHANGES); force: continue even so;
-    false: start afresh (an earlier run's outputs are moved to previous_runs/<N>/, never deleted)."""
+    """true: continue from the newest complete checkpoint in out_dir if one exists, refusing a config that
+    changed in anything but the run length, evaluation or logging (RESUMABLE_CHANGES) or the layout
+    (LAYOUT_CHANGES: TP / PP / EP / data-parallel size, nodes; the checkpoint is resharded on load and
+    the log says so); force: continue with any change, listed in the log; false: start afresh (an earlier
+    run's outputs are moved to previous_runs/<N>/, never deleted)."""
 
     skip_nonfinite: bool = True
     """Skip (and count) an update whose loss or grad norm is not finite instead of stopping."""
@@ -743,6 +745,41 @@ class LaunchSection:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging of the step metrics (beside metrics.jsonl and TensorBoard)."""
+
+    project: str = ""
+    """W&B project (required)."""
+
+    name: Optional[str] = None
+    """Run name; null = the name of train.out_dir."""
+
+    entity: Optional[str] = None
+    """W&B team or user; null = the logged-in account's default."""
+
+    mode: str = "online"
+    """online (needs `wandb login` or WANDB_API_KEY), or offline (a run directory under
+    <out_dir>/wandb/ to `wandb sync` later; what machines without network use)."""
+
+    def __post_init__(self):
+        if not self.project:
+            raise ValueError("metrics.wandb.project is required (metrics.wandb={project: my-project}); "
+                             "remove metrics.wandb to log to TensorBoard only")
+        if self.mode not in ("online", "offline"):
+            raise ValueError(f"metrics.wandb.mode={self.mode!r}: use online or offline (remove metrics.wandb "
+                             "to turn W&B off)")
+
+
+@dataclass
+class MetricsSection:
+    """Where step metrics go besides metrics.jsonl, TensorBoard and curves.png (always written)."""
+
+    wandb: Optional[WandbConfig] = None
+    """Weights & Biases; null (the default) = not used, not imported. A resumed run continues the same
+    W&B run (its id is kept in <out_dir>/wandb_run_id)."""
+
+
+@dataclass
 class OPDConfig:
     """A full on-policy distillation run."""
 
@@ -778,6 +815,9 @@ class OPDConfig:
 
     launch: LaunchSection = field(default_factory=LaunchSection)
     """Cluster placement (launch/)."""
+
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    """Metrics sinks beyond the run directory's own (W&B)."""
 
     def __post_init__(self):
         needs, name = self.objective.needs(), self.objective.name
@@ -959,7 +999,18 @@ def config_to_dict(cfg: OPDConfig) -> dict[str, Any]:
 #: the continuation into a different experiment, so it is refused unless `train.resume=force`.
 RESUMABLE_CHANGES = (
     "train.steps", "train.eval_every", "train.eval_samples", "train.save_every", "train.keep_last",
-    "train.resume", "train.out_dir", "data.eval_path", "data.synthetic_eval_size", "launch.time",
+    "train.resume", "train.out_dir", "data.eval_path", "data.synthetic_eval_size", "launch.time", "metrics",
+)
+
+
+#: The training and engine layout: a checkpoint is resharded to a new one on load (megatron-core's
+#: dist_checkpointing), so changing these on resume continues the same run at another size (a cluster
+#: shrinks, a job moves from 32 to 16 GPUs). Allowed by `train.resume=true` and said in the log; the
+#: data-parallel size, set by the world size, is compared from the checkpoint's recorded layout.
+LAYOUT_CHANGES = (
+    "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
+    "parallel.expert_model_parallel_size", "parallel.expert_tensor_parallel_size", "parallel.backend",
+    "parallel.timeout_minutes", "launch.nodes", "launch.gpus_per_node", "rollout.tensor_parallel_size",
 )
 
 
@@ -984,5 +1035,6 @@ def config_changes(old: dict, new: dict) -> list[str]:
             yield prefix[:-1], tree
 
     a, b = dict(leaves(old)), dict(leaves(new))
+    kept = RESUMABLE_CHANGES + RETIRED_KEYS  # a key or every key under it
     return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
-            if k not in RESUMABLE_CHANGES and k not in RETIRED_KEYS and a.get(k) != b.get(k)]
+            if not any(k == r or k.startswith(r + ".") for r in kept) and a.get(k) != b.get(k)]

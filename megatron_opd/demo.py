@@ -145,15 +145,15 @@ def build_sft_model(spec: ModelSpec, tokenizer_dir: Path, out: Path, steps: int,
                         clip_grad=1.0)
     optimizer, scheduler = build_optimizer(model, optim, steps)
     sft = SFTConfig(steps=steps, batch_size=batch_size, micro_batch_size=batch_size, seed=seed)
-    t0 = time.time()
+    from tqdm import tqdm
 
-    def log(step, loss):
-        if step % 100 == 0 or step == steps - 1:
-            print(f"[demo] sft {spec.name} step {step}/{steps} loss {loss:.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+    with tqdm(total=steps, desc=f"[demo] sft {spec.name}", unit="step", dynamic_ncols=True) as bar:
+        def log(step, loss):
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
 
-    run_sft(model, optimizer, scheduler, examples, sft, pad_id=tokenizer.pad_token_id,
-            vocab_size=spec.vocab_size, on_step=log)
+        run_sft(model, optimizer, scheduler, examples, sft, pad_id=tokenizer.pad_token_id,
+                vocab_size=spec.vocab_size, on_step=log)
     save_hf_checkpoint(model.module, spec, out)
     tokenizer.save_pretrained(str(out))
     stamp.write_text(json.dumps(recipe, indent=2))  # last: a crash before this leaves no valid cache
@@ -167,20 +167,59 @@ def _recipe_warmup_steps() -> int:
     return int(yaml.safe_load(DEMO_RECIPE.read_text())["optim"]["lr_warmup_steps"])
 
 
-def run_stage(cmd: list[str], log_path: Path, tag: str = "demo", append: bool = False) -> float:
-    """Run one stage as its own process (each stage owns its process groups and vLLM engine), its output
-    to `log_path`; returns its wall seconds. Shared by the demo and `megatron-opd study`."""
+@dataclass(frozen=True)
+class StageProgress:
+    """A progress bar for one stage: `total` steps, read from a training run's metrics.jsonl as it grows
+    (the last held-out accuracy shown beside it); without `metrics`, elapsed time only."""
+
+    desc: str
+    total: int = 0
+    metrics: Optional[Path] = None
+
+
+def run_stage(cmd: list[str], log_path: Path, tag: str = "demo", append: bool = False,
+              progress: Optional[StageProgress] = None, verbose: bool = True) -> float:
+    """Run one stage as its own process (each stage owns its process groups and vLLM engine), its command
+    line and output to `log_path` (the command also to the console with `verbose`), a progress bar on the
+    console with `progress`; returns its wall seconds. Shared by the demo and `megatron-opd study`."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "2")
-    print(f"[{tag}] $ {' '.join(cmd)}", flush=True)
+    if verbose:
+        print(f"[{tag}] $ {' '.join(cmd)}", flush=True)
     t0 = time.time()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a" if append else "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+        if progress is None:
+            proc.wait()
+        else:
+            _follow(proc, progress)
     if proc.returncode != 0:
         tail = log_path.read_text()[-4000:]
         raise RuntimeError(f"{tag} stage failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     return time.time() - t0
+
+
+def _follow(proc: subprocess.Popen, progress: StageProgress) -> None:
+    """Advance a tqdm bar from the run's metrics.jsonl (one complete line per finished step) until `proc`
+    ends."""
+    from tqdm import tqdm
+
+    with tqdm(total=progress.total or None, desc=progress.desc, unit="step", dynamic_ncols=True,
+              bar_format=None if progress.metrics else "{desc}: {elapsed}") as bar:
+        while proc.poll() is None:
+            time.sleep(1.0)
+            if progress.metrics is None or not progress.metrics.is_file():
+                bar.refresh()
+                continue
+            rows = [json.loads(l) for l in progress.metrics.read_text().splitlines() if l.endswith("}")]
+            if rows:
+                bar.update(rows[-1]["step"] - bar.n)
+                acc = [r["eval/accuracy"] for r in rows if r.get("eval/accuracy") is not None]
+                if acc:
+                    bar.set_postfix_str(f"held-out acc {acc[-1]:.3f}")
 
 
 def build_demo_models(cfg: DemoConfig) -> dict:
@@ -200,7 +239,10 @@ def build_demo_models(cfg: DemoConfig) -> dict:
     return {"teacher": teacher, "student_base": student, "tokenizer": tok_dir, "vocab": vocab, "config": cfg}
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def run_demo(cfg: DemoConfig, verbose: bool = False) -> dict:
+    """Build (or reuse) the demo's models, evaluate the teacher, train OPD, ExOPD and GRPO, print the
+    table. Each stage shows a progress bar; its command line and output go to <out_dir>/<stage>.log
+    (the command lines to the console too with `verbose`)."""
     out = Path(cfg.out_dir).resolve()
     t0 = time.time()
     models = build_demo_models(cfg)
@@ -216,7 +258,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     with_teacher = [f"teachers=[{{checkpoint: {teacher}}}]"]
     teacher_eval = out / "teacher_eval.json"
     run_stage([py, "-m", "megatron_opd.cli", "eval", "--config", str(DEMO_RECIPE), "--checkpoint", str(teacher),
-          "--output", str(teacher_eval), *common, *with_teacher], out / "teacher_eval.log")
+               "--output", str(teacher_eval), *common, *with_teacher], out / "teacher_eval.log",
+              progress=StageProgress("[demo] teacher held-out eval"), verbose=verbose)
     results = {"teacher_acc": json.loads(teacher_eval.read_text())["eval/accuracy"]}
     # name: (recipe, overrides). GRPO is the RL baseline at the same step budget (no teacher).
     runs = {"opd": (DEMO_RECIPE, ["objective.gopd.lam=1.0", *with_teacher]),
@@ -227,7 +270,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     for name, (recipe, extra) in runs.items():
         run_dir = out / name
         run_stage([py, "-m", "megatron_opd.cli", "train", "--config", str(recipe),
-              f"train.out_dir={run_dir}", "train.resume=false", *common, *extra], out / f"{name}.log")
+                   f"train.out_dir={run_dir}", "train.resume=false", *common, *extra], out / f"{name}.log",
+                  progress=StageProgress(f"[demo] {name}", cfg.opd_steps, run_dir / "metrics.jsonl"),
+                  verbose=verbose)
         from megatron_opd.metrics import read_metrics
 
         rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("eval/accuracy") is not None]
@@ -239,10 +284,24 @@ def run_demo(cfg: DemoConfig) -> dict:
     results["demo_seconds"] = round(time.time() - t0, 1)
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
     plot_demo(curves, results, out / "demo.png")
-    for k in ("teacher_acc", "student_acc_before", "student_acc_after_opd", "student_acc_after_exopd",
-              "student_acc_after_grpo", "gap_closed_opd", "demo_seconds"):
-        print(f"{k}: {results[k]}")
+    print(results_table(results, out), flush=True)
     return results
+
+
+def results_table(results: dict, out: Path) -> str:
+    """The demo's closing report: held-out accuracies, the share of the gap OPD closed, the outputs."""
+    rows = [("teacher", "teacher_acc"), ("student before", "student_acc_before"),
+            ("student after OPD", "student_acc_after_opd"), ("student after ExOPD (lam 1.25)", "student_acc_after_exopd"),
+            ("student after GRPO (no teacher)", "student_acc_after_grpo")]
+    gap = results["gap_closed_opd"]
+    return "\n".join([
+        "[demo] held-out accuracy (avg@k)",
+        *(f"  {label:<32} {results[key]:.3f}" for label, key in rows),
+        f"  OPD closed {'no gap (the student starts at the teacher)' if gap is None else f'{gap:.0%} of the gap'}"
+        f" in {results['demo_seconds'] / 60:.1f} min",
+        f"[demo] outputs: {out / 'demo_results.json'}, {out / 'demo.png'}; each stage's log and command line: "
+        f"{out}/<stage>.log",
+    ])
 
 
 def gap_closed(teacher: float, before: float, after: float) -> Optional[float]:

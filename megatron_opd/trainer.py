@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from megatron_opd import checks, parallel, platform
 from megatron_opd.checkpoint import rng_state, set_rng_state
-from megatron_opd.config import OPDConfig, config_changes, config_to_dict
+from megatron_opd.config import LAYOUT_CHANGES, OPDConfig, config_changes, config_to_dict
 from megatron_opd.faults import maybe_fail
 from megatron_opd.signals import PREEMPTED_MARKER
 from megatron_opd.objectives.policy_loss import global_counts
@@ -149,8 +149,7 @@ class OPDTrainer:
         self.skipped_steps = meta.get("skipped_steps", 0)
         self.data.train.load_state_dict(meta["data"])
         if self.rank0:
-            forced = " with a changed config (train.resume=force)" if self.cfg.train.resume == "force" else ""
-            print(f"resuming from {ckpt} (step {self.step} of {self.cfg.train.steps}){forced}", flush=True)
+            print(f"resuming from {ckpt} (step {self.step} of {self.cfg.train.steps})", flush=True)
         return True
 
     def _open_run_dir(self, resumed: bool) -> None:
@@ -159,7 +158,8 @@ class OPDTrainer:
         from megatron_opd.metrics import MetricsLogger
 
         out = Path(self.cfg.train.out_dir)
-        self.metrics = MetricsLogger(out, enabled=self.rank0, resume_step=self.step if resumed else -1)
+        self.metrics = MetricsLogger(out, enabled=self.rank0, resume_step=self.step if resumed else -1,
+                                     wandb=self.cfg.metrics.wandb, run_config=config_to_dict(self.cfg))
         if self.rank0:
             out.mkdir(parents=True, exist_ok=True)
             (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # this run has not been preempted (yet)
@@ -523,7 +523,7 @@ class OPDTrainer:
 
         save_checkpoint(
             Path(self.cfg.train.out_dir) / "checkpoints", self.step, self.student, self.optimizer,
-            self.scheduler, extra={"data": self.data.train.state_dict(),
+            self.scheduler, extra={"data": self.data.train.state_dict(), "layout": parallel.current_layout(),
                                    "skipped_steps": self.skipped_steps, "config": config_to_dict(self.cfg)},
             keep_last=self.cfg.train.keep_last, spec=self.spec, tokenizer_dir=self.student_dir,
         )
@@ -621,22 +621,42 @@ def check_tokenizers(student_dir, others: list[tuple[str, object]]) -> None:
                              "sampled responses are formatted by the student's")
 
 
-def check_resumable(ckpt: Path, cfg: OPDConfig) -> None:
-    """train.resume=true continues a run only with the config that wrote its checkpoint, up to the run
-    length, evaluation and logging (config.RESUMABLE_CHANGES). Checked from meta.json, before compute."""
+def check_resumable(ckpt: Path, cfg: OPDConfig, dp: int) -> list[str]:
+    """What changed since the checkpoint was written, as lines for the log. train.resume=true continues a
+    run only with the config that wrote it, up to the run length, evaluation and logging
+    (config.RESUMABLE_CHANGES) and the layout (config.LAYOUT_CHANGES and the data-parallel size `dp`: the
+    checkpoint is resharded on load); train.resume=force accepts any change. Checked from meta.json,
+    before compute."""
     from megatron_opd.checkpoint import read_meta
 
-    old = read_meta(ckpt).get("config")
+    meta = read_meta(ckpt)
+    old = meta.get("config")
     if old is None:  # written before checkpoints recorded their config
-        return
+        return []
     changes = config_changes(old, config_to_dict(cfg))
-    if changes:
-        shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+    layout = [c for c in changes if c.split(":")[0] in LAYOUT_CHANGES]
+    old_dp = meta.get("layout", {}).get("dp")
+    if old_dp is not None and old_dp != dp:
+        layout.append(f"data-parallel size: {old_dp} -> {dp}")
+    others = [c for c in changes if c not in layout]
+    if others and cfg.train.resume != "force":
+        shown = "; ".join(others[:5]) + (f"; and {len(others) - 5} more" if len(others) > 5 else "")
         raise ValueError(
             f"train.resume: {ckpt} was written with a different config ({shown}). Only the run length, "
-            "evaluation and logging may change on resume. Set train.resume=force to continue with the new "
-            "config, train.resume=false to start afresh (the earlier run moves to previous_runs/<N>/), "
-            "or use another train.out_dir")
+            "evaluation, logging and the layout may change on resume. Set train.resume=force to continue "
+            "with the new config, train.resume=false to start afresh (the earlier run moves to "
+            "previous_runs/<N>/), or use another train.out_dir")
+    if layout and old.get("optim", {}).get("use_distributed_optimizer"):
+        # checkpoint.DISTRIBUTED_OPTIMIZER_FORMAT keeps each rank's flat buffer shards: fast to write, but
+        # laid out for the layout that wrote them
+        raise ValueError(
+            f"train.resume: {ckpt} holds distributed-optimizer state sharded for the layout that wrote it, "
+            f"which cannot be resumed at another ({'; '.join(layout)}); resume at the checkpoint's layout, "
+            "or start afresh (train.resume=false)")
+    lines = [f"resuming at a new layout ({'; '.join(layout)}): the checkpoint is resharded on load"] if layout else []
+    if others:
+        lines.append(f"train.resume=force: continuing with a changed config ({'; '.join(others)})")
+    return lines
 
 
 def experts_span_replicas(cfg: OPDConfig, has_moe: bool, dp: int) -> bool:

@@ -84,3 +84,36 @@ def tiny_checkpoints(tmp_path_factory, seeds, spec: str = "tiny_qwen3") -> list:
     train_tokenizer(tok)
     return [save_tiny_checkpoint(tiny_spec(spec), tmp_path_factory.mktemp(f"m{seed}"), seed=seed,
                                  tokenizer_dir=tok, init_std=0.1) for seed in seeds]
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The logged steps of an offline W&B run file (run-<id>.wandb): {"_step": n, key: value, ...} each.
+    wandb 0.31 has no Python reader (its Go core writes the file), so this reads the format itself: a
+    7-byte header (":W&B", magic 0xBEE1, version 0), then LevelDB-log records in 32 KiB blocks (crc32,
+    length, type: 1 full, 2 first, 3 middle, 4 last), each record a wandb_internal_pb2.Record."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(run_file).read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
+    pos, block, records, parts = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room for a header: the block's tail is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            break
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(parts)
+            parts = b""
+    steps = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            steps.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+    return steps

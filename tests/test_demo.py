@@ -19,30 +19,40 @@ def _demo(out_dir, *overrides):
     proc = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "demo", "--out-dir", str(out_dir),
                            *TOY, *overrides], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return proc.stdout, proc.stderr
 
 
 def test_demo_runs_end_to_end_and_reuses_its_model_cache(tmp_path):
-    out = _demo(tmp_path)
-    lines = dict(l.split(": ", 1) for l in out.splitlines() if ": " in l and not l.startswith("["))
+    out, bars = _demo(tmp_path)
     results = json.loads((tmp_path / "demo_results.json").read_text())
     for key in ("teacher_acc", "student_acc_before", "student_acc_after_opd", "student_acc_after_exopd",
                 "student_acc_after_grpo"):
-        assert 0.0 <= results[key] <= 1.0 and float(lines[key]) == results[key]
+        assert 0.0 <= results[key] <= 1.0
     assert results["gap_closed_opd"] == gap_closed(results["teacher_acc"], results["student_acc_before"],
                                                    results["student_acc_after_opd"])
-    assert lines["gap_closed_opd"] == str(results["gap_closed_opd"])
+    # the closing table on the console, no command lines (they open each stage's log)
+    table = out[out.index("[demo] held-out accuracy (avg@k)"):].splitlines()
+    assert table[1].split() == ["teacher", f"{results['teacher_acc']:.3f}"]
+    assert table[3].split()[-1] == f"{results['student_acc_after_opd']:.3f}"
+    assert table[-1].startswith(f"[demo] outputs: {tmp_path / 'demo_results.json'}")
+    assert "$ " not in out and "megatron_opd.cli train" not in out
+    assert (tmp_path / "opd.log").read_text().startswith(f"$ {sys.executable} -m megatron_opd.cli train")
+    # one progress bar per stage: the SFT builds, the teacher's evaluation, each run (step / total)
+    for bar in ("[demo] sft demo-teacher", "[demo] sft demo-student", "[demo] teacher held-out eval",
+                "[demo] opd: 100%", "[demo] exopd: 100%", "[demo] grpo: 100%"):
+        assert bar in bars, bar
+    assert " 2/2 " in bars[bars.rindex("[demo] opd"):]
     assert (tmp_path / "demo.png").stat().st_size > 0
     for run in ("opd", "exopd", "grpo"):
         assert (tmp_path / run / "metrics.jsonl").is_file()
     assert "name: grpo" in (tmp_path / "grpo" / "config.yaml").read_text()  # the RL baseline, no teacher
-    assert "sft demo-student" in out and "sft demo-teacher" in out
 
     weights = tmp_path / "cache" / "student_base" / "model.safetensors"
     built = weights.stat().st_mtime_ns
     # Same recipe: both models come from the cache. A changed student recipe rebuilds only the student.
-    again = _demo(tmp_path, "student_error_rate=0.3")
-    assert "sft demo-teacher" not in again and "sft demo-student" in again
+    again, bars = _demo(tmp_path, "student_error_rate=0.3", "--verbose")
+    assert "sft demo-teacher" not in bars and "sft demo-student" in bars
+    assert f"[demo] $ {sys.executable} -m megatron_opd.cli train" in again  # --verbose: the command lines
     assert weights.stat().st_mtime_ns != built
     stamp = json.loads((tmp_path / "cache" / "student_base" / "demo_build.json").read_text())
     assert stamp["error_rate"] == 0.3

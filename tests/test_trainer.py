@@ -3,6 +3,7 @@ mid-step, a changed config on resume, non-finite steps, vocabulary mismatch, cra
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from megatron_opd.data.tokenizer import train_tokenizer
 from megatron_opd.models.hf_tiny import save_tiny_checkpoint
-from mopd_testing import REPO_ROOT, last_json, run_ranks, tiny_spec
+from mopd_testing import REPO_ROOT, last_json, run_ranks, tiny_spec, wandb_history
 
 WORKER = Path(__file__).parent / "workers" / "train_run.py"
 RECIPE = str(REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml")
@@ -143,7 +144,65 @@ def test_resume_with_a_changed_config_is_refused_unless_forced(models, tmp_path)
                                          r"\(optim.lr: 0.0001 -> 3e-05\).*train.resume=force"):
         OPDTrainer(load_config(RECIPE, overrides(models, out, "optim.lr=3e-5"))).setup()
     assert time.time() - t0 < 30 and not (out / "config.yaml").exists()  # before any compute or write
-    check_resumable(ckpt, load_config(RECIPE, overrides(models, out, "train.steps=7", "train.eval_every=1")))
+    assert check_resumable(ckpt, load_config(RECIPE, overrides(models, out, "train.steps=7", "train.eval_every=1")),
+                           dp=1) == []
+
+
+def test_resume_at_another_layout_is_said_and_force_lists_what_changed(models, tmp_path):
+    """A layout change (TP / PP / EP, the data-parallel size the world sets) continues the same run:
+    allowed by train.resume=true and said; train.resume=force lists every other change it accepts; a
+    distributed-optimizer checkpoint (sharded for its layout) is refused at another one, forced or not."""
+    from megatron_opd.config import config_to_dict, load_config
+    from megatron_opd.trainer import check_resumable
+
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints" / "step_1"
+    ckpt.mkdir(parents=True)
+
+    def written(*extra):
+        cfg = config_to_dict(load_config(RECIPE, overrides(models, out, "parallel.tensor_model_parallel_size=2",
+                                                           *extra)))
+        (ckpt / "meta.json").write_text(json.dumps({"step": 1, "config": cfg, "layout": {"tp": 2, "dp": 1}}))
+
+    written()
+    assert check_resumable(ckpt, load_config(RECIPE, overrides(models, out)), dp=2) == [
+        "resuming at a new layout (parallel.tensor_model_parallel_size: 2 -> 1; data-parallel size: 1 -> 2): "
+        "the checkpoint is resharded on load"]
+    forced = load_config(RECIPE, overrides(models, out, "train.resume=force", "optim.lr=3e-5",
+                                           "parallel.tensor_model_parallel_size=2"))
+    assert check_resumable(ckpt, forced, dp=1) == [
+        "train.resume=force: continuing with a changed config (optim.lr: 0.0001 -> 3e-05)"]
+    written("optim.use_distributed_optimizer=true")
+    for resume in ("true", "force"):
+        with pytest.raises(ValueError, match=r"holds distributed-optimizer state sharded for the layout that wrote "
+                                             r"it, which cannot be resumed at another \(parallel.tensor_model_"
+                                             r"parallel_size: 2 -> 1\); resume at the checkpoint's layout"):
+            check_resumable(ckpt, load_config(RECIPE, overrides(models, out, f"train.resume={resume}",
+                                                                "optim.use_distributed_optimizer=true")), dp=1)
+
+
+@pytest.mark.parametrize("first, then, nproc", [
+    (["parallel.tensor_model_parallel_size=2"], [], (2, 1)),
+    pytest.param([], [], (1, 2), marks=pytest.mark.slow),
+], ids=["tp2_to_tp1", "dp1_to_dp2"])
+def test_resharded_resume_continues_as_the_uninterrupted_run_at_the_new_layout(models, tmp_path, first, then,
+                                                                             nproc):
+    """Step 1 at one layout, then steps 2-3 at another: the next losses equal an uninterrupted run at the
+    new layout (the weights after step 1 differ between layouts by fp32 round-off only)."""
+    def run(out, n, steps, *extra):
+        return run_ranks(WORKER, n, "--config", RECIPE, *overrides(models, out, f"train.steps={steps}", *extra),
+                         timeout=500)
+
+    run(tmp_path / "moved", nproc[0], 1, *first)
+    said = run(tmp_path / "moved", nproc[1], 3, *then)
+    change = ("parallel.tensor_model_parallel_size: 2 -> 1" if first else "data-parallel size: 1 -> 2")
+    assert f"resuming at a new layout ({change}): the checkpoint is resharded on load" in said
+    run(tmp_path / "uninterrupted", nproc[1], 3, *then)
+    moved = {r["step"]: r for r in metrics(tmp_path / "moved")}
+    ref = {r["step"]: r for r in metrics(tmp_path / "uninterrupted")}
+    assert sorted(moved) == [0, 1, 2, 3]
+    for step in (2, 3):
+        assert moved[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5, abs=1e-7), step
 
 
 def test_nonfinite_loss_skips_step_and_counts(models, tmp_path):
@@ -188,7 +247,8 @@ def test_lr_schedule_counts_mini_batches_and_extends_on_resume(models, tmp_path)
     4 steps continues the decay over the new length instead of training at min_lr (the old schedule
     length used to come back from the checkpoint)."""
     out = tmp_path / "sched"
-    schedule = ["optim.lr=1.0e-4", "optim.lr_decay_style=linear", "train.mini_batches=2"]
+    schedule = ["optim.lr=1.0e-4", "optim.lr_decay_style=linear", "train.mini_batches=2",
+                "metrics.wandb={project: mopd-test, mode: offline}"]  # and W&B, resumed into the same run
     run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, out, "train.steps=2", *schedule), timeout=400)
     text = run_ranks(WORKER, 1, "--config", RECIPE, *overrides(models, out, "train.steps=4", *schedule),
                      timeout=400)
@@ -197,6 +257,16 @@ def test_lr_schedule_counts_mini_batches_and_extends_on_resume(models, tmp_path)
     # lr after step k = 1e-4 x (1 - 2k / (2 x steps)): two updates per step
     assert lr[1] == pytest.approx(0.5e-4) and lr[2] == pytest.approx(0.0, abs=1e-12)  # 2-step run
     assert lr[3] == pytest.approx(0.25e-4) and lr[4] == pytest.approx(0.0, abs=1e-12)  # extended to 4
+
+    # W&B (offline): both parts of the run log into one W&B run, every step's metrics as metrics.jsonl has them
+    run_id = (out / "wandb_run_id").read_text()
+    files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2
+    logged = {row["_step"]: row for f in files for row in wandb_history(f)}
+    assert sorted(logged) == [r["step"] for r in metrics(out)] == [0, 1, 2, 3, 4]
+    for r in metrics(out):
+        assert all(logged[r["step"]][k] == pytest.approx(v) for k, v in r.items()
+                   if k != "step" and isinstance(v, float) and math.isfinite(v))
 
 
 def test_fresh_run_into_an_earlier_runs_directory_keeps_its_own_checkpoint(models, tmp_path):
