@@ -231,14 +231,28 @@ def start_writer_helpers() -> None:
     at the first save (`filesystem_async._get_write_results_queue`). Under SLURM the preemption signal
     reaches every process of the job step, and that Manager, with default handlers, dies before the
     trainer's preemption checkpoint is written (BrokenPipeError, found on the local SLURM). Created early
-    inside `shielded_children`, it never receives SIGTERM/SIGUSR1; it still exits with the trainer.
+    inside `shielded_children`, it never receives SIGTERM/SIGUSR1; started here (megatron's own call,
+    `ctx.Manager().Queue()`, takes no initializer) it also dies with the trainer when that is killed
+    with SIGKILL, instead of outliving it (`signals.die_with_parent`).
     """
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron_opd.signals import shielded_children
+    from megatron_opd.signals import die_with_parent, shielded_children
 
+    global _WRITER_MANAGER
+    if filesystem_async._results_queue is not None:
+        return
     with shielded_children():
-        filesystem_async._get_write_results_queue()
+        _WRITER_MANAGER = SyncManager(ctx=mp.get_context("spawn"))
+        _WRITER_MANAGER.start(initializer=die_with_parent)
+        filesystem_async._results_queue = _WRITER_MANAGER.Queue()
+
+
+_WRITER_MANAGER = None
+"""The Manager behind megatron's write-results queue (kept referenced: it shuts down when collected)."""
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:

@@ -20,6 +20,17 @@ the run, and removes when a run starts there. Under torchrun the exit code does 
 exits 1 after forwarding a signal), so a SLURM batch script requeues on this file (launch/submit.py)."""
 
 
+def die_with_parent() -> None:
+    """In a helper process: be killed (SIGKILL) when the process that started it dies, even by kill -9,
+    which no handler sees (Linux prctl PR_SET_PDEATHSIG; a no-op elsewhere). Without it a helper such as
+    megatron's checkpoint-writer Manager outlives a killed trainer."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def shielded_children(signals: tuple = (signal.SIGTERM, signal.SIGUSR1)):
     """Processes started inside never receive SIGTERM or SIGUSR1: the signals are blocked while they

@@ -33,3 +33,18 @@ def test_checkpoint_completeness_by_manifest(tmp_path):
     (old / "meta.json").write_text("{not json")
     assert checkpoint_problem(old).startswith("unreadable meta.json")
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_a_kill_between_the_rename_and_the_latest_pointer_does_not_redo_the_step(tmp_path):
+    """`latest` is written after step_N is renamed into place: a kill in between left it naming step N-1,
+    and the resumed run redid the finished step N. The newest complete directory wins."""
+    import json
+
+    from megatron_opd.checkpoint import latest_checkpoint
+
+    for step in (1, 2):
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "meta.json").write_text(json.dumps({"step": step, "manifest": {}}))
+    (tmp_path / "step_3.tmp").mkdir()  # a save in progress is never a candidate
+    (tmp_path / "latest").write_text("step_1")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_2"

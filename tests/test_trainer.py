@@ -94,6 +94,26 @@ def test_kill9_then_resume_gives_same_next_step_loss(models, reference_run, tmp_
     assert b[3]["loss"] == a[3]["loss"] and b[2]["loss"] == a[2]["loss"]
 
 
+def test_kill9_of_the_trainer_leaves_no_process_behind(models, tmp_path):
+    """kill -9 of the trainer alone (the OOM killer, a node agent) left megatron's checkpoint-writer
+    Manager and Python's resource tracker running, orphaned; every helper now dies with it."""
+    import psutil
+
+    out = tmp_path / "orphans"
+    proc = _launch(models, out, 3)
+    try:
+        _wait_for(out / "checkpoints" / "step_1" / "meta.json", proc)
+        helpers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(helpers) >= 2, helpers  # the checkpoint writer, the engine (and their trackers)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(helpers, timeout=30)
+        assert not alive, [(p.pid, " ".join(p.cmdline()[:4])) for p in alive]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _cli_train(models, out, *extra, fault=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     if fault:
