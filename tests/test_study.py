@@ -181,6 +181,7 @@ methods:
 """
 
 
+@pytest.mark.slow  # 5.5 min: the suite's longest; `make test-all` runs it (README: Tests)
 def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path):
     cfg = tmp_path / "study.yaml"
     cfg.write_text(TINY_STUDY.format(out=tmp_path / "study"))
