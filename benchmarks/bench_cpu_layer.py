@@ -29,6 +29,7 @@ def worker(args) -> None:
 
     from megatron_opd import parallel
     from megatron_opd.models.builder import build_gpt_model
+    from megatron_opd.batching import ForwardBatch
     from megatron_opd.models.forward import prepare_for_training, run_micro_batches
     from megatron_opd.models.hf_mapping import HFCheckpoint, load_hf_into_megatron
     from megatron_opd.models.student import wrap_ddp
@@ -43,7 +44,7 @@ def worker(args) -> None:
     model = wrap_ddp(model)
     prepare_for_training(model)
     torch.manual_seed(0)
-    micro = [{"input_ids": torch.randint(3, 300, (args.rows, args.tokens))} for _ in range(args.micro)]
+    micro = [ForwardBatch(input_ids=torch.randint(3, 300, (args.rows, args.tokens))) for _ in range(args.micro)]
 
     def loss_fn(mb, logits):
         loss = logits.float().pow(2).mean() * 1e-3

@@ -85,7 +85,7 @@ def worker(args) -> None:
         thread.start()
         t0 = time.perf_counter()
         micro = tr.micro_batches(batch)
-        tr.score(micro)
+        micro, _ = tr.score(micro)
         metrics = tr.update(micro)
         seconds = time.perf_counter() - t0
         done.set()

@@ -200,25 +200,25 @@ class ObjectiveNeeds:
     """What an objective asks of a training step; the loop provides exactly this and nothing more."""
 
     teachers: bool = True
-    """Teacher log-probs of the sampled tokens (mb["teacher_logprobs"])."""
+    """Teacher log-probs of the sampled tokens (mb.teacher_logprobs)."""
 
     reference: bool = False
-    """Reference log-probs (mb["reference_logprobs"]): a reference model is built and run."""
+    """Reference log-probs (mb.reference_logprobs): a reference model is built and run."""
 
     old_policy: bool = False
-    """pi_old log-probs and entropies from a scoring pass before the first update (mb["old_logprobs"],
-    mb["old_entropy"]), for a batch-level selection (`Objective.prepare`)."""
+    """pi_old log-probs and entropies from a scoring pass before the first update (mb.old_logprobs,
+    mb.old_entropy), for a batch-level selection (`Objective.prepare`)."""
 
     update_entropy: bool = False
     """The student's entropy in the update's forward pass (an entropy term in the loss)."""
 
     outcome_rewards: bool = False
-    """The verifier's reward of each sample (mb["outcome_rewards"] [b]) and its prompt group
-    (mb["group"] [b])."""
+    """The verifier's reward of each sample (mb.outcome_rewards [b]) and its prompt group
+    (mb.group [b])."""
 
     teacher_hidden: bool = False
     """The teacher's final hidden states at the response positions and its LM-head shard
-    (mb["teacher_hidden"], mb["teacher_lm_head"]) and the student's (exact full-vocabulary KL)."""
+    (mb.teacher_hidden, mb.teacher_lm_head) and the student's (exact full-vocabulary KL)."""
 
     teacher_samples: bool = False
     """The step's samples come from the teacher (a rollout engine on teachers[0].checkpoint) instead of
@@ -758,8 +758,8 @@ class WandbConfig:
     """W&B team or user; null = the logged-in account's default."""
 
     mode: str = "online"
-    """online (needs `wandb login` or WANDB_API_KEY), or offline (a run directory under
-    <out_dir>/wandb/ to `wandb sync` later; what machines without network use)."""
+    """online (needs `wandb login` or WANDB_API_KEY; written, not run here: no W&B server is reachable),
+    or offline (a run directory under <out_dir>/wandb/ to `wandb sync` later; tested)."""
 
     def __post_init__(self):
         if not self.project:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import parallel, platform
+from megatron_opd.batching import MicroBatch
 from megatron_opd.config import OPDConfig
 
 
@@ -82,9 +84,8 @@ class ERPDPipeline:
     def iteration(self, it: int) -> dict:
         tr, erpd = self.tr, self.erpd
         batch, rollout_metrics = tr.rollout()
-        micro = tr.micro_batches(batch)
         pi_old = snapshot(tr.student.module)
-        self.score_pi_old(micro)
+        micro = self.score_pi_old(tr.micro_batches(batch))
         row = {"iteration": it + 1, "pi_old_acc": self.pi_old_acc,
                "rollout_acc": rollout_metrics["rollout/accuracy"], "teachers": []}
         signals = []  # one [b, s] tensor per micro-batch, per stage-1 teacher
@@ -115,23 +116,24 @@ class ERPDPipeline:
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def score_pi_old(self, micro: list[dict]) -> None:
-        """pi_old's log-probs, entropies and final hidden states [n, H] (the exact-KL report)."""
+    def score_pi_old(self, micro: list[MicroBatch]) -> list[MicroBatch]:
+        """The micro-batches with pi_old's log-probs, entropies and final hidden states [n, H] (the
+        exact-KL report)."""
         from megatron_opd.models.forward import lm_head_weight
 
         outs = self.tr.run_logprobs(self.tr.student, micro, entropy=True, hidden=True)
         if outs:  # the last pipeline stage holds the LM head
             self.old_lm_head = lm_head_weight(self.tr.student).detach().clone()
-        for mb, out in zip(micro, outs):
-            mb["old_logprobs"], mb["old_entropy"], mb["old_hidden"] = out["logprobs"], out["entropy"], out["hidden"]
+        return [replace(mb, old_logprobs=out["logprobs"], old_entropy=out["entropy"], old_hidden=out["hidden"])
+                for mb, out in zip(micro, outs)] or micro
 
-    def stage1(self, micro: list[dict], stage1_cfg) -> tuple[dict, list[dict]]:
+    def stage1(self, micro: list[MicroBatch], stage1_cfg) -> tuple[dict, list[dict]]:
         """stage1_steps updates from pi_old on the fixed batch; returns the kept candidates (weights by
         step) and their held-out accuracy / KL to pi_old."""
         from megatron_opd.loss import ERPDStage1Objective
 
         erpd = self.erpd
-        self.begin_stage(ERPDStage1Objective(stage1_cfg), erpd.stage1_lr, erpd.stage1_steps, micro)
+        micro = self.begin_stage(ERPDStage1Objective(stage1_cfg), erpd.stage1_lr, erpd.stage1_steps, micro)
         candidates, curve = {}, []
         for step in range(1, erpd.stage1_steps + 1):
             metrics = self.tr.update(mini_batch(micro, step))
@@ -145,7 +147,7 @@ class ERPDPipeline:
         return candidates, curve
 
     @torch.no_grad()
-    def signal(self, micro: list[dict], candidates: dict, pi_old: dict) -> list[torch.Tensor]:
+    def signal(self, micro: list[MicroBatch], candidates: dict, pi_old: dict) -> list[torch.Tensor]:
         """S = lp_numerator - lp_denominator per micro-batch (strategy 1: teacher over pi_old; 2: teacher
         over its early candidate; 3: pi_old over objective.erpd.weak_checkpoint)."""
         from megatron_opd.objectives.erpd import strategy_signal
@@ -164,44 +166,45 @@ class ERPDPipeline:
             load_hf_into_megatron(student, self.tr.spec, HFCheckpoint(erpd.weak_checkpoint))
             roles["weak"] = self.logprobs_under(None, micro)
         restore(student, pi_old)
-        if not micro or "old_logprobs" not in micro[0]:
+        if not micro or micro[0].old_logprobs is None:
             return []  # not the last pipeline stage: the forwards above ran, the log-probs live there
-        return [strategy_signal(strategy, mb["old_logprobs"], **{k: v[i] for k, v in roles.items()})
+        return [strategy_signal(strategy, mb.old_logprobs, **{k: v[i] for k, v in roles.items()})
                 for i, mb in enumerate(micro)]
 
-    def logprobs_under(self, weights: Optional[dict], micro: list[dict]) -> list[torch.Tensor]:
+    def logprobs_under(self, weights: Optional[dict], micro: list[MicroBatch]) -> list[torch.Tensor]:
         if weights is not None:
             restore(self.tr.student.module, weights)
         return [out["logprobs"] for out in self.tr.run_logprobs(self.tr.student, micro)]
 
-    def stage2(self, micro: list[dict], signals: list[list[torch.Tensor]]) -> None:
+    def stage2(self, micro: list[MicroBatch], signals: list[list[torch.Tensor]]) -> None:
         """Distil the stored signals into pi_old (restored by the caller) under the trust region."""
         from megatron_opd.loss import ERPDStage2Objective
         from megatron_opd.objectives.erpd import keep_part, whiten_batch
 
         erpd = self.erpd
-        masks = [mb["mask"] for mb in micro]
+        masks = [mb.mask for mb in micro]
         prepared = []
         for per_mb in signals:
             if not per_mb:  # not the last pipeline stage
                 continue
             if erpd.whiten:
                 per_mb = whiten_batch(per_mb, masks, parallel.dp_group())
-            prepared.append([keep_part(s, mb["outcome_rewards"] > 0, erpd.stage2.keep) for s, mb in zip(per_mb, micro)])
+            prepared.append([keep_part(s, mb.outcome_rewards > 0, erpd.stage2.keep) for s, mb in zip(per_mb, micro)])
         if len(prepared) > 1 and (erpd.ensemble or "sum") == "sum":
             prepared = [[sum(parts) for parts in zip(*prepared)]]  # simultaneous ensemble
         rounds = len(signals) if erpd.ensemble == "sequential" else 1
         for r in range(rounds):  # one signal, the summed ensemble, or a sequential ensemble's parts
-            for mb, s in zip(micro, prepared[r] if prepared else []):
-                mb["signal"] = s
-            self.begin_stage(ERPDStage2Objective(erpd.stage2), erpd.stage2_lr, erpd.stage2_steps, micro)
+            with_signal = [replace(mb, signal=s) for mb, s in zip(micro, prepared[r])] if prepared else micro
+            with_signal = self.begin_stage(ERPDStage2Objective(erpd.stage2), erpd.stage2_lr, erpd.stage2_steps,
+                                           with_signal)
             for step in range(1, erpd.stage2_steps + 1):
-                metrics = self.tr.update(mini_batch(micro, step))
+                metrics = self.tr.update(mini_batch(with_signal, step))
                 self.log({f"erpd/stage2_{k}": v for k, v in metrics.items()})
 
     # ------------------------------------------------------------------------------------------
-    def begin_stage(self, objective, lr: float, steps: int, micro: list[dict]) -> None:
-        """A fresh optimizer (constant lr) and `objective` for the next stage."""
+    def begin_stage(self, objective, lr: float, steps: int, micro: list[MicroBatch]) -> list[MicroBatch]:
+        """A fresh optimizer (constant lr) and `objective` for the next stage; returns the micro-batches
+        as its preparation completes them."""
         from megatron_opd.models.student import OptimConfig, build_optimizer
 
         tr = self.tr
@@ -209,10 +212,10 @@ class ERPDPipeline:
                                     lr_decay_style="constant")
         tr.optimizer, tr.scheduler = build_optimizer(tr.student, optim, steps)
         tr.objective = objective
-        objective.prepare(micro, tr.step, parallel.dp_group())
+        return objective.prepare(micro, tr.step, parallel.dp_group())[0]
 
     @torch.no_grad()
-    def kl_to_pi_old(self, micro: list[dict]) -> Optional[float]:
+    def kl_to_pi_old(self, micro: list[MicroBatch]) -> Optional[float]:
         """Exact reverse KL(pi_theta || pi_old), summed over the vocabulary, averaged over the batch's
         response tokens (over all data-parallel replicas); None off the last pipeline stage."""
         from megatron_opd.models.forward import lm_head_weight
@@ -222,7 +225,7 @@ class ERPDPipeline:
         outs = tr.run_logprobs(tr.student, micro, hidden=True)
         total = torch.zeros(2, dtype=torch.float64)
         for mb, out in zip(micro, outs):
-            kl = vocab_parallel_kl(out["hidden"], lm_head_weight(tr.student).detach(), mb["old_hidden"],
+            kl = vocab_parallel_kl(out["hidden"], lm_head_weight(tr.student).detach(), mb.old_hidden,
                                    self.old_lm_head, parallel.tp_group(), tr.spec.vocab_size)
             total += torch.tensor([kl.double().sum().item(), kl.numel()], dtype=torch.float64)
         group = parallel.dp_group()
@@ -250,11 +253,11 @@ class ERPDPipeline:
         (out / "erpd_table.md").write_text(results_table(results))
 
 
-def mini_batch(micro: list[dict], step: int) -> list[dict]:
+def mini_batch(micro: list[MicroBatch], step: int) -> list[MicroBatch]:
     """The micro-batches of the mini-batch that optimizer step `step` (from 1) trains on: the batch's
     train.mini_batches mini-batches in turn, so a stage of M steps is one epoch."""
-    minis = sorted({mb["mini"] for mb in micro})
-    return [mb for mb in micro if mb["mini"] == minis[(step - 1) % len(minis)]]
+    minis = sorted({mb.mini for mb in micro})
+    return [mb for mb in micro if mb.mini == minis[(step - 1) % len(minis)]]
 
 
 def results_table(results: dict) -> str:

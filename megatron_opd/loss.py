@@ -6,23 +6,21 @@ batch-level work once the batch is scored (`prepare`: REOPOLD's token selection,
 advantages), and turns one micro-batch's student outputs into `(loss, metrics)`. The loop asks; it
 never looks at an objective's name. The maths lives in `megatron_opd.objectives` (pure torch).
 
-A micro-batch dict carries, on the last pipeline stage: "input_ids", "mask" [b, s], "rollout_logprobs",
-the step's global counts "global_tokens" / "global_seqs", and what `needs` asked for:
-"teacher_logprobs", "reference_logprobs", "old_logprobs" / "old_entropy", "outcome_rewards" / "group" [b],
-"teacher_hidden" [n, H_t] / "teacher_lm_head" [V/tp, H_t].
+A micro-batch is a `batching.MicroBatch`: built once per step, completed by scoring with what `needs`
+asked for (on the last pipeline stage); `prepare` returns new micro-batches with what it adds.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
+from megatron_opd.batching import MicroBatch, with_global_counts
 from megatron_opd.config import (ERPDConfig, GOPDConfig, GRPOConfig, ObjectiveConfig, ObjectiveNeeds,
                                  REOPOLDConfig, SFTObjectiveConfig)
-from megatron_opd.objectives.policy_loss import global_counts
 from megatron_opd.objectives import (gopd_loss, group_advantages, grpo_loss, reopold_loss, stage1_loss,
                                     trust_region_distill_loss)
 from megatron_opd.objectives.erpd import ERPDStage1Config, ERPDStage2Config
@@ -60,12 +58,13 @@ class Objective(abc.ABC):
 
     needs: ObjectiveNeeds = ObjectiveNeeds()
 
-    def prepare(self, micro: list[dict], step: int, dp_group=None) -> dict:
+    def prepare(self, micro: list[MicroBatch], step: int, dp_group=None) -> tuple[list[MicroBatch], dict]:
         """Batch-level work after scoring, before the first update (every micro-batch of this replica;
-        `dp_group` spans the replicas). Returns metrics."""
-        return {}
+        `dp_group` spans the replicas). Returns the micro-batches with what it adds (new objects; the
+        inputs are not changed) and its metrics."""
+        return micro, {}
 
-    def student_outputs(self, mb: dict, hidden: torch.Tensor, lm_head: torch.Tensor,
+    def student_outputs(self, mb: MicroBatch, hidden: torch.Tensor, lm_head: torch.Tensor,
                         target: torch.Tensor) -> StudentOutputs:
         """Objectives that run the LM heads themselves (needs.teacher_hidden) compute the update's
         student outputs in their own pass: `hidden` [n, H] the student's final hidden states at the n
@@ -74,9 +73,9 @@ class Objective(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} does not run the LM heads (needs.teacher_hidden)")
 
     @abc.abstractmethod
-    def loss(self, mb: dict, out: StudentOutputs, step: int) -> tuple[torch.Tensor, dict]:
-        """This micro-batch's share of the step's loss (normalised by mb["global_tokens"] /
-        mb["global_seqs"]) and its metrics."""
+    def loss(self, mb: MicroBatch, out: StudentOutputs, step: int) -> tuple[torch.Tensor, dict]:
+        """This micro-batch's share of the step's loss (normalised by mb.global_tokens /
+        mb.global_seqs) and its metrics."""
 
 
 class GOPDObjective(Objective):
@@ -92,12 +91,11 @@ class GOPDObjective(Objective):
         if cfg.estimator == "sampled":
             eps_low, eps_high = cfg.clip
             return gopd_loss(
-                out.logprobs, mb["teacher_logprobs"], mb["mask"], lam=cfg.lam,
-                ref_logprobs=mb.get("reference_logprobs"), old_logprobs=mb.get("old_logprobs"),
-                rollout_logprobs=mb.get("rollout_logprobs"), eps_low=eps_low, eps_high=eps_high,
-                dual_clip_c=cfg.dual_clip_c, tis_cap=cfg.tis_cap, loss_agg_mode=cfg.loss_agg_mode,
-                num_tokens=mb["global_tokens"], num_seqs=mb["global_seqs"], kl_coef=cfg.kl_coef,
-                kl_estimator=cfg.kl_loss_estimator, entropy=out.entropy, entropy_coef=cfg.entropy_coef)
+                out.logprobs, mb.teacher_logprobs, mb.mask, cfg.lam, cfg,
+                ref_logprobs=mb.reference_logprobs, old_logprobs=mb.old_logprobs,
+                rollout_logprobs=mb.rollout_logprobs, eps_low=eps_low, eps_high=eps_high,
+                dual_clip_c=cfg.dual_clip_c, entropy=out.entropy, num_tokens=mb.global_tokens,
+                num_seqs=mb.global_seqs)
         return self._exact_kl_loss(mb, out)
 
     def student_outputs(self, mb, hidden, lm_head, target):
@@ -107,9 +105,9 @@ class GOPDObjective(Objective):
 
         cfg = self.cfg
         kl, lp, ent, lp_t = vocab_parallel_kl_and_logprobs(
-            hidden, lm_head, mb["teacher_hidden"], mb["teacher_lm_head"], target, self.tp_group,
+            hidden, lm_head, mb.teacher_hidden, mb.teacher_lm_head, target, self.tp_group,
             self.vocab_size, cfg.direction, cfg.top_k, compute_entropy=self.needs.update_entropy)  # [n] each
-        mask = mb["mask"].bool()  # [b, s]
+        mask = mb.mask.bool()  # [b, s]
 
         def at_positions(values):  # [n] -> [b, s], 0 elsewhere, differentiable
             return torch.zeros(mask.shape, dtype=torch.float32, device=values.device).masked_scatter(mask, values)
@@ -120,22 +118,22 @@ class GOPDObjective(Objective):
 
     def _exact_kl_loss(self, mb, out):
         cfg = self.cfg
-        mask = mb["mask"].bool()  # [b, s]
+        mask = mb.mask.bool()  # [b, s]
         per_token = out.kl
         m = mask.to(per_token.dtype)
         metrics = {"kl/student_teacher_exact": masked_mean(per_token.detach(), m)}
-        old = mb.get("old_logprobs", out.logprobs.detach())
-        if cfg.tis_cap is not None and mb.get("rollout_logprobs") is not None:
+        old = out.logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
+        if cfg.tis_cap is not None and mb.rollout_logprobs is not None:
             # the positions were sampled by the engine: reweight each token's KL as the sampled path does
-            w = truncated_is_weights(old, mb["rollout_logprobs"], cfg.tis_cap)
+            w = truncated_is_weights(old, mb.rollout_logprobs, cfg.tis_cap)
             per_token = per_token * w
             metrics["tis_weight_mean"] = masked_mean(w, m)
         if cfg.kl_coef:
-            per_token = per_token + cfg.kl_coef * kl_estimate(out.logprobs, mb["reference_logprobs"],
+            per_token = per_token + cfg.kl_coef * kl_estimate(out.logprobs, mb.reference_logprobs,
                                                               cfg.kl_loss_estimator)
         if cfg.entropy_coef:
             per_token = per_token - cfg.entropy_coef * out.entropy
-        loss = aggregate_loss(per_token, m, cfg.loss_agg_mode, mb["global_tokens"], mb["global_seqs"])
+        loss = aggregate_loss(per_token, m, cfg.loss_agg_mode, mb.global_tokens, mb.global_seqs)
         with torch.no_grad():
             reward = out.teacher_logprobs - old
             metrics.update({"reward/mean": masked_mean(reward, m),
@@ -154,58 +152,53 @@ class REOPOLDObjective(Objective):
         self.needs = cfg.needs()
 
     def prepare(self, micro, step, dp_group=None):
-        """mb["token_select"] for every micro-batch: the phase's rule over all of this step's tokens
-        (all micro-batches, and the data-parallel replicas through `dp_group`)."""
-        if not micro or "old_logprobs" not in micro[0]:
-            return {}  # not the last pipeline stage
+        """Each micro-batch with its token_select: the phase's rule over all of this step's tokens (all
+        micro-batches, and the data-parallel replicas through `dp_group`)."""
+        if not micro or micro[0].old_logprobs is None:
+            return micro, {}  # not the last pipeline stage
         cfg = self.cfg
-        widths = [mb["mask"].shape[1] for mb in micro]
+        widths = [mb.mask.shape[1] for mb in micro]
         width = max(widths)
 
-        def cat(key):  # [rows of every micro-batch, width]
-            return torch.cat([torch.nn.functional.pad(mb[key].float(), (0, width - mb[key].shape[1]))
-                              for mb in micro])
+        def cat(tensors):  # [rows of every micro-batch, width]
+            return torch.cat([torch.nn.functional.pad(t.float(), (0, width - t.shape[1])) for t in tensors])
 
         floor = reward_floor(cfg.mixture, cfg.floor_form) if cfg.mixture is not None else None
         current = phase(step, cfg.switch_step)
-        keep = select_tokens(cat("teacher_logprobs") - cat("old_logprobs"), cat("old_entropy"), cat("mask"),
+        keep = select_tokens(cat([mb.teacher_logprobs for mb in micro]) - cat([mb.old_logprobs for mb in micro]),
+                             cat([mb.old_entropy for mb in micro]), cat([mb.mask for mb in micro]),
                              current, floor=floor, exploration=cfg.exploration_rule,
                              exploration_beta=cfg.exploration_beta, refinement_beta=cfg.refinement_beta,
                              group=dp_group)
-        row = 0
-        for mb, w in zip(micro, widths):
-            b = mb["mask"].shape[0]
-            mb["token_select"] = keep[row:row + b, :w]
-            row += b
-        return {}
+        ends = torch.tensor([mb.mask.shape[0] for mb in micro]).cumsum(0).tolist()
+        return [replace(mb, token_select=keep[end - mb.mask.shape[0]:end, :w])
+                for mb, w, end in zip(micro, widths, ends)], {}
 
     def loss(self, mb, out, step):
         cfg = self.cfg
         loss, metrics = reopold_loss(
-            out.logprobs, mb["teacher_logprobs"], mb["mask"], mb["token_select"],
-            old_logprobs=mb["old_logprobs"], rollout_logprobs=mb.get("rollout_logprobs"),
+            out.logprobs, mb.teacher_logprobs, mb.mask, mb.token_select,
+            old_logprobs=mb.old_logprobs, rollout_logprobs=mb.rollout_logprobs,
             reward_clip_mixture=cfg.mixture, floor_form=cfg.floor_form, eps_low=cfg.eps_low,
             eps_high=cfg.eps_high, tis_cap=cfg.tis_cap, loss_agg_mode=cfg.loss_agg_mode,
-            num_tokens=mb["global_tokens"], num_seqs=mb["global_seqs"])
+            num_tokens=mb.global_tokens, num_seqs=mb.global_seqs)
         metrics["reopold/phase"] = float(phase(step, cfg.switch_step) == "refinement")
-        metrics["entropy"] = masked_mean(mb["old_entropy"], mb["mask"].to(mb["old_entropy"].dtype))
+        metrics["entropy"] = masked_mean(mb.old_entropy, mb.mask.to(mb.old_entropy.dtype))
         return loss, metrics
 
 
-def attach_group_advantages(micro: list[dict], normalize_std: bool = True) -> None:
-    """mb["advantages"] [b] from every micro-batch's "outcome_rewards" and prompt "group" ids. A prompt's
-    samples all live on one replica (prompts are split over replicas whole), so the groups are complete
-    here; token budgets may reorder rows, hence ids rather than positions."""
+def with_group_advantages(micro: list[MicroBatch], normalize_std: bool = True) -> list[MicroBatch]:
+    """The micro-batches with their advantages [b], from every micro-batch's outcome rewards and prompt
+    group ids. A prompt's samples all live on one replica (prompts are split over replicas whole), so the
+    groups are complete here; token budgets may reorder rows, hence ids rather than positions."""
     if not micro:
-        return
-    rewards = torch.cat([mb["outcome_rewards"] for mb in micro])
-    groups = torch.cat([mb["group"] for mb in micro])
+        return micro
+    rewards = torch.cat([mb.outcome_rewards for mb in micro])
+    groups = torch.cat([mb.group for mb in micro])
     adv = group_advantages(rewards.cpu(), groups.cpu(), normalize_std)
-    row = 0
-    for mb in micro:
-        b = mb["outcome_rewards"].shape[0]
-        mb["advantages"] = adv[row:row + b].to(mb["outcome_rewards"].device)
-        row += b
+    ends = torch.tensor([mb.outcome_rewards.shape[0] for mb in micro]).cumsum(0).tolist()
+    return [replace(mb, advantages=adv[end - mb.outcome_rewards.shape[0]:end].to(mb.outcome_rewards.device))
+            for mb, end in zip(micro, ends)]
 
 
 class GRPOObjective(Objective):
@@ -216,19 +209,16 @@ class GRPOObjective(Objective):
         self.needs = cfg.needs()
 
     def prepare(self, micro, step, dp_group=None):
-        attach_group_advantages(micro, self.cfg.normalize_std)
-        return {}
+        return with_group_advantages(micro, self.cfg.normalize_std), {}
 
     def loss(self, mb, out, step):
         cfg = self.cfg
         loss, metrics = grpo_loss(
-            out.logprobs, mb["advantages"], mb["mask"], old_logprobs=mb.get("old_logprobs"),
-            rollout_logprobs=mb.get("rollout_logprobs"), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-            dual_clip_c=cfg.dual_clip_c, tis_cap=cfg.tis_cap, ref_logprobs=mb.get("reference_logprobs"),
-            kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_loss_estimator, entropy=out.entropy,
-            entropy_coef=cfg.entropy_coef, loss_agg_mode=cfg.loss_agg_mode,
-            num_tokens=mb["global_tokens"], num_seqs=mb["global_seqs"])
-        metrics["reward/mean"] = mb["outcome_rewards"].float().mean()
+            out.logprobs, mb.advantages, mb.mask, cfg, old_logprobs=mb.old_logprobs,
+            rollout_logprobs=mb.rollout_logprobs, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+            dual_clip_c=cfg.dual_clip_c, ref_logprobs=mb.reference_logprobs, entropy=out.entropy,
+            num_tokens=mb.global_tokens, num_seqs=mb.global_seqs)
+        metrics["reward/mean"] = mb.outcome_rewards.float().mean()
         return loss, metrics
 
 
@@ -242,21 +232,20 @@ class ERPDStage1Objective(Objective):
         self.cfg = cfg
 
     def prepare(self, micro, step, dp_group=None):
-        attach_group_advantages(micro)
-        return {}
+        return with_group_advantages(micro), {}
 
     def loss(self, mb, out, step):
-        loss, metrics = stage1_loss(self.cfg, out.logprobs, mb["old_logprobs"], mb["mask"], mb["outcome_rewards"],
-                                    advantages=mb["advantages"], num_tokens=mb["global_tokens"],
-                                    num_seqs=mb["global_seqs"])
+        loss, metrics = stage1_loss(self.cfg, out.logprobs, mb.old_logprobs, mb.mask, mb.outcome_rewards,
+                                    advantages=mb.advantages, num_tokens=mb.global_tokens,
+                                    num_seqs=mb.global_seqs)
         with torch.no_grad():
-            m = mb["mask"].to(out.logprobs.dtype)
-            metrics["kl/student_old_k1"] = masked_mean(out.logprobs.detach() - mb["old_logprobs"], m)
+            m = mb.mask.to(out.logprobs.dtype)
+            metrics["kl/student_old_k1"] = masked_mean(out.logprobs.detach() - mb.old_logprobs, m)
         return loss, metrics
 
 
 class ERPDStage2Objective(Objective):
-    """ERPD stage 2: the stored, fixed signal mb["signal"] as the advantage of a PPO-clipped surrogate
+    """ERPD stage 2: the stored, fixed signal mb.signal as the advantage of a PPO-clipped surrogate
     against pi_old, with KL-to-pi_old and entropy terms."""
 
     def __init__(self, cfg: ERPDStage2Config):
@@ -264,9 +253,9 @@ class ERPDStage2Objective(Objective):
         self.needs = ObjectiveNeeds(teachers=False, old_policy=True, update_entropy=cfg.entropy_coef > 0)
 
     def loss(self, mb, out, step):
-        return trust_region_distill_loss(self.cfg, out.logprobs, mb["old_logprobs"], mb["signal"], mb["mask"],
-                                         entropy=out.entropy, num_tokens=mb["global_tokens"],
-                                         num_seqs=mb["global_seqs"])
+        return trust_region_distill_loss(self.cfg, out.logprobs, mb.old_logprobs, mb.signal, mb.mask,
+                                         entropy=out.entropy, num_tokens=mb.global_tokens,
+                                         num_seqs=mb.global_seqs)
 
 
 class SFTObjective(Objective):
@@ -280,20 +269,19 @@ class SFTObjective(Objective):
     def prepare(self, micro, step, dp_group=None):
         """correct_only: the verifier's rejected samples leave the mask, and the step's counts."""
         if not self.cfg.correct_only or not micro:
-            return {}
-        for mb in micro:
-            mb["mask"] = mb["mask"] * (mb["outcome_rewards"] > 0).view(-1, 1).to(mb["mask"].dtype)
-        kept = torch.stack([(mb["outcome_rewards"] > 0).sum() for mb in micro]).sum()
-        counts = global_counts([mb["mask"] for mb in micro], dp_group)
-        for mb in micro:
-            mb["global_tokens"], mb["global_seqs"] = max(counts[0], 1.0), max(counts[1], 1.0)
-        return {"sft/kept_fraction": float(kept) / sum(mb["mask"].shape[0] for mb in micro)}  # once a step
+            return micro, {}
+        kept = torch.stack([(mb.outcome_rewards > 0).sum() for mb in micro]).sum()
+        micro = [replace(mb, mask=mb.mask * (mb.outcome_rewards > 0).view(-1, 1).to(mb.mask.dtype),
+                         response_tokens=None)  # rows left the mask: counted on the device now
+                 for mb in micro]
+        micro = with_global_counts(micro, dp_group, at_least=1.0)
+        return micro, {"sft/kept_fraction": float(kept) / sum(mb.mask.shape[0] for mb in micro)}  # once a step
 
     def loss(self, mb, out, step):
-        m = mb["mask"].to(out.logprobs.dtype)
-        loss = aggregate_loss(-out.logprobs, m, self.cfg.loss_agg_mode, mb["global_tokens"], mb["global_seqs"])
+        m = mb.mask.to(out.logprobs.dtype)
+        loss = aggregate_loss(-out.logprobs, m, self.cfg.loss_agg_mode, mb.global_tokens, mb.global_seqs)
         with torch.no_grad():
-            metrics = {"kl/teacher_student": masked_mean(mb["rollout_logprobs"] - out.logprobs.detach(), m),
+            metrics = {"kl/teacher_student": masked_mean(mb.rollout_logprobs - out.logprobs.detach(), m),
                        "nll": masked_mean(-out.logprobs.detach(), m)}
         return loss, metrics
 
@@ -313,10 +301,10 @@ def build_objective(cfg: ObjectiveConfig, tp_group=None, vocab_size: Optional[in
     return GRPOObjective(settings)
 
 
-def objective_loss(objective: Objective, mb: dict, out: StudentOutputs, step: int) -> tuple[torch.Tensor, dict]:
+def objective_loss(objective: Objective, mb: MicroBatch, out: StudentOutputs, step: int) -> tuple[torch.Tensor, dict]:
     """The objective's loss for one micro-batch, plus the trainer-vs-engine log-prob gap on its tokens
     (free: the forward pass already ran; not where the samples are the teacher's)."""
     loss, metrics = objective.loss(mb, out, step)
-    if mb.get("rollout_logprobs") is not None and not objective.needs.teacher_samples:
-        metrics.update(logprob_gap(out.logprobs.detach(), mb["rollout_logprobs"], mb["mask"]))
+    if mb.rollout_logprobs is not None and not objective.needs.teacher_samples:
+        metrics.update(logprob_gap(out.logprobs.detach(), mb.rollout_logprobs, mb.mask))
     return loss, metrics

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_opd import parallel
+from megatron_opd.batching import ForwardBatch
 
 
 @dataclass
@@ -100,15 +101,15 @@ def run_sft(
         micro = []
         for i in range(0, len(batch), cfg.micro_batch_size):
             ids, mask = _pad(batch[i : i + cfg.micro_batch_size], pad_id)
-            micro.append({"input_ids": ids, "mask": mask})
-        total = sum(float(mb["mask"].sum()) for mb in micro)
+            micro.append(ForwardBatch(input_ids=ids, mask=mask))
+        total = sum(float(mb.mask.sum()) for mb in micro)
 
         def loss_fn(mb, logits):
             lp, _ = vocab_parallel_token_logprobs(
-                logits[:, :-1], mb["input_ids"][:, 1:], tp_group=parallel.tp_group(),
+                logits[:, :-1], mb.input_ids[:, 1:], tp_group=parallel.tp_group(),
                 valid_vocab_size=vocab_size,
             )  # [b, s-1]
-            loss = -(lp.float() * mb["mask"]).sum() / total
+            loss = -(lp.float() * mb.mask).sum() / total
             return loss, {"loss": loss.detach()}
 
         student.zero_grad_buffer()

@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -33,11 +33,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import checks, parallel, platform
+from megatron_opd.batching import ForwardBatch, MicroBatch, with_global_counts
 from megatron_opd.checkpoint import rng_state, set_rng_state
 from megatron_opd.config import LAYOUT_CHANGES, OPDConfig, config_changes, config_to_dict
 from megatron_opd.faults import maybe_fail
 from megatron_opd.signals import PREEMPTED_MARKER
-from megatron_opd.objectives.policy_loss import global_counts
 
 
 @dataclass
@@ -236,7 +236,7 @@ class OPDTrainer:
         with self.phase("score", timings):
             micro = self.micro_batches(batch)
             with checks.deferred():
-                prepare_metrics = self.score(micro)
+                micro, prepare_metrics = self.score(micro)
         self._abandon_if_preempted()
 
         # 3. update: one optimizer step per mini-batch
@@ -292,10 +292,10 @@ class OPDTrainer:
     # ------------------------------------------------------------------------------------------
     # 2. micro-batches and scoring
     # ------------------------------------------------------------------------------------------
-    def micro_batches(self, batch: StepBatch) -> list[dict]:
+    def micro_batches(self, batch: StepBatch) -> list[MicroBatch]:
         """This replica's rollout batch cut into micro-batches (`batching.plan_micro_batches`: fixed
         rows, or a token budget), each padded only to its own longest sequence and tagged with its
-        mini-batch ("mini"), with the step's global token/sequence counts (over all micro-batches and
+        mini-batch, with the update's global token/sequence counts (over all its micro-batches and the
         data-parallel replicas)."""
         from megatron_opd.batching import plan_micro_batches
 
@@ -311,33 +311,24 @@ class OPDTrainer:
                 width = batch.input_ids.shape[1] if self.experts_span_replicas else max(lengths[r] for r in rows)
                 mask = batch.response_mask[idx, :width - 1]
                 teacher_index = batch.teacher_index[idx]
-                mb = {
-                    "input_ids": batch.input_ids[idx, :width],
-                    "mask": mask,
-                    "rollout_logprobs": batch.rollout_logprobs[idx, :width - 1],
-                    "teacher_index": teacher_index,
-                    "outcome_rewards": batch.rewards[idx],
-                    "group": batch.groups[idx],
-                    "mini": m,
-                    # Sizes known here, on the host, so the device never has to be asked for them
-                    # (forward.response_positions): response tokens, and each teacher's rows.
-                    "response_tokens": int(mask.sum()),
-                    "teacher_rows": [(teacher_index == k).nonzero().squeeze(1) for k in range(len(self.teachers))],
-                }
-                mb["teacher_tokens"] = [int(mask[r].sum()) for r in mb["teacher_rows"]]
-                micro.append(platform.to_device(mb))  # the one host -> device move of the step's data
-        # Global counts over all micro-batches and DP ranks: losses normalise by these, so
+                # sizes known here, on the host, so the device never has to be asked for them
+                # (forward.response_positions): response tokens, and each teacher's rows
+                teacher_rows = tuple((teacher_index == k).nonzero().squeeze(1) for k in range(len(self.teachers)))
+                micro.append(MicroBatch(
+                    input_ids=batch.input_ids[idx, :width], mask=mask, response_tokens=int(mask.sum()),
+                    rollout_logprobs=batch.rollout_logprobs[idx, :width - 1], teacher_index=teacher_index,
+                    outcome_rewards=batch.rewards[idx], group=batch.groups[idx], mini=m,
+                    teacher_rows=teacher_rows, teacher_tokens=tuple(int(mask[r].sum()) for r in teacher_rows)))
+        # Global counts over each update's micro-batches and the DP ranks: losses normalise by these, so
         # summing micro-batch losses and DP gradients gives exactly the full-batch objective.
-        counts = global_counts([mb["mask"] for mb in micro], parallel.dp_group())
-        for mb in micro:
-            mb["global_tokens"], mb["global_seqs"] = counts
-        return micro
+        micro = [platform.to_device(mb) for mb in micro]  # the one host -> device move of the step's data
+        return with_global_counts(micro, parallel.dp_group())
 
     @torch.no_grad()
-    def score(self, micro: list[dict]) -> None:
-        """Attach what the objective needs to each micro-batch (last PP stage): teacher log-probs (and
-        hidden states for the exact KL), reference log-probs, pi_old log-probs and entropies; then the
-        objective's batch-level preparation.
+    def score(self, micro: list[MicroBatch]) -> tuple[list[MicroBatch], dict]:
+        """The micro-batches completed with what the objective needs (last PP stage): teacher log-probs
+        (or hidden states for the exact KL), reference log-probs, pi_old log-probs and entropies; then
+        the objective's batch-level preparation. Returns them and the preparation's metrics.
 
         With several teachers each scores only the samples routed to it (its rows of every
         micro-batch), so K teachers cost one teacher's compute, not K. Where expert groups span
@@ -348,13 +339,13 @@ class OPDTrainer:
         routed = len(self.teachers) > 1 and not self.experts_span_replicas
         for k, teacher in enumerate(self.teachers):
             if routed:  # each micro-batch's rows of teacher k, known on the host (micro_batches)
-                parts = [(mb, mb["teacher_rows"][k], mb["teacher_tokens"][k]) for mb in micro]
-                parts = [(mb, rows, n) for mb, rows, n in parts if len(rows)]
-                inputs = [{"input_ids": mb["input_ids"][rows], "mask": mb["mask"][rows], "response_tokens": n}
-                          for mb, rows, n in parts]
+                parts = [(i, mb.teacher_rows[k], mb.teacher_tokens[k]) for i, mb in enumerate(micro)]
+                parts = [(i, rows, n) for i, rows, n in parts if len(rows)]
+                inputs = [ForwardBatch(input_ids=micro[i].input_ids[rows], mask=micro[i].mask[rows],
+                                       response_tokens=n) for i, rows, n in parts]
             else:
                 inputs = micro
-            self.teacher_sequences += sum(int(mb["input_ids"].shape[0]) for mb in inputs)
+            self.teacher_sequences += sum(int(mb.input_ids.shape[0]) for mb in inputs)
             with self.on_device(f"teachers[{k}]", teacher, self.cfg.teachers[k].offload):
                 # the exact KL needs only the teacher's hidden states: its LM head runs in the update's
                 # one pass over both heads (which also gives the teacher's sampled-token log-probs)
@@ -366,30 +357,30 @@ class OPDTrainer:
                     teacher_lm_head = lm_head_weight(teacher).detach().clone()
             for i, out in enumerate(outs):  # last pipeline stage only
                 if needs.teacher_hidden:  # one teacher (config): [n, H_t] at the response positions
-                    micro[i]["teacher_hidden"], micro[i]["teacher_lm_head"] = out["hidden"], teacher_lm_head
+                    micro[i] = replace(micro[i], teacher_hidden=out["hidden"], teacher_lm_head=teacher_lm_head)
                 elif routed:
-                    mb, rows, _ = parts[i]
-                    mb.setdefault("teacher_logprobs", torch.zeros_like(mb["mask"], dtype=torch.float32))
-                    mb["teacher_logprobs"][rows] = out["logprobs"]
+                    j, rows, _ = parts[i]
+                    lp = micro[j].teacher_logprobs
+                    lp = torch.zeros_like(micro[j].mask, dtype=torch.float32) if lp is None else lp
+                    micro[j] = replace(micro[j], teacher_logprobs=lp.index_copy(0, rows, out["logprobs"]))
                 else:
-                    mb, lp = micro[i], out["logprobs"]
-                    mb["teacher_logprobs"] = lp if k == 0 else torch.where(
-                        (mb["teacher_index"] == k)[:, None], lp, mb["teacher_logprobs"])
+                    lp = out["logprobs"]
+                    micro[i] = replace(micro[i], teacher_logprobs=lp if k == 0 else torch.where(
+                        (micro[i].teacher_index == k)[:, None], lp, micro[i].teacher_logprobs))
         if self.reference is not None:
             with self.on_device("reference", self.reference, self.cfg.reference.offload):
                 outs = self.run_logprobs(self.reference, micro)
-            for mb, out in zip(micro, outs):
-                mb["reference_logprobs"] = out["logprobs"]
+            micro = [replace(mb, reference_logprobs=out["logprobs"]) for mb, out in zip(micro, outs)] or micro
         # pi_old: needed when one rollout batch feeds several updates, and for a batch-level selection
         # (which must be known for the whole batch before the first update). Otherwise the update's
         # own forward pass provides it (detached), saving a full forward.
         if self.cfg.train.mini_batches > 1 or needs.old_policy:
             outs = self.run_logprobs(self.student, micro, entropy=True)
-            for mb, out in zip(micro, outs):
-                mb["old_logprobs"], mb["old_entropy"] = out["logprobs"], out["entropy"]
+            micro = [replace(mb, old_logprobs=out["logprobs"], old_entropy=out["entropy"])
+                     for mb, out in zip(micro, outs)] or micro
         return self.objective.prepare(micro, self.step, parallel.dp_group())
 
-    def run_logprobs(self, model, micro: list[dict], entropy: bool = False, hidden: bool = False,
+    def run_logprobs(self, model, micro: list[ForwardBatch], entropy: bool = False, hidden: bool = False,
                      logprobs: bool = True) -> list[dict]:
         """Forward-only log-probs (and entropy, and the final hidden states [n, H] at the response
         positions; with logprobs=False only those, and the LM head does not run) of each micro-batch
@@ -442,7 +433,7 @@ class OPDTrainer:
     # ------------------------------------------------------------------------------------------
     # 3. update
     # ------------------------------------------------------------------------------------------
-    def update(self, micro: list[dict]) -> dict:
+    def update(self, micro: list[MicroBatch]) -> dict:
         from megatron_opd.loss import StudentOutputs, objective_loss
         from megatron_opd.models import forward
         from megatron_opd.models.student import gather_updated_params, optimizer_state_bytes
@@ -450,17 +441,13 @@ class OPDTrainer:
         cfg = self.cfg
         needs = self.objective.needs
         all_metrics: list[dict] = []
-        for m in sorted({mb["mini"] for mb in micro}):
-            mini = [mb for mb in micro if mb["mini"] == m]
-            if cfg.train.mini_batches > 1:  # re-normalise counts to this mini-batch (each optimizer step sees its own)
-                counts = global_counts([mb["mask"] for mb in mini], parallel.dp_group())
-                for mb in mini:
-                    mb["global_tokens"], mb["global_seqs"] = counts
+        for m in sorted({mb.mini for mb in micro}):
+            mini = [mb for mb in micro if mb.mini == m]  # its global counts are its own (micro_batches)
 
             def loss_fn(mb, out):
                 if needs.teacher_hidden:  # the objective runs both LM heads in one pass (exact KL)
                     hidden, idx = forward.gather_response(out, mb)  # [n, H] at the response positions
-                    target = mb["input_ids"].reshape(-1).index_select(0, idx + 1)  # [n]
+                    target = mb.input_ids.reshape(-1).index_select(0, idx + 1)  # [n]
                     student = self.objective.student_outputs(mb, hidden, forward.lm_head_weight(self.student),
                                                              target)
                     lp, ent = student.logprobs, student.entropy  # [b, s-1]
@@ -689,7 +676,7 @@ def check_batch_split(cfg: OPDConfig, dp: int) -> None:
             "update must see an equal share: pick a divisor, or change prompts_per_step / micro_batch_size")
 
 
-def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
+def reduce_metrics(outs: list[dict], micro: list[MicroBatch]) -> dict:
     """Token-weighted mean of per-micro-batch metrics on the last stage, averaged over DP ranks.
 
     Each micro-batch's "loss" is already globally normalised, so losses are summed, not averaged.
@@ -700,8 +687,8 @@ def reduce_metrics(outs: list[dict], micro: list[dict]) -> dict:
         return {}
     keys = sorted({k for o in outs for k in o})  # the same on every DP rank (see update's loss_fn)
     dp = ps.get_data_parallel_world_size()
-    dev = micro[0]["mask"].device
-    weights = torch.stack([mb["mask"].sum() for mb in micro]).to(torch.float64)  # [micro]
+    dev = micro[0].mask.device
+    weights = torch.stack([mb.mask.sum() for mb in micro]).to(torch.float64)  # [micro]
     total = weights.sum().clamp(min=1.0)
     vals = []
     for k in keys:  # metric values stay on the device (tensors or host numbers), read once below

@@ -63,6 +63,7 @@ def main() -> int:
     from megatron_opd import parallel, platform
     from megatron_opd.data.tokenizer import train_tokenizer
     from megatron_opd.models.builder import PrecisionConfig, build_gpt_model
+    from megatron_opd.batching import ForwardBatch
     from megatron_opd.models.forward import run_micro_batches
     from megatron_opd.models.hf_mapping import HFCheckpoint, load_hf_into_megatron
     from megatron_opd.models.hf_tiny import save_tiny_checkpoint
@@ -100,7 +101,7 @@ def main() -> int:
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, student_spec.vocab_size, (2, 32), generator=g)
-    batch = platform.to_device({"input_ids": ids})
+    batch = platform.to_device(ForwardBatch(input_ids=ids))
 
     def forward_backward():
         teacher = build_gpt_model(teacher_spec, pcfg, precision, role="teacher")
@@ -130,7 +131,7 @@ def main() -> int:
 
         V = student_spec.vocab_size
         logits = state["logits"][:, :-1]  # [b, s-1, V]
-        target = batch["input_ids"][:, 1:]
+        target = batch.input_ids[:, 1:]
         lp, ent = vocab_parallel_token_logprobs(logits, target, valid_vocab_size=V, compute_entropy=True)
         ref = torch.log_softmax(logits[..., :V].double(), -1)
         ref_lp = ref.gather(-1, target[..., None])[..., 0]

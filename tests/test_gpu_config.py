@@ -54,7 +54,9 @@ def test_precision_fp8_reaches_the_fused_lm_head(monkeypatch):
     torch.manual_seed(0)
     weight = torch.randn(32, 8)
     model = SimpleNamespace(share_embeddings_and_output_weights=False, output_layer=SimpleNamespace(weight=weight))
-    mb = {"input_ids": torch.randint(0, 32, (2, 6)), "mask": torch.tensor([[0, 0, 1, 1, 1]] * 2)}
+    from megatron_opd.batching import ForwardBatch
+
+    mb = ForwardBatch(input_ids=torch.randint(0, 32, (2, 6)), mask=torch.tensor([[0, 0, 1, 1, 1]] * 2))
     hidden = torch.randn(2, 6, 8)
     lp, _ = forward.response_logprobs(model, hidden, mb, "fused", fp8=True)
     assert calls and sum(c[0] for c in calls) == 6  # the 6 response positions went through the FP8 GEMM

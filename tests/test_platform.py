@@ -58,9 +58,15 @@ def test_cpu_answers():
     assert platform.device() == torch.device("cpu") and not platform.on_gpu()
     assert platform.default_backend() == "gloo" and not platform.supports_sleep()
     assert platform.collective_device() == torch.device("cpu")
-    batch = {"ids": torch.arange(3), "n": 3}
+    from megatron_opd.batching import MicroBatch
+
+    rows = torch.arange(2)
+    batch = MicroBatch(input_ids=torch.ones(2, 3, dtype=torch.long), mask=torch.ones(2, 2), response_tokens=4,
+                       rollout_logprobs=torch.zeros(2, 2), teacher_index=torch.zeros(2), outcome_rewards=torch.ones(2),
+                       group=rows, teacher_rows=(rows,))
     moved = platform.to_device(batch)
-    assert moved["ids"] is batch["ids"] and moved["n"] == 3  # no copy on CPU
+    assert moved.input_ids is batch.input_ids and moved.teacher_rows[0] is rows  # no copy on CPU
+    assert moved.response_tokens == 4 and moved.old_logprobs is None
     m = torch.nn.Linear(2, 2)
     w = m.weight
     platform.offload(m)

@@ -29,6 +29,7 @@ def megatron_logits(model, spec, input_ids: torch.Tensor):
     """Full-vocabulary logits [b, s, V] gathered over TP, on the last pipeline stage (else None)."""
     from megatron.core import parallel_state as ps
 
+    from megatron_opd.batching import ForwardBatch
     from megatron_opd.models.forward import run_micro_batches
 
     got = []
@@ -40,7 +41,7 @@ def megatron_logits(model, spec, input_ids: torch.Tensor):
         got.append(torch.cat(shards, -1)[..., : spec.vocab_size].float())
         return logits.sum() * 0, {}
 
-    run_micro_batches(model, [{"input_ids": input_ids}], fn, forward_only=True)
+    run_micro_batches(model, [ForwardBatch(input_ids=input_ids)], fn, forward_only=True)
     return got[0] if got else None
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_opd import platform
+from megatron_opd.batching import ForwardBatch
 from megatron_opd.logprobs import FUSED_CHUNK_BYTES_MAX, fused_lm_head_token_logprobs, vocab_parallel_token_logprobs
 
 LOGPROB_IMPLS = ("auto", "fused", "logits")
@@ -44,8 +45,8 @@ def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
 
 def run_micro_batches(
     model: torch.nn.Module,
-    micro_batches: list[dict],
-    loss_fn: Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict]],
+    micro_batches: list[ForwardBatch],
+    loss_fn: Callable[[ForwardBatch, torch.Tensor], tuple[torch.Tensor, dict]],
     forward_only: bool,
     output: str = "logits",
 ) -> list[dict]:
@@ -53,7 +54,7 @@ def run_micro_batches(
 
     Args:
         model: this rank's model chunk (GPTModel or its DDP wrapper).
-        micro_batches: dicts with at least "input_ids" [b, s]; b and s may differ between
+        micro_batches: `batching.ForwardBatch` (or its `MicroBatch`); b and s may differ between
             micro-batches (token-budget micro-batches): under pipeline parallelism the stages then
             exchange each activation's shape first (megatron's `variable_seq_lengths`).
         loss_fn: on the last pipeline stage, called as loss_fn(micro_batch, out) and returns
@@ -78,7 +79,7 @@ def run_micro_batches(
 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator)
-        ids = mb["input_ids"]
+        ids = mb.input_ids
         out = chunk(input_ids=ids, position_ids=position_ids_for(ids), attention_mask=None)
 
         def loss_func(out):
@@ -89,7 +90,7 @@ def run_micro_batches(
 
         return out, loss_func
 
-    b, s = micro_batches[0]["input_ids"].shape
+    b, s = micro_batches[0].input_ids.shape
     fwd_bwd = get_forward_backward_func()
     grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
     head_ctx = lm_head_bypassed(model) if output == "hidden" else contextlib.nullcontext()
@@ -175,20 +176,20 @@ def resolve_logprob_impl(impl: str, local_vocab: int) -> str:
     return impl
 
 
-def response_positions(mb: dict, seq_len: int) -> torch.Tensor:
+def response_positions(mb: ForwardBatch, seq_len: int) -> torch.Tensor:
     """[n] flat indices, in the micro-batch's [b * seq_len] grid, of the positions whose next token is a
-    response token (mb["mask"] [b, seq_len - 1] is 1 there). Without a host read when the micro-batch
-    carries its count ("response_tokens", set on the host where it is built): `nonzero_static` knows
+    response token (mb.mask [b, seq_len - 1] is 1 there). Without a host read when the micro-batch
+    carries its count (`response_tokens`, set on the host where it is built): `nonzero_static` knows
     its output size; boolean indexing would have to ask the device."""
-    mask = mb["mask"]
+    mask = mb.mask
     grid = torch.nn.functional.pad(mask.bool(), (0, seq_len - mask.shape[1]))  # [b, seq_len]
-    n = mb.get("response_tokens")
+    n = mb.response_tokens
     if n is None:
         return grid.reshape(-1).nonzero().squeeze(1)
     return torch.nonzero_static(grid.reshape(-1), size=int(n)).squeeze(1)
 
 
-def gather_response(out: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_response(out: torch.Tensor, mb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """`out` [b, s, X] -> (its rows at the response positions [n, X], their flat indices [n])."""
     b, s = out.shape[:2]
     idx = response_positions(mb, s)
@@ -204,7 +205,7 @@ def uses_fp8_lm_head(fp8_recipe: Optional[str], impl: str) -> bool:
 def response_logprobs(
     model: torch.nn.Module,
     out: torch.Tensor,
-    mb: dict,
+    mb: ForwardBatch,
     impl: str,
     tp_group=None,
     valid_vocab_size: Optional[int] = None,
@@ -216,7 +217,7 @@ def response_logprobs(
     Args:
         out: what `run_micro_batches(..., output=...)` hands the loss: hidden states [b, s, H] for
             impl "fused", logits [b, s, V/tp] for impl "logits".
-        mb: the micro-batch, with "input_ids" [b, s] and "mask" [b, s-1] (1 at response positions).
+        mb: the micro-batch: input_ids [b, s] and mask [b, s-1] (1 at response positions).
         fp8: impl "fused" only: the LM-head GEMM in Transformer Engine FP8 (`precision.fp8`, GPU).
 
     Returns:
@@ -224,9 +225,9 @@ def response_logprobs(
         masked positions go through the LM head / softmax, so prompt and padding positions cost
         nothing past the last transformer layer.
     """
-    mask = mb["mask"].bool()  # [b, s-1]
+    mask = mb.mask.bool()  # [b, s-1]
     picked, idx = gather_response(out, mb)  # [n, H] or [n, V/tp]; positions in the [b * s] grid
-    target = mb["input_ids"].reshape(-1).index_select(0, idx + 1)  # [n] the token each position predicts
+    target = mb.input_ids.reshape(-1).index_select(0, idx + 1)  # [n] the token each position predicts
     # accelerator memory: large chunks (each costs TP collectives); host memory: cache-sized ones
     budget = FUSED_CHUNK_BYTES_MAX if platform.is_accelerator(out.device) else None
     if impl == "fused":

@@ -17,7 +17,7 @@ with the sign of a quantity to *descend*. We use the advantage to *maximise*, ad
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -29,6 +29,9 @@ from megatron_opd.objectives.policy_loss import (
     masked_std,
     policy_gradient_loss,
 )
+
+if TYPE_CHECKING:  # the config imports the objectives (their configs live beside their maths)
+    from megatron_opd.config import LossTermsConfig
 
 
 def gopd_advantage(
@@ -72,20 +75,17 @@ def gopd_loss(
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
     lam: float = 1.0,
+    terms: Optional["LossTermsConfig"] = None,
+    *,
     ref_logprobs: Optional[torch.Tensor] = None,
     old_logprobs: Optional[torch.Tensor] = None,
     rollout_logprobs: Optional[torch.Tensor] = None,
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     dual_clip_c: Optional[float] = None,
-    tis_cap: Optional[float] = None,
-    loss_agg_mode: str = "token-mean",
     num_tokens: Optional[float] = None,
     num_seqs: Optional[float] = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
     entropy: Optional[torch.Tensor] = None,
-    entropy_coef: float = 0.0,
     token_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict]:
     """G-OPD policy-gradient loss of one micro-batch (to minimise), and its metrics.
@@ -93,8 +93,9 @@ def gopd_loss(
     The advantage is built from pi_old (`old_logprobs`, default: `logprobs` detached, i.e. the first
     update on a fresh batch) and applied through the PPO clipped surrogate with rho = pi_theta/pi_old;
     at rho = 1 its gradient is exactly Eq. 14's. Optional: token-level TIS weight
-    min(exp(lp_old - lp_rollout), C); KL(student || reference) term; entropy bonus; an extra
-    `token_mask` (e.g. REOPOLD's token selection) that zeroes tokens without changing normalisation.
+    min(exp(lp_old - lp_rollout), C); KL(student || reference) term; entropy bonus (`terms`: a
+    config.LossTermsConfig, None = none of them); an extra `token_mask` (e.g. REOPOLD's token selection)
+    that zeroes tokens without changing normalisation.
 
     Args:
         logprobs: `[b, s]` student log p(y_t), with grad.
@@ -111,9 +112,9 @@ def gopd_loss(
     old = logprobs.detach() if old_logprobs is None else old_logprobs
     adv = gopd_advantage(old, teacher_logprobs, ref_logprobs, lam)
     loss, metrics = policy_gradient_loss(
-        logprobs, old, adv, mask, eps_low, eps_high, dual_clip_c, rollout_logprobs, tis_cap,
-        ref_logprobs, kl_coef, kl_estimator, entropy, entropy_coef, token_mask, loss_agg_mode,
-        num_tokens, num_seqs)
+        logprobs, old, adv, mask, eps_low, eps_high, terms, dual_clip_c=dual_clip_c,
+        rollout_logprobs=rollout_logprobs, ref_logprobs=ref_logprobs, entropy=entropy, token_mask=token_mask,
+        num_tokens=num_tokens, num_seqs=num_seqs)
 
     with torch.no_grad():
         reward = teacher_logprobs - old  # the OPD token reward log(pi*/pi_theta)

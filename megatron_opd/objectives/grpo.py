@@ -9,11 +9,14 @@ gets zero advantage: it carries no learning signal.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from megatron_opd.objectives.policy_loss import check_finite, check_same_shape, masked_mean, policy_gradient_loss
+
+if TYPE_CHECKING:  # the config imports the objectives (their configs live beside their maths)
+    from megatron_opd.config import LossTermsConfig
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, normalize_std: bool = True,
@@ -36,22 +39,20 @@ def grpo_loss(
     logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    terms: Optional["LossTermsConfig"] = None,
+    *,
     old_logprobs: Optional[torch.Tensor] = None,
     rollout_logprobs: Optional[torch.Tensor] = None,
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     dual_clip_c: Optional[float] = None,
-    tis_cap: Optional[float] = None,
     ref_logprobs: Optional[torch.Tensor] = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
     entropy: Optional[torch.Tensor] = None,
-    entropy_coef: float = 0.0,
-    loss_agg_mode: str = "token-mean",
     num_tokens: Optional[float] = None,
     num_seqs: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict]:
-    """GRPO loss of one micro-batch (to minimise): `advantages` `[b]` per sample, the rest `[b, s]`."""
+    """GRPO loss of one micro-batch (to minimise): `advantages` `[b]` per sample, the rest `[b, s]`;
+    `terms` a config.LossTermsConfig (TIS, KL term, entropy bonus, aggregation), None = none of them."""
     check_same_shape("logprobs", logprobs, mask=mask, old_logprobs=old_logprobs,
                      rollout_logprobs=rollout_logprobs, ref_logprobs=ref_logprobs, entropy=entropy)
     if advantages.shape != logprobs.shape[:1]:
@@ -61,8 +62,9 @@ def grpo_loss(
     old = logprobs.detach() if old_logprobs is None else old_logprobs
     adv = advantages.to(logprobs.dtype).view(-1, 1).expand_as(logprobs)
     loss, metrics = policy_gradient_loss(
-        logprobs, old, adv, mask, eps_low, eps_high, dual_clip_c, rollout_logprobs, tis_cap, ref_logprobs,
-        kl_coef, kl_estimator, entropy, entropy_coef, None, loss_agg_mode, num_tokens, num_seqs)
+        logprobs, old, adv, mask, eps_low, eps_high, terms, dual_clip_c=dual_clip_c,
+        rollout_logprobs=rollout_logprobs, ref_logprobs=ref_logprobs, entropy=entropy, num_tokens=num_tokens,
+        num_seqs=num_seqs)
     with torch.no_grad():
         metrics["advantage/mean"] = masked_mean(adv, mask)
         metrics["advantage/std"] = masked_mean((adv - masked_mean(adv, mask)) ** 2, mask).sqrt()

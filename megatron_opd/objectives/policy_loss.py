@@ -12,12 +12,15 @@ exactly the full-batch loss, whatever the micro-batch lengths.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_opd.checks import require
+
+if TYPE_CHECKING:  # the config imports the objectives (their configs live beside their maths)
+    from megatron_opd.config import LossTermsConfig
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
@@ -172,16 +175,13 @@ def policy_gradient_loss(
     mask: torch.Tensor,
     eps_low: float,
     eps_high: float,
+    terms: Optional["LossTermsConfig"] = None,
+    *,
     dual_clip_c: Optional[float] = None,
     rollout_logprobs: Optional[torch.Tensor] = None,
-    tis_cap: Optional[float] = None,
     ref_logprobs: Optional[torch.Tensor] = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
     entropy: Optional[torch.Tensor] = None,
-    entropy_coef: float = 0.0,
     token_mask: Optional[torch.Tensor] = None,
-    loss_agg_mode: str = "token-mean",
     num_tokens: Optional[float] = None,
     num_seqs: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict]:
@@ -189,10 +189,12 @@ def policy_gradient_loss(
 
         L_t = clipped_surrogate(rho_t, adv_t) * w_t  [+ kl_coef * KL_t(pi || ref)]  [- entropy_coef * H_t]
 
-    with w_t = min(exp(lp_old - lp_rollout), C) when `tis_cap` and `rollout_logprobs` are given, then
-    aggregated over `mask` (times `token_mask`, which drops tokens without changing the normaliser)
-    with the step's global counts. All `[b, s]`.
+    with w_t = min(exp(lp_old - lp_rollout), C) when `terms.tis_cap` and `rollout_logprobs` are given,
+    then aggregated over `mask` (times `token_mask`, which drops tokens without changing the normaliser)
+    with the step's global counts (`terms.loss_agg_mode`). All `[b, s]`. `terms` (config.LossTermsConfig:
+    tis_cap, loss_agg_mode, kl_coef / kl_estimator, entropy_coef): None = none of them, token-mean.
     """
+    tis_cap, loss_agg_mode, kl_coef, kl_estimator, entropy_coef = unpack_terms(terms)
     from megatron_opd.objectives.kl import kl_estimate
 
     per_token, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, eps_low, eps_high,
@@ -223,3 +225,11 @@ def logprob_gap(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, 
     m = mask.to(torch.float32)
     gap = (trainer_logprobs.float() - rollout_logprobs.float()).abs() * m  # 0 off the response
     return {"mismatch/max_abs": gap.max(), "mismatch/mean_abs": masked_mean(gap, m)}
+
+
+def unpack_terms(terms: Optional["LossTermsConfig"]) -> tuple:
+    """(tis_cap, loss_agg_mode, kl_coef, kl_estimator, entropy_coef) of a LossTermsConfig; None: no TIS, no
+    KL term, no entropy bonus, token-mean."""
+    if terms is None:
+        return None, "token-mean", 0.0, "k3", 0.0
+    return terms.tis_cap, terms.loss_agg_mode, terms.kl_coef, terms.kl_loss_estimator, terms.entropy_coef

@@ -68,19 +68,10 @@ def is_accelerator(dev: torch.device) -> bool:
     return dev.type == "cuda"
 
 
-def to_device(batch: dict) -> dict:
-    """A micro-batch's tensors on `device()` (other values unchanged). The one place the trainer moves
-    host-built batches to the accelerator; on CPU it returns the same tensors."""
-    dev = device()
-
-    def move(v):
-        if isinstance(v, torch.Tensor):
-            return v.to(dev, non_blocking=True)
-        if isinstance(v, list) and v and all(isinstance(x, torch.Tensor) for x in v):
-            return [x.to(dev, non_blocking=True) for x in v]
-        return v
-
-    return {k: move(v) for k, v in batch.items()}
+def to_device(batch):
+    """A micro-batch (`batching.MicroBatch`) with its tensors on `device()`. The one place the trainer
+    moves host-built batches to the accelerator; on CPU it returns the same tensors."""
+    return batch.to(device())
 
 
 # ------------------------------------------------------------------------------------------------

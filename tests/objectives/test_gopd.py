@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megatron_opd.config import LossTermsConfig
 from megatron_opd.objectives import gopd_advantage, gopd_loss, select_per_sample
 
 
@@ -51,7 +52,7 @@ def test_surrogate_gradient_equals_analytic_policy_gradient():
     # with per-sample weights folded in by repeating: use token-mean over a weighted mask.
     lp_tok = logp[actions].view(V, 1)
     loss, _ = gopd_loss(lp_tok, teacher.view(V, 1), mask=probs.view(V, 1), lam=lam,
-                        ref_logprobs=ref.view(V, 1), loss_agg_mode="token-mean", num_tokens=1.0)
+                        ref_logprobs=ref.view(V, 1), num_tokens=1.0)  # token-mean: terms=None
     (grad,) = torch.autograd.grad(loss, logits)
     adv = lam * (teacher - ref) - (logp.detach() - ref)
     jac = torch.eye(V) - probs.view(1, V)  # d log pi(y) / d logits, rows = y
@@ -77,7 +78,7 @@ def test_tis_weights_truncate_and_multiply(lps):
     s, t, _ = lps
     roll = s - torch.linspace(-3, 3, 7)  # exp(lp_old - lp_roll) from e^-3 to e^3
     mask = torch.ones_like(s)
-    _, m = gopd_loss(s.clone().requires_grad_(), t, mask, rollout_logprobs=roll, tis_cap=5.0)
+    _, m = gopd_loss(s.clone().requires_grad_(), t, mask, terms=LossTermsConfig(tis_cap=5.0), rollout_logprobs=roll)
     assert 0 < m["tis_truncated_fraction"] < 1
     w = torch.exp(torch.linspace(-3, 3, 7)).clamp(max=5.0)
     assert abs(m["tis_weight_mean"] - w.mean().item()) < 1e-5

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megatron_opd.config import LossTermsConfig
 from megatron_opd.objectives import group_advantages, grpo_loss
 
 
@@ -34,7 +35,7 @@ def test_grpo_kl_term_pulls_towards_the_reference_and_bad_shapes_are_named():
     lp = torch.zeros(2, 3, requires_grad=True)
     ref = torch.full((2, 3), -1.0)
     mask = torch.ones(2, 3)
-    loss, m = grpo_loss(lp, torch.zeros(2), mask, ref_logprobs=ref, kl_coef=0.5)
+    loss, m = grpo_loss(lp, torch.zeros(2), mask, LossTermsConfig(kl_coef=0.5), ref_logprobs=ref)
     (g,) = torch.autograd.grad(loss, lp)
     # k3 = exp(r) - 1 - r with r = ref - lp: d/d lp = 1 - exp(ref - lp) > 0 here (lp above ref)
     torch.testing.assert_close(g, 0.5 * (1 - torch.exp(ref - lp.detach())) / 6)

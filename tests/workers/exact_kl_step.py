@@ -37,18 +37,18 @@ def main():
                 return gather_from_tensor_model_parallel_region(local)[:, :self.vocab_size].double()
 
             z_s = full_logits(out.hidden, out.lm_head)
-            z_t = full_logits(mb["teacher_hidden"], mb["teacher_lm_head"])
+            z_t = full_logits(mb.teacher_hidden, mb.teacher_lm_head)
             if self.cfg.top_k is not None:
                 keep = z_t.topk(self.cfg.top_k, -1).indices
                 z_s, z_t = z_s.gather(1, keep), z_t.gather(1, keep)
             ls, lt = z_s.log_softmax(-1), z_t.log_softmax(-1)
             log_p, log_q = (ls, lt) if self.cfg.direction == "reverse" else (lt, ls)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1).float()  # [n]
-            mask = mb["mask"].bool()
+            mask = mb.mask.bool()
             per_token = torch.zeros(mask.shape, dtype=kl.dtype).masked_scatter(mask, kl)
             m = mask.float()
-            return loss_mod.aggregate_loss(per_token, m, self.cfg.loss_agg_mode, mb["global_tokens"],
-                                           mb["global_seqs"]), {}
+            return loss_mod.aggregate_loss(per_token, m, self.cfg.loss_agg_mode, mb.global_tokens,
+                                           mb.global_seqs), {}
 
     tr, captured = engine_free_trainer(args.config, args.overrides)
     cfg = tr.cfg
@@ -57,7 +57,7 @@ def main():
 
         def run():
             micro = tr.micro_batches(batch)
-            tr.score(micro)
+            micro, _ = tr.score(micro)
             metrics = tr.update(micro)
             return metrics.get("loss"), captured["grads"]
 

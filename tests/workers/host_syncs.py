@@ -70,7 +70,7 @@ def main():
             micro = tr.micro_batches(batch)  # host-side construction: before the device work
             with HostReads() as counter:
                 with checks.deferred():
-                    tr.score(micro)
+                    micro, _ = tr.score(micro)
                 with checks.deferred():
                     tr.update(micro)
             by_kind = {"ours": 0, "optimizer_step": 0, "rng_tracker": 0, "megatron_other": 0}

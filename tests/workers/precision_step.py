@@ -21,7 +21,7 @@ def main():
     try:
         batch, _ = tr.rollout()
         micro = tr.micro_batches(batch)
-        tr.score(micro)
+        micro, _ = tr.score(micro)
         metrics = tr.update(micro)
         dtypes = sorted({str(p.dtype) for p in tr.student.parameters()})
         torch.save({"loss": metrics["loss"], "grads": captured["grads"], "param_dtypes": dtypes,

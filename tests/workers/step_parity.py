@@ -88,10 +88,10 @@ def main():
             micro = tr.micro_batches(batch)
             span = tr.experts_span_replicas
             tr.experts_span_replicas = not route  # routing is off where expert groups span replicas
-            tr.score(micro)
+            micro, _ = tr.score(micro)
             tr.experts_span_replicas = span
             metrics = tr.update(micro)
-            teacher = [mb.get("teacher_logprobs") for mb in micro]
+            teacher = [mb.teacher_logprobs for mb in micro]
             return {"loss": metrics.get("loss"), "grads": captured["grads"], "teacher": teacher,
                     "sequences": tr.teacher_sequences, "micro": len(micro)}
 

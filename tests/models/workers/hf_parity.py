@@ -26,6 +26,7 @@ def main():
 
     from megatron_opd import parallel
     from megatron_opd.models.builder import build_gpt_model
+    from megatron_opd.batching import ForwardBatch
     from megatron_opd.models.forward import run_micro_batches
     from megatron_opd.models.hf_mapping import HFCheckpoint, export_hf_weights, load_hf_into_megatron
 
@@ -49,7 +50,7 @@ def main():
             got.append(torch.cat(shards, dim=-1)[..., : spec.vocab_size])
             return logits.sum() * 0, {}
 
-        run_micro_batches(model, [{"input_ids": ids}], loss_fn, forward_only=True)
+        run_micro_batches(model, [ForwardBatch(input_ids=ids)], loss_fn, forward_only=True)
         if ps.is_pipeline_last_stage():
             hf = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype=torch.float32).eval()
             with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 def main():
     from megatron_opd import parallel
     from megatron_opd.models.builder import PrecisionConfig, build_gpt_model
+    from megatron_opd.batching import ForwardBatch
     from megatron_opd.models.forward import run_micro_batches
     from megatron_opd.models.student import wrap_ddp
     from megatron_opd.models.spec import ModelSpec
@@ -36,7 +37,7 @@ def main():
         model = wrap_ddp(build_gpt_model(spec, parallel.ParallelConfig(), PrecisionConfig(recompute=recompute)))
         modes.append(model.module.config.recompute_granularity)
         model.zero_grad_buffer()
-        run_micro_batches(model, [{"input_ids": ids}], lambda mb, logits: (logits.float().pow(2).mean(), {}),
+        run_micro_batches(model, [ForwardBatch(input_ids=ids)], lambda mb, logits: (logits.float().pow(2).mean(), {}),
                           forward_only=False)
         grads.append(torch.cat([b.grad_data.clone() for b in model.buffers]))
         attention_calls.append(calls["n"])

@@ -25,6 +25,7 @@ def main():
 
     from megatron_opd import parallel
     from megatron_opd.models.builder import build_gpt_model
+    from megatron_opd.batching import ForwardBatch
     from megatron_opd.models.forward import run_micro_batches
     from megatron_opd.models.hf_mapping import HFCheckpoint, export_hf_weights, load_hf_into_megatron
     from megatron_opd.models.student import OptimConfig, build_optimizer, wrap_ddp
@@ -46,13 +47,13 @@ def main():
     mask[1, 6:] = 0  # unequal lengths across micro-batches
     mask[3, 3:] = 0
     total_tokens = mask.sum()
-    micro = [{"input_ids": ids[i : i + 2], "mask": mask[i : i + 2]} for i in (0, 2)]
+    micro = [ForwardBatch(input_ids=ids[i : i + 2], mask=mask[i : i + 2]) for i in (0, 2)]
 
     def loss_fn(mb, logits):  # logits [b, s, V/tp]
         nll = vocab_parallel_cross_entropy(
-            logits[:, :-1].transpose(0, 1).contiguous().float(), mb["input_ids"][:, 1:].t().contiguous()
+            logits[:, :-1].transpose(0, 1).contiguous().float(), mb.input_ids[:, 1:].t().contiguous()
         ).t()  # [b, s-1]
-        loss = (nll * mb["mask"]).sum() / total_tokens
+        loss = (nll * mb.mask).sum() / total_tokens
         return loss, {"loss": loss.detach()}
 
     student.zero_grad_buffer()

@@ -42,6 +42,7 @@ def main():
     from megatron_opd.config import RolloutConfig
     from megatron_opd.logprobs import vocab_parallel_token_logprobs
     from megatron_opd.models.builder import build_gpt_model
+    from megatron_opd.batching import ForwardBatch
     from megatron_opd.models.forward import run_micro_batches
     from megatron_opd.models.hf_mapping import HFCheckpoint, export_hf_weights, load_hf_into_megatron
     from megatron_opd.rollout.engine import RolloutEngine, RolloutEngineError
@@ -94,12 +95,13 @@ def main():
         seq = list(seq) + [0] * (len(prompt) + 32 - n)
 
         def fn(mb, logits):
-            lp, _ = vocab_parallel_token_logprobs(logits[:, :-1], mb["input_ids"][:, 1:],
+            lp, _ = vocab_parallel_token_logprobs(logits[:, :-1], mb.input_ids[:, 1:],
                                                   tp_group=parallel.tp_group(), valid_vocab_size=spec.vocab_size)
             out.append(lp[0, plen - 1:n - 1])
             return logits.sum() * 0, {}
 
-        run_micro_batches(model, [{"input_ids": torch.tensor([seq])}], fn, forward_only=True)
+        run_micro_batches(model, [ForwardBatch(input_ids=torch.tensor([seq]), mask=torch.ones(1, len(seq) - 1))], fn,
+                          forward_only=True)
         if args.pp == 1:
             return out[0]
         group = ps.get_pipeline_model_parallel_group()  # the last stage holds the log-probs

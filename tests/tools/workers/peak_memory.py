@@ -36,6 +36,7 @@ def main():
     from megatron_opd import parallel
     from megatron_opd.logprobs import DEFAULT_CHUNK_BYTES, vocab_parallel_token_logprobs
     from megatron_opd.models.builder import PrecisionConfig, build_gpt_model
+    from megatron_opd.batching import ForwardBatch
     from megatron_opd.models.forward import run_micro_batches
     from megatron_opd.models.spec import ModelSpec
     from megatron_opd.models.student import OptimConfig, build_optimizer, wrap_ddp
@@ -51,7 +52,7 @@ def main():
     parallel.initialize(pcfg, seed=0)
     precision = PrecisionConfig(params_dtype=args.dtype, use_transformer_engine=False)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    mb = {"input_ids": ids}
+    mb = ForwardBatch(input_ids=ids, mask=torch.ones(ids.shape[0], ids.shape[1] - 1))
 
     gc.collect()
     baseline = _status_kib("VmRSS")
@@ -63,7 +64,7 @@ def main():
     optimizer, _ = build_optimizer(student, OptimConfig(lr=1e-4, lr_warmup_steps=0), total_steps=10)
 
     def logprobs(mb, logits):  # the trainer's path: [b, s, V/tp] logits -> token log-probs
-        lp, _ = vocab_parallel_token_logprobs(logits[:, :-1], mb["input_ids"][:, 1:], valid_vocab_size=args.vocab)
+        lp, _ = vocab_parallel_token_logprobs(logits[:, :-1], mb.input_ids[:, 1:], valid_vocab_size=args.vocab)
         return lp.float().mean(), {"lp": lp.detach()}
 
     with torch.no_grad():
