@@ -179,17 +179,14 @@ class ERPDPipeline:
     def stage2(self, micro: list[MicroBatch], signals: list[list[torch.Tensor]]) -> None:
         """Distil the stored signals into pi_old (restored by the caller) under the trust region."""
         from megatron_opd.loss import ERPDStage2Objective
-        from megatron_opd.objectives.erpd import keep_part, whiten_batch
+        from megatron_opd.objectives.erpd import stage2_signals
 
         erpd = self.erpd
         masks = [mb.mask for mb in micro]
-        prepared = []
-        for per_mb in signals:
-            if not per_mb:  # not the last pipeline stage
-                continue
-            if erpd.whiten:
-                per_mb = whiten_batch(per_mb, masks, parallel.dp_group())
-            prepared.append([keep_part(s, mb.outcome_rewards > 0, erpd.stage2.keep) for s, mb in zip(per_mb, micro)])
+        positives = [mb.outcome_rewards > 0 for mb in micro]
+        # not the last pipeline stage: no signals here
+        prepared = [stage2_signals(per_mb, masks, positives, erpd.stage2.keep, erpd.whiten, parallel.dp_group())
+                    for per_mb in signals if per_mb]
         if len(prepared) > 1 and (erpd.ensemble or "sum") == "sum":
             prepared = [[sum(parts) for parts in zip(*prepared)]]  # simultaneous ensemble
         rounds = len(signals) if erpd.ensemble == "sequential" else 1

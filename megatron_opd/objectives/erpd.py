@@ -125,7 +125,8 @@ class ERPDStage2Config:
     """Entropy bonus (paper: 0.5 in the iterative runs)."""
 
     keep: Optional[str] = None
-    """Outlier ablation on positive samples: "positive" or "negative" part of S only; None keeps all."""
+    """Outlier ablation on positive samples: "positive" or "negative" part of the raw S only, then
+    whitening over the kept tokens (the paper: "whitening after masking"); None keeps all."""
 
     def __post_init__(self):
         if self.strategy not in SIGNAL_STRATEGIES:
@@ -301,9 +302,29 @@ def keep_part(signal: torch.Tensor, positive_samples: torch.Tensor, keep: Option
     """Outlier ablation: on positive samples (`[b]` bool) keep only S > 0 ("positive") or S < 0."""
     if keep is None:
         return signal
+    return signal * kept_tokens(signal, positive_samples, keep).to(signal.dtype)
+
+
+def kept_tokens(signal: torch.Tensor, positive_samples: torch.Tensor, keep: Optional[str]) -> torch.Tensor:
+    """[b, s] bool: the tokens the outlier ablation keeps (all of them on negative samples; on positive
+    samples those whose S is > 0 for "positive", < 0 for "negative"; everything for keep=None)."""
+    if keep is None:
+        return torch.ones_like(signal, dtype=torch.bool)
     part = signal > 0 if keep == "positive" else signal < 0
-    on_pos = positive_samples.view(-1, 1).expand_as(signal)
-    return torch.where(on_pos & ~part, torch.zeros_like(signal), signal)
+    return part | ~positive_samples.view(-1, 1).expand_as(signal)
+
+
+def stage2_signals(signals: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                   positive_samples: Sequence[torch.Tensor], keep: Optional[str], whiten_signal: bool,
+                   group=None) -> list[torch.Tensor]:
+    """One stage-2 signal of every micro-batch (`[b_i, s_i]` each) as the paper prepares it: the outlier
+    ablation on the *raw* S (`kept_tokens`), then whitening over what is kept (the batch's kept response
+    tokens, all-reduced over a data-parallel `group`); 0 at the dropped tokens. Masking by the sign of
+    the whitened S instead would keep a different set (every token with 0 < S < mean changes side)."""
+    kept = [mask * kept_tokens(s, pos, keep).to(mask.dtype) for s, mask, pos in zip(signals, masks, positive_samples)]
+    if whiten_signal:
+        return whiten_batch(signals, kept, group)
+    return [s * k.to(s.dtype) for s, k in zip(signals, kept)]
 
 
 def ensemble_signals(signals: Sequence[torch.Tensor], mask: torch.Tensor, group=None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from megatron_opd.objectives import (
     ensemble_signals,
     group_normalized_advantages,
     keep_part,
+    stage2_signals,
     sapo_gate,
     stage1_loss,
     trust_region_distill_loss,
@@ -74,6 +75,27 @@ def test_keep_positive_and_ensemble():
     torch.testing.assert_close(keep_part(s, pos, "negative"), torch.tensor([[0.0, -1.0], [2.0, -2.0]]))
     mask = torch.ones(2, 2)
     torch.testing.assert_close(ensemble_signals([s, 2 * s], mask), 2 * whiten(s, mask))
+
+
+def test_outlier_ablation_masks_the_raw_signal_then_whitens_what_is_kept():
+    """The paper masks the raw S, then whitens what is kept ("whitening after masking"); masking by the sign
+    of the whitened S kept a different set: every token with 0 < S < mean changed side."""
+    torch.manual_seed(0)
+    s = torch.randn(8, 10) + 0.6  # mostly positive: whitening moves 0 < S < mean below zero
+    mask = torch.ones(8, 10)
+    mask[7, 6:] = 0
+    pos = torch.tensor([True] * 6 + [False] * 2)
+    kept = ((s > 0) | ~pos.view(-1, 1)) & mask.bool()  # by hand: S > 0 on positive samples, all on negative
+    out = stage2_signals([s[:4], s[4:]], [mask[:4], mask[4:]], [pos[:4], pos[4:]], "positive", True)
+    out = torch.cat(out)
+    assert torch.equal(out != 0, kept)
+    vals = out[kept]
+    assert vals.mean().abs() < 1e-6 and (vals.std(unbiased=False) - 1).abs() < 1e-5  # over the kept tokens
+    old_order = keep_part(whiten(s, mask), pos, "positive")
+    assert (old_order != 0).sum() < kept.sum()  # the old order dropped tokens the paper keeps
+    # without whitening: the raw S on the kept tokens; with keep=None: the whole batch whitened
+    torch.testing.assert_close(stage2_signals([s], [mask], [pos], "positive", False)[0], s * kept)
+    torch.testing.assert_close(stage2_signals([s], [mask], [pos], None, True)[0], whiten(s, mask))
 
 
 def test_stage2_surrogate_gradient_is_signal_at_ratio_one():
