@@ -46,7 +46,7 @@ STAGE1_FIELDS = {
     "grpo": {"eps_low": 0.2, "eps_high": 0.28},
     "sapo": {"tau_pos": 1.0, "tau_neg": 1.05},
     "ce": {"beta": 0.01, "aggregation": "sum"},
-    "mse": {"beta": 0.01, "aggregation": "sum", "mse_per_token": True},
+    "mse": {"beta": 0.01, "aggregation": "sum", "mse_per_token": True, "mse_target": "signed"},
 }
 
 
@@ -78,6 +78,12 @@ class ERPDStage1Config:
     mse_per_token: Optional[bool] = None
     """mse: regress each token's implicit reward on the return (critic-like; default) instead of the sum."""
 
+    mse_target: Optional[str] = None
+    """mse: what the implicit reward is regressed on: "signed" (2R - 1 = +-1; the default) or "reward"
+    (R in {0, 1} as it is). At pi = pi_old the implicit reward is 0, so with "reward" a failed sample
+    (target 0) gives no gradient at all, while the paper's "unlearning" phase (the checkpoint strategy 2
+    divides by) is driven by negative samples: "signed" pushes their log-ratios down from the start."""
+
     kl_coef: float = 0.0
     """Optional weak KL-to-pi_old penalty (k3)."""
 
@@ -85,12 +91,15 @@ class ERPDStage1Config:
         if self.loss not in STAGE1_LOSSES:
             raise ValueError(f"erpd.stage1.loss={self.loss!r}: use one of {STAGE1_LOSSES}")
         used = STAGE1_FIELDS[self.loss]
-        for name in ("eps_low", "eps_high", "tau_pos", "tau_neg", "beta", "aggregation", "mse_per_token"):
+        for name in ("eps_low", "eps_high", "tau_pos", "tau_neg", "beta", "aggregation", "mse_per_token",
+                     "mse_target"):
             if getattr(self, name) is not None and name not in used:
                 raise ValueError(f"erpd.stage1.{name}={getattr(self, name)!r} is not used by loss={self.loss}; "
                                  "remove it")
         if self.setting("aggregation") not in (None, "sum", "mean"):
             raise ValueError("erpd.stage1.aggregation must be 'sum' or 'mean'")
+        if self.setting("mse_target") not in (None, "signed", "reward"):
+            raise ValueError(f"erpd.stage1.mse_target={self.mse_target!r}: use signed or reward")
         for name in ("tau_pos", "tau_neg", "beta"):
             if self.setting(name) is not None and self.setting(name) <= 0:
                 raise ValueError(f"erpd.stage1.{name} must be > 0")
@@ -214,6 +223,8 @@ def stage1_loss(
         metrics["ce/implicit_reward_mean"] = r.detach().mean()
     else:  # mse
         target = outcome_rewards.to(logprobs.dtype)
+        if get("mse_target") == "signed":  # +-1: failed samples pull their log-ratios down at pi = pi_old
+            target = 2 * target - 1
         if get("mse_per_token"):
             pred = get("beta") * (logprobs - old_logprobs.detach())  # each token's implicit reward
             per_token = (pred - target.view(-1, 1)) ** 2

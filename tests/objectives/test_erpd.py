@@ -44,11 +44,32 @@ def test_mse_equals_hand_value_per_token_and_summed():
     old = torch.tensor([[-2.0, -2.0]])
     mask = torch.ones(1, 2)
     R = torch.tensor([1.0])
-    per_tok, _ = stage1_loss(ERPDStage1Config(loss="mse", beta=0.5), lp, old, mask, R)
+    per_tok, _ = stage1_loss(ERPDStage1Config(loss="mse", beta=0.5, mse_target="reward"), lp, old, mask, R)
     # token implicit rewards 0.5*1, 0.5*0 -> squared errors 0.25, 1 -> token-mean 0.625
     assert per_tok.item() == pytest.approx(0.625)
-    summed, _ = stage1_loss(ERPDStage1Config(loss="mse", beta=0.5, mse_per_token=False), lp, old, mask, R)
+    summed, _ = stage1_loss(ERPDStage1Config(loss="mse", beta=0.5, mse_per_token=False, mse_target="reward"),
+                            lp, old, mask, R)
     assert summed.item() == pytest.approx((0.5 - 1.0) ** 2)
+
+
+def test_mse_signed_target_gives_failed_samples_a_gradient_at_pi_old():
+    """With R in {0, 1} a failed sample's target is 0 = its implicit reward at pi = pi_old: no gradient,
+    though the paper's unlearning phase is driven by negative samples. The default target is 2R - 1."""
+    old = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]])
+    mask = torch.ones(2, 2)
+    R = torch.tensor([1.0, 0.0])
+    grads = {}
+    for target in ("reward", "signed"):
+        value, grads[target] = _stage1("mse", old, old, mask, R, beta=0.5, mse_target=target)
+    assert (grads["reward"][1] == 0).all()  # the failed sample: nothing to learn from
+    # signed: d/d lp of mean_t (0.5 (lp - old) - (2R - 1))^2 at lp = old is 2 * 0.5 * -(2R - 1) / N
+    torch.testing.assert_close(grads["signed"], -(2 * R - 1).view(-1, 1).expand(2, 2) * 0.5 * 2 / 4)
+    assert grads["signed"][1, 0] > 0  # loss rises with the failed sample's log-prob: it is pushed down
+    assert ERPDStage1Config(loss="mse").setting("mse_target") == "signed"
+    with pytest.raises(ValueError, match="mse_target='centred': use signed or reward"):
+        ERPDStage1Config(loss="mse", mse_target="centred")
+    with pytest.raises(ValueError, match="mse_target='signed' is not used by loss=ce"):
+        ERPDStage1Config(loss="ce", mse_target="signed")
 
 
 def test_group_normalized_advantages():
@@ -154,7 +175,7 @@ def test_every_stage1_loss_value_and_gradient_equal_closed_forms():
     assert grad[0, 0] < 0 < grad[1, 0]  # a correct sample's tokens are pushed up, a wrong one's down
 
     # MSE per token: (beta log-ratio - R)^2, token-mean; gradient 2 beta (beta log-ratio - R)
-    value, grad = _stage1("mse", lp, old, mask, R, beta=0.5)
+    value, grad = _stage1("mse", lp, old, mask, R, beta=0.5, mse_target="reward")
     err = 0.5 * delta - R.view(-1, 1)
     assert value == pytest.approx(float((err**2 * mask).sum() / N), rel=1e-6)
     torch.testing.assert_close(grad, 2 * 0.5 * err * mask / N)
