@@ -264,7 +264,10 @@ class LossTermsConfig:
     """The terms an objective's per-token loss may carry besides its core (shared by gopd and grpo)."""
 
     tis_cap: Optional[float] = 5.0
-    """Token-level truncated importance sampling cap C against the engine's log-probs; null disables."""
+    """Truncated importance sampling cap C against the engine's log-probs; null disables. A sampled-token
+    loss weights each token by its own ratio min(pi_old / pi_rollout, C); gopd's exact KL (estimator
+    full / topk), whose value at a position does not depend on the token sampled there, by the ratio of
+    the position's prefix, min(prod_{j<t} pi_old / pi_rollout, C) (`policy_loss.prefix_is_weights`)."""
 
     loss_agg_mode: str = "token-mean"
     """"token-mean", "seq-mean-token-sum" or "seq-mean-token-mean" (global normalisation)."""

@@ -26,7 +26,7 @@ from megatron_opd.objectives import (gopd_loss, group_advantages, grpo_loss, reo
 from megatron_opd.objectives.erpd import ERPDStage1Config, ERPDStage2Config
 from megatron_opd.objectives.kl import kl_estimate
 from megatron_opd.objectives.policy_loss import (aggregate_loss, logprob_gap, masked_mean, masked_std,
-                                                 truncated_is_weights)
+                                                 prefix_is_weights)
 from megatron_opd.objectives.reopold import clipped_reward, phase, reward_floor, select_tokens
 
 
@@ -124,8 +124,9 @@ class GOPDObjective(Objective):
         metrics = {"kl/student_teacher_exact": masked_mean(per_token.detach(), m)}
         old = out.logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
         if cfg.tis_cap is not None and mb.rollout_logprobs is not None:
-            # the positions were sampled by the engine: reweight each token's KL as the sampled path does
-            w = truncated_is_weights(old, mb.rollout_logprobs, cfg.tis_cap)
+            # the engine sampled the prefix that reaches each position; the KL there does not depend on
+            # the token sampled at it, so its prefix's ratio (not its own) is the correction
+            w = prefix_is_weights(old, mb.rollout_logprobs, m, cfg.tis_cap)
             per_token = per_token * w
             metrics["tis_weight_mean"] = masked_mean(w, m)
         if cfg.kl_coef:

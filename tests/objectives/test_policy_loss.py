@@ -87,3 +87,35 @@ def test_unknown_mode_and_bad_mask():
         aggregate_loss(loss, mask, "sum")
     with pytest.raises(ValueError, match="mask has shape"):
         aggregate_loss(loss, mask[:, :3], "token-mean")
+
+
+def test_prefix_is_weights_by_hand_and_the_exact_kl_uses_them():
+    """The exact KL at position t does not depend on the token sampled at t: the engine's samples before
+    t are what reached it, so its correction is the prefix's ratio, truncated; the token's own ratio (what
+    the sampled estimator uses) only added variance."""
+    import math
+
+    import torch
+
+    from megatron_opd.batching import MicroBatch
+    from megatron_opd.config import GOPDConfig
+    from megatron_opd.loss import GOPDObjective, StudentOutputs
+    from megatron_opd.objectives.policy_loss import prefix_is_weights
+
+    old = torch.tensor([[0.0, -1.0, -2.0, -0.5, 0.0]])
+    rollout = torch.tensor([[0.0, -1.5, -1.0, -1.5, 0.0]])  # log-ratios 0.5, -1.0, 1.0 on the response
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    w = prefix_is_weights(old, rollout, mask, cap=1.5)
+    # before position 1: nothing (1); before 2: e^0.5 = 1.65, capped at 1.5; before 3: e^(0.5 - 1.0);
+    # before 4: e^(0.5 - 1.0 + 1.0), capped
+    torch.testing.assert_close(w, torch.tensor([[1.0, 1.0, 1.5, math.exp(-0.5), 1.5]]))
+
+    kl = torch.tensor([[0.0, 0.3, 0.2, 0.1, 0.0]])
+    mb = MicroBatch(input_ids=torch.zeros(1, 6, dtype=torch.long), mask=mask, rollout_logprobs=rollout,
+                    teacher_index=torch.zeros(1), outcome_rewards=torch.zeros(1), group=torch.zeros(1),
+                    old_logprobs=old, global_tokens=3.0, global_seqs=1.0)
+    out = StudentOutputs(logprobs=old.clone(), kl=kl, teacher_logprobs=old)
+    objective = GOPDObjective(GOPDConfig(estimator="full", tis_cap=1.5))
+    loss, metrics = objective._exact_kl_loss(mb, out)
+    expected = (0.3 * 1.0 + 0.2 * 1.5 + 0.1 * math.exp(-0.5)) / 3  # the token's own ratios would give 1.5, e^-1, 1.5
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
