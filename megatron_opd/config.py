@@ -307,13 +307,14 @@ class GOPDConfig(LossTermsConfig):
     estimator: str = "sampled"
     """"sampled": the log-ratio of the sampled token as a policy-gradient advantage (the papers');
     "full": the exact per-token KL over the whole vocabulary, vocabulary-parallel (lam = 1 only);
-    "topk": the same KL restricted to the teacher's top-k tokens."""
+    "topk": the same KL over the teacher's top-k tokens and one tail bucket of the rest (vocab_kl.py)."""
 
     kl_direction: Optional[str] = None
     """full / topk: "reverse" = KL(student || teacher) (default; what OPD minimises) or "forward"."""
 
     top_k: Optional[int] = None
-    """topk: tokens of the teacher's distribution the KL is taken over (required there)."""
+    """topk: the teacher's top tokens the KL is taken over, each its own bucket, with one tail bucket for
+    the rest of each model's mass (required there)."""
 
     eps_low: Optional[float] = None
     """sampled: PPO clip below (ratio >= 1 - eps_low); null = 0.2."""

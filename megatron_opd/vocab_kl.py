@@ -1,24 +1,34 @@
 """Exact per-token KL between student and teacher over the whole vocabulary, vocabulary-parallel.
 
 Student and teacher share the TP layout, so rank r holds both models' LM-head rows for the same
-vocabulary slice `[r * V/tp, (r + 1) * V/tp)`. For every response position, with logits z_s, z_t and a
-support M (the valid vocabulary, or the teacher's global top-k):
+vocabulary slice `[r * V/tp, (r + 1) * V/tp)`. For every response position, with logits z_s, z_t over
+the valid vocabulary:
 
-    log p_s = z_s - logZ_s ,  log p_t = z_t - logZ_t         (softmax restricted to M)
-    reverse KL(p_s || p_t) = sum_M p_s (z_s - z_t) - (logZ_s - logZ_t)
-    forward KL(p_t || p_s) = sum_M p_t (z_t - z_s) - (logZ_t - logZ_s)
+    log p_s = z_s - logZ_s ,  log p_t = z_t - logZ_t         (softmax over the whole vocabulary)
+    reverse KL(p_s || p_t) = sum_V p_s (z_s - z_t) - (logZ_s - logZ_t)
+    forward KL(p_t || p_s) = sum_V p_t (z_t - z_s) - (logZ_t - logZ_s)
 
-Per token chunk: one all-reduce(MAX) of the two maxima, one all-reduce(SUM) of three partial sums
-(and for top-k one all-gather of [chunk, k] candidate values): O(tokens x k) communication, never
-O(tokens x V). Each chunk's logits of *both* models are computed from the final hidden states and
+Top-k: the KL between the two distributions coarsened to the teacher's global top-k tokens M (one
+bucket each) and a tail bucket holding the rest of each model's mass, P_tail = 1 - sum_M p_s and
+Q_tail = 1 - sum_M p_t:
+
+    reverse KL_k = sum_M p_s (log p_s - log p_t) + P_tail (log P_tail - log Q_tail)
+
+(and forward alike). It is a lower bound of the full KL (coarsening loses information) and sees mass
+the student moves outside the teacher's top-k: renormalising both on M alone would call a student that
+puts 97 % of its mass on one token outside M identical to the teacher (KL 0, zero gradient there).
+
+Per token chunk: one all-reduce(MAX) of the maxima, one all-reduce(SUM) of the partial sums (three;
+five for top-k, with the tails' own maxima so that a tail far below the top-k does not underflow), and
+for top-k one all-gather of [chunk, k] candidate values: O(tokens x k) communication, never O(tokens x V). Each chunk's logits of *both* models are computed from the final hidden states and
 the LM-head shards, reduced and dropped; backward recomputes them. So neither model's `[tokens, V/tp]`
 logits exist at once: the peak is a few `[chunk, V/tp]` fp32 buffers.
 
-Gradient with respect to the student's logits (the teacher is frozen), per token and j in M:
-    reverse:  p_s,j ((log p_s,j - log p_t,j) - KL)
-    forward:  p_s,j - p_t,j
-and 0 outside M. It flows into the student's hidden states (all-reduced over TP: they are replicated)
-and its LM-head shard.
+Gradient with respect to the student's logits (the teacher is frozen), per token j of bucket b(j):
+    reverse:  p_s,j ((log P_b(j) - log Q_b(j)) - KL)       (P_b = p_s,j for j in M, P_tail outside)
+    forward:  p_s,j - p_s,j Q_b(j) / P_b(j)                (= p_s,j - p_t,j for j in M)
+It flows into the student's hidden states (all-reduced over TP: they are replicated) and its LM-head
+shard.
 
 Pure torch + explicit process groups; `tp_group=None` runs in one process.
 """
@@ -54,48 +64,74 @@ def _support_threshold(z_t: torch.Tensor, top_k: Optional[int], group) -> Option
 
 
 def _chunk_logits(h_s, w_s, h_t, w_t, vocab_start, valid_vocab_size, top_k, group, threshold=None):
-    """Both models' fp32 logits of one chunk with padding (and, for top-k, everything outside the
-    teacher's top-k) at -inf; the top-k threshold is computed once (forward) and reused (backward)."""
+    """Both models' fp32 logits of one chunk over the whole vocabulary (padding at -inf), and for top-k
+    the teacher's k-th largest logit per token (computed once in forward, reused in backward)."""
     z_t = _masked_fp32_logits(_lm_head(h_t, w_t, False), vocab_start, valid_vocab_size)  # [c, V/tp]
     z_s = _masked_fp32_logits(_lm_head(h_s, w_s, False), vocab_start, valid_vocab_size)  # [c, V/tp]
     if threshold is None:
         threshold = _support_threshold(z_t, top_k, group)
-    if threshold is not None:  # outside the support M (teacher logit below its k-th largest): -inf
-        outside = z_t < threshold.unsqueeze(-1)
-        z_s.masked_fill_(outside, float("-inf"))
-        z_t.masked_fill_(outside, float("-inf"))
     return z_s, z_t, threshold
 
 
-def _log_partition(z_s: torch.Tensor, z_t: torch.Tensor, direction: str, group):
-    """Global (logZ_s, logZ_t, KL) of one chunk: two collectives."""
-    m = torch.stack([z_s.max(-1).values, z_t.max(-1).values])  # [2, c]
+def _log_partition(z_s: torch.Tensor, z_t: torch.Tensor, threshold: Optional[torch.Tensor], direction: str,
+                   group):
+    """Global (logZ_s, logZ_t, KL, log tails) of one chunk, two collectives. `threshold` [c]: the top-k
+    support M = {z_t >= threshold} with the tail bucket (module docstring); None: the whole vocabulary
+    (log tails None). Log tails: [2, c] = (log P_tail, log Q_tail), -inf where the tail is empty."""
+    outside = None if threshold is None else z_t < threshold.unsqueeze(-1)  # [c, V/tp]; padding too
+    maxima = [z_s.max(-1).values, z_t.max(-1).values]
+    if outside is not None:  # the tails' own maxima: their sums must not underflow below the top-k's
+        maxima += [z_s.masked_fill(~outside, float("-inf")).max(-1).values,
+                   z_t.masked_fill(~outside, float("-inf")).max(-1).values]
+    m = torch.stack(maxima)  # [2 or 4, c]
     if _group_size(group) > 1:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    e_s = (z_s - m[0].unsqueeze(-1)).exp()  # 0 outside M
+    e_s = (z_s - m[0].unsqueeze(-1)).exp()  # 0 at padding
     e_t = (z_t - m[1].unsqueeze(-1)).exp()
     diff = torch.where(torch.isfinite(z_s), z_s - z_t, torch.zeros_like(z_s))  # -inf - -inf guarded
     weights = e_s if direction == "reverse" else e_t
-    sums = torch.stack([e_s.sum(-1), e_t.sum(-1), (weights * diff).sum(-1)])  # [3, c]
+    if outside is not None:
+        weights = weights.masked_fill(outside, 0.0)  # sum over M only
+    sums = [e_s.sum(-1), e_t.sum(-1), (weights * diff).sum(-1)]
+    if outside is not None:
+        tail_max = torch.where(torch.isfinite(m[2:]), m[2:], torch.zeros_like(m[2:]))  # [2, c]; empty tail: 0
+        sums += [(z_s - tail_max[0].unsqueeze(-1)).exp().masked_fill(~outside, 0.0).sum(-1),
+                 (z_t - tail_max[1].unsqueeze(-1)).exp().masked_fill(~outside, 0.0).sum(-1)]
+    sums = torch.stack(sums)  # [3 or 5, c]
     if _group_size(group) > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     log_z_s, log_z_t = m[0] + sums[0].log(), m[1] + sums[1].log()
-    if direction == "reverse":
-        kl = sums[2] / sums[0] - (log_z_s - log_z_t)
+    if outside is None:
+        if direction == "reverse":
+            return log_z_s, log_z_t, sums[2] / sums[0] - (log_z_s - log_z_t), None
+        return log_z_s, log_z_t, -sums[2] / sums[1] - (log_z_t - log_z_s), None
+    log_tails = torch.stack([tail_max[0] + sums[3].log() - log_z_s, tail_max[1] + sums[4].log() - log_z_t])
+    tails = log_tails.exp()  # [2, c] (P_tail, Q_tail)
+    if direction == "reverse":  # sum_M p_s (z_s - z_t) - P_M (logZ_s - logZ_t) + P_tail log(P_tail / Q_tail)
+        tail_term = torch.where(tails[0] > 0, tails[0] * (log_tails[0] - log_tails[1]), torch.zeros_like(tails[0]))
+        kl = sums[2] / sums[0] - (1 - tails[0]) * (log_z_s - log_z_t) + tail_term
     else:
-        kl = -sums[2] / sums[1] - (log_z_t - log_z_s)
-    return log_z_s, log_z_t, kl
+        tail_term = torch.where(tails[1] > 0, tails[1] * (log_tails[1] - log_tails[0]), torch.zeros_like(tails[1]))
+        kl = -sums[2] / sums[1] - (1 - tails[1]) * (log_z_t - log_z_s) + tail_term
+    return log_z_s, log_z_t, kl, log_tails
 
 
-def _chunk_grad(z_s, z_t, log_z_s, log_z_t, kl, g, direction):
-    """d(sum_i g_i KL_i) / d z_s of one chunk [c, V/tp] from the saved global statistics."""
-    p_s = (z_s - log_z_s.unsqueeze(-1)).exp()  # 0 outside M
+def _chunk_grad(z_s, z_t, log_z_s, log_z_t, kl, g, direction, threshold=None, log_tails=None):
+    """d(sum_i g_i KL_i) / d z_s of one chunk [c, V/tp] from the saved global statistics (top-k: the
+    support's `threshold` and the `log_tails` of `_log_partition`)."""
+    log_p = z_s - log_z_s.unsqueeze(-1)  # [c, V/tp]; -inf at padding
+    log_q = z_t - log_z_t.unsqueeze(-1)
+    p_s = log_p.exp()
+    if threshold is not None:  # outside M each token belongs to its model's tail bucket
+        outside = z_t < threshold.unsqueeze(-1)
+        log_p = torch.where(outside, log_tails[0].unsqueeze(-1), log_p)
+        log_q = torch.where(outside, log_tails[1].unsqueeze(-1), log_q)
+    finite = torch.isfinite(z_s)
     if direction == "reverse":
-        log_ratio = torch.where(torch.isfinite(z_s), (z_s - log_z_s.unsqueeze(-1)) - (z_t - log_z_t.unsqueeze(-1)),
-                                torch.zeros_like(z_s))
+        log_ratio = torch.where(finite, log_p - log_q, torch.zeros_like(z_s))
         grad = p_s * (log_ratio - kl.unsqueeze(-1))
-    else:
-        grad = p_s - (z_t - log_z_t.unsqueeze(-1)).exp()
+    else:  # p_s,j (1 - Q_b / P_b)
+        grad = p_s - torch.where(finite, p_s * (log_q - log_p).exp(), torch.zeros_like(z_s))
     return grad * g.unsqueeze(-1)
 
 
@@ -106,16 +142,17 @@ class _VocabParallelKL(torch.autograd.Function):
         kl = torch.empty(n, dtype=torch.float32, device=h_s.device)
         log_z_s, log_z_t = torch.empty_like(kl), torch.empty_like(kl)
         thresholds = torch.empty_like(kl) if top_k is not None else None
+        log_tails = torch.empty(2, n, dtype=torch.float32, device=h_s.device) if top_k is not None else None
         for s in range(0, n, chunk):
             sl = slice(s, s + chunk)
             z_s, z_t, thr = _chunk_logits(h_s[sl], w_s, h_t[sl], w_t, vocab_start, valid_vocab_size,
                                           top_k, group)
-            log_z_s[sl], log_z_t[sl], kl[sl] = _log_partition(z_s, z_t, direction, group)
+            log_z_s[sl], log_z_t[sl], kl[sl], tails = _log_partition(z_s, z_t, thr, direction, group)
             if thr is not None:
-                thresholds[sl] = thr
+                thresholds[sl], log_tails[:, sl] = thr, tails
             del z_s, z_t  # one chunk's logits alive at a time
         ctx.save_for_backward(h_s, w_s, h_t, w_t, log_z_s, log_z_t, kl,
-                              *([thresholds] if thresholds is not None else []))
+                              *([thresholds, log_tails] if thresholds is not None else []))
         ctx.meta = (vocab_start, valid_vocab_size, group, direction, top_k, chunk)
         return kl
 
@@ -123,15 +160,17 @@ class _VocabParallelKL(torch.autograd.Function):
     def backward(ctx, g_kl):
         vocab_start, valid_vocab_size, group, direction, top_k, chunk = ctx.meta
         h_s, w_s, h_t, w_t, log_z_s, log_z_t, kl, *rest = ctx.saved_tensors
-        thresholds = rest[0] if rest else None
+        thresholds, log_tails = rest if rest else (None, None)
         g_kl = g_kl.float()
         grad_hidden = torch.empty_like(h_s)
         grad_weight = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
         for s in range(0, h_s.shape[0], chunk):
             sl = slice(s, s + chunk)
+            thr = thresholds[sl] if thresholds is not None else None
             z_s, z_t, _ = _chunk_logits(h_s[sl], w_s, h_t[sl], w_t, vocab_start, valid_vocab_size, top_k,
-                                        group, thresholds[sl] if thresholds is not None else None)
-            gz = _chunk_grad(z_s, z_t, log_z_s[sl], log_z_t[sl], kl[sl], g_kl[sl], direction)
+                                        group, thr)
+            gz = _chunk_grad(z_s, z_t, log_z_s[sl], log_z_t[sl], kl[sl], g_kl[sl], direction, thr,
+                             log_tails[:, sl] if thr is not None else None)
             del z_s, z_t
             gh, gw = lm_head_input_grads(gz, h_s[sl], w_s)
             grad_hidden[sl] = gh
@@ -190,16 +229,17 @@ def vocab_parallel_kl(
         valid_vocab_size: true vocabulary size; padded columns are excluded.
         direction: "reverse" = KL(student || teacher) (what OPD minimises), "forward" = KL(teacher ||
             student).
-        top_k: restrict both distributions to the teacher's global top-k tokens (renormalised on
-            them); None = the whole vocabulary.
+        top_k: the KL over the teacher's global top-k tokens and one tail bucket holding the rest of
+            each model's mass (module docstring); None = the whole vocabulary.
         chunk_size: tokens per chunk, or "auto" (from the LM-head shard's size, as the fused
             log-prob path).
 
     Returns:
         `[n]` fp32 KL per token, differentiable w.r.t. the student's hidden states and LM head.
     """
+    # both models' logits and two temporaries per chunk (top-k: two more for the tails' masked copies)
     chunk = _check_inputs_and_chunk(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, direction,
-                                    top_k, chunk_size, buffers_per_chunk=4)
+                                    top_k, chunk_size, buffers_per_chunk=6 if top_k else 4)
     local_vocab = student_lm_head.shape[0]
     vocab_start = _group_rank(tp_group) * local_vocab
     args = (student_hidden, student_lm_head, teacher_hidden.detach(), teacher_lm_head.detach(), vocab_start,
@@ -215,18 +255,9 @@ def vocab_parallel_kl(
 # ------------------------------------------------------------------------------------------------
 # One pass for everything a step of the exact KL needs from the two LM heads
 # ------------------------------------------------------------------------------------------------
-def _support(z_s, z_t, threshold):
-    """Both chunks restricted to the KL's support M (copies: the full-vocabulary logits stay for the
-    sampled-token log-probs); the whole vocabulary when threshold is None."""
-    if threshold is None:
-        return z_s, z_t
-    outside = z_t < threshold.unsqueeze(-1)
-    return z_s.masked_fill(outside, float("-inf")), z_t.masked_fill(outside, float("-inf"))
-
-
 class _VocabParallelKLAndLogprobs(torch.autograd.Function):
-    """Per chunk, from one LM-head GEMM per model: the KL over M, the student's log-prob of the sampled
-    token (and entropy) over the whole vocabulary, and the teacher's log-prob of it. Backward recomputes
+    """Per chunk, from one LM-head GEMM per model: the KL (top-k: over M and the tail), the student's
+    log-prob of the sampled token (and entropy), and the teacher's log-prob of it. Backward recomputes
     both chunks once and sums the KL's and the log-prob's gradients in the student's logits."""
 
     @staticmethod
@@ -237,6 +268,7 @@ class _VocabParallelKLAndLogprobs(torch.autograd.Function):
         kl, lp_s, lp_t, log_z_s, log_z_sm, log_z_tm = new(), new(), new(), new(), new(), new()
         mean_l = new() if entropy else None
         thresholds = new() if top_k is not None else None
+        log_tails = torch.empty(2, n, dtype=torch.float32, device=h_s.device) if top_k is not None else None
         for s in range(0, n, chunk):
             sl = slice(s, s + chunk)
             z_t = _masked_fp32_logits(_lm_head(h_t[sl], w_t, False), vocab_start, valid_vocab_size)  # [c, V/tp]
@@ -261,15 +293,14 @@ class _VocabParallelKLAndLogprobs(torch.autograd.Function):
             lp_t[sl] = stacked[3] - (m[1] + stacked[1].log())
             if entropy:
                 mean_l[sl] = stacked[4] / stacked[0]
-            # the KL over its support M (the same chunk, restricted for top-k)
-            zm_s, zm_t = _support(z_s, z_t, thr)
-            del z_s, z_t
-            log_z_sm[sl], log_z_tm[sl], kl[sl] = _log_partition(zm_s, zm_t, direction, group)
+            # the KL (the same chunks; top-k: over M and the tail bucket)
+            log_z_sm[sl], log_z_tm[sl], kl[sl], tails = _log_partition(z_s, z_t, thr, direction, group)
             if thr is not None:
-                thresholds[sl] = thr
-            del zm_s, zm_t
+                thresholds[sl], log_tails[:, sl] = thr, tails
+            del z_s, z_t
         ctx.save_for_backward(h_s, w_s, h_t, w_t, target, log_z_s, log_z_sm, log_z_tm, kl,
-                              *([mean_l] if entropy else []), *([thresholds] if top_k is not None else []))
+                              *([mean_l] if entropy else []),
+                              *([thresholds, log_tails] if top_k is not None else []))
         ctx.meta = (vocab_start, valid_vocab_size, group, direction, top_k, entropy, chunk)
         ent = (log_z_s - mean_l) if entropy else torch.zeros(0, device=h_s.device)
         return kl, lp_s, ent, lp_t
@@ -279,7 +310,7 @@ class _VocabParallelKLAndLogprobs(torch.autograd.Function):
         vocab_start, valid_vocab_size, group, direction, top_k, entropy, chunk = ctx.meta
         h_s, w_s, h_t, w_t, target, log_z_s, log_z_sm, log_z_tm, kl, *rest = ctx.saved_tensors
         mean_l = rest.pop(0) if entropy else None
-        thresholds = rest.pop(0) if top_k is not None else None
+        thresholds, log_tails = (rest.pop(0), rest.pop(0)) if top_k is not None else (None, None)
         zeros = torch.zeros_like(kl)
         g_kl = g_kl.float() if g_kl is not None else zeros
         g_lp = g_lp.float() if g_lp is not None else zeros
@@ -292,10 +323,10 @@ class _VocabParallelKLAndLogprobs(torch.autograd.Function):
             z_s = _masked_fp32_logits(_lm_head(h_s[sl], w_s, False), vocab_start, valid_vocab_size)
             gz = _token_logprob_grad(z_s, target[sl], vocab_start, log_z_s[sl], mean_l[sl] if use_ent else None,
                                      g_lp[sl], g_ent[sl].float() if use_ent else None)  # [c, V/tp]
-            zm_s, zm_t = _support(z_s, z_t, thresholds[sl] if thresholds is not None else None)
+            thr = thresholds[sl] if thresholds is not None else None
+            gz += _chunk_grad(z_s, z_t, log_z_sm[sl], log_z_tm[sl], kl[sl], g_kl[sl], direction, thr,
+                              log_tails[:, sl] if thr is not None else None)
             del z_s, z_t
-            gz += _chunk_grad(zm_s, zm_t, log_z_sm[sl], log_z_tm[sl], kl[sl], g_kl[sl], direction)
-            del zm_s, zm_t
             gh, gw = lm_head_input_grads(gz, h_s[sl], w_s)
             grad_hidden[sl] = gh
             grad_weight += gw
@@ -328,11 +359,11 @@ def vocab_parallel_kl_and_logprobs(
 
     Returns:
         `(kl [n], student log p(target) [n], student entropy [n] or None, teacher log p(target) [n])`,
-        fp32. The KL's support is M (the teacher's top-k or the whole vocabulary), the log-probs' the
-        whole valid vocabulary. Differentiable w.r.t. the student's hidden states and LM head through
+        fp32. The KL is over the whole vocabulary, or for top-k over the teacher's top-k and the tail
+        bucket; the log-probs over the whole valid vocabulary. Differentiable w.r.t. the student's hidden states and LM head through
         the KL, the student's log-probs and its entropy; the teacher's log-probs carry no gradient.
     """
-    # both models' logits, their restricted copies (top-k) and two temporaries per chunk
+    # both models' logits and two temporaries per chunk (top-k: two more for the tails' masked copies)
     chunk = _check_inputs_and_chunk(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, direction,
                                     top_k, chunk_size, buffers_per_chunk=6 if top_k else 4)
     local_vocab = student_lm_head.shape[0]

@@ -117,3 +117,19 @@ def wandb_history(run_file: Path) -> list[dict]:
         if record.WhichOneof("record_type") == "history":
             steps.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
     return steps
+
+
+def coarsen_to_top_k(log_p, log_q, top_k: int):
+    """The top-k KL's reference: both models' [n, V] log-probs -> [n, k + 1], the teacher's (`log_q`'s
+    for reverse, pass them in that order) top-k tokens and one tail bucket holding the rest of each
+    model's mass. `log_q` picks the tokens: pass the teacher's log-probs second."""
+    import torch
+
+    keep = log_q.topk(top_k, -1).indices
+    outside = torch.ones_like(log_q, dtype=torch.bool).scatter_(1, keep, False)
+
+    def coarse(lp):
+        tail = lp.masked_fill(~outside, float("-inf")).logsumexp(-1, keepdim=True)
+        return torch.cat([lp.gather(1, keep), tail], dim=-1)
+
+    return coarse(log_p), coarse(log_q)

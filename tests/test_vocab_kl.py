@@ -8,17 +8,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_opd.vocab_kl import vocab_parallel_kl, vocab_parallel_kl_and_logprobs
-from mopd_testing import run_ranks
+from mopd_testing import coarsen_to_top_k, run_ranks
 
 
 def dense_kl(h_s, w_s, h_t, w_t, valid, direction, top_k=None):
-    """log_softmax of the full logits in float64, KL summed over the (restricted) vocabulary."""
+    """log_softmax of the full logits in float64, KL summed over the vocabulary (top-k: over the teacher's
+    top-k tokens and one tail bucket of the rest of each model's mass)."""
     z_s = (h_s.double() @ w_s.double().t())[:, :valid]
     z_t = (h_t.double() @ w_t.double().t())[:, :valid]
-    if top_k is not None:  # both distributions renormalised on the teacher's top-k tokens
-        keep = z_t.topk(top_k, -1).indices
-        z_s, z_t = z_s.gather(1, keep), z_t.gather(1, keep)
     ls, lt = z_s.log_softmax(-1), z_t.log_softmax(-1)
+    if top_k is not None:
+        ls, lt = coarsen_to_top_k(ls, lt, top_k)
     log_p, log_q = (ls, lt) if direction == "reverse" else (lt, ls)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
@@ -47,6 +47,24 @@ def test_values_and_gradients_equal_dense_reference(direction, top_k, chunk):
     assert torch.allclose(ga.double(), ra, atol=1e-5), (ga - ra).abs().max()
     assert torch.allclose(gb.double(), rb, atol=1e-5), (gb - rb).abs().max()
     assert gb[valid:].abs().max() == 0  # padded rows get no gradient
+
+
+def test_top_k_kl_sees_the_mass_the_student_moves_outside_the_teachers_top_k():
+    """The review's case: teacher logits [5, 4, 3, 0, 0, 0], student [5, 4, 3, 0, 0, 9], k = 3. Both
+    renormalised on the top-k alone gave KL 0 and no gradient on token 5, where the student puts 97 % of
+    its mass (full KL 5.15); with the tail bucket the top-k KL sees it, and pushes token 5 down."""
+    eye = torch.eye(6)
+    z_t, z_s = torch.tensor([[5.0, 4, 3, 0, 0, 0]]), torch.tensor([[5.0, 4, 3, 0, 0, 9]])
+    h_s = z_s.clone().requires_grad_()
+    kl = vocab_parallel_kl(h_s, eye, z_t, eye, top_k=3)  # identity LM heads: the hidden states are the logits
+    full = vocab_parallel_kl(z_s, eye, z_t, eye)
+    assert full.item() == pytest.approx(5.15, abs=0.01)
+    p_s, p_t = z_s.softmax(-1)[0], z_t.softmax(-1)[0]
+    P_tail, Q_tail = p_s[3:].sum(), p_t[3:].sum()
+    by_hand = (p_s[:3] * (p_s[:3] / p_t[:3]).log()).sum() + P_tail * (P_tail / Q_tail).log()
+    assert kl.item() == pytest.approx(by_hand.item(), rel=1e-5) and 0.5 * full.item() < kl.item() <= full.item()
+    (grad,) = torch.autograd.grad(kl.sum(), h_s)
+    assert grad[0, 5] > 0.1  # descending the KL lowers token 5's logit
 
 
 def test_kl_of_identical_models_is_zero_and_top_k_of_the_whole_vocabulary_is_full():

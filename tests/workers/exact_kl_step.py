@@ -9,6 +9,8 @@ and update, without a rollout engine, against two dense references (rank 0 print
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 
 def main():
@@ -24,6 +26,9 @@ def main():
     from megatron_opd import parallel
     from step_parity import engine_free_trainer
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared test helpers
+    from mopd_testing import coarsen_to_top_k
+
     class DenseKL(loss_mod.GOPDObjective):
         """The exact KL with [n, V] logits materialised and autograd through log_softmax."""
 
@@ -38,10 +43,9 @@ def main():
 
             z_s = full_logits(out.hidden, out.lm_head)
             z_t = full_logits(mb.teacher_hidden, mb.teacher_lm_head)
-            if self.cfg.top_k is not None:
-                keep = z_t.topk(self.cfg.top_k, -1).indices
-                z_s, z_t = z_s.gather(1, keep), z_t.gather(1, keep)
             ls, lt = z_s.log_softmax(-1), z_t.log_softmax(-1)
+            if self.cfg.top_k is not None:  # the teacher's top-k and one tail bucket
+                ls, lt = coarsen_to_top_k(ls, lt, self.cfg.top_k)
             log_p, log_q = (ls, lt) if self.cfg.direction == "reverse" else (lt, ls)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1).float()  # [n]
             mask = mb.mask.bool()
@@ -78,9 +82,10 @@ def main():
 
             ls, lt = hf_logprobs(cfg.student.checkpoint), hf_logprobs(cfg.teachers[0].checkpoint)
             settings = cfg.objective.settings
-            if settings.top_k is not None:
-                keep = lt.topk(settings.top_k, -1).indices
-                ls, lt = ls.gather(-1, keep).log_softmax(-1), lt.gather(-1, keep).log_softmax(-1)
+            if settings.top_k is not None:  # [B, S-1, V] -> [B, S-1, k + 1]: top-k and the tail bucket
+                shape = ls.shape
+                ls, lt = coarsen_to_top_k(ls.reshape(-1, shape[-1]), lt.reshape(-1, shape[-1]), settings.top_k)
+                ls, lt = ls.reshape(*shape[:-1], -1), lt.reshape(*shape[:-1], -1)
             log_p, log_q = (ls, lt) if settings.direction == "reverse" else (lt, ls)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B, S-1]
             mask = batch.response_mask.double()
