@@ -77,11 +77,11 @@ def clipped_reward(
 def top_fraction_mask(
     score: torch.Tensor, mask: torch.Tensor, beta: float, group=None
 ) -> torch.Tensor:
-    """Keep the tokens whose `score` is in the top `beta` fraction of the valid tokens.
-
-    Locally (no group) exactly ceil(beta * N) tokens are kept, ties broken by position. Over a
-    data-parallel `group` the scores are all-gathered, the ceil(beta * N_global)-th largest becomes the
-    threshold, and every token at or above it is kept (ties may keep a few more).
+    """Keep the tokens whose `score` is in the top `beta` fraction of the valid tokens: every token at
+    or above the ceil(beta * N)-th largest score of all N valid tokens (over a data-parallel `group`:
+    all-gathered). Tokens tied with that score are all kept, so the kept set depends on the scores
+    alone, never on how the batch is split over replicas (breaking ties by position kept 80 of 100
+    tied tokens in one process and all 100 over two replicas).
 
     Args:
         score: `[b, s]` e.g. student entropy.
@@ -99,10 +99,7 @@ def top_fraction_mask(
         k = math.ceil(beta * vals.numel())
         if k == 0:
             return keep
-        idx = torch.topk(vals, k, sorted=False).indices
-        flat = torch.zeros(vals.numel(), dtype=torch.bool, device=vals.device)
-        flat[idx] = True
-        keep[valid] = flat
+        keep[valid] = vals >= torch.topk(vals, k).values[-1]
         return keep
     dev = vals.device  # the inputs' device is the one the group's backend takes (NCCL: GPU, gloo: host)
     sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(dist.get_world_size(group))]

@@ -1,12 +1,14 @@
 """REOPOLD: reward floor, entropy top-beta selection, phase schedule, metrics."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_opd.objectives import (clipped_reward, phase, reopold_loss, reward_floor, select_tokens,
                                     top_fraction_mask)
+from mopd_testing import last_json, run_ranks
 
 
 def test_reward_floor_is_log_mixture_odds():
@@ -35,6 +37,18 @@ def test_entropy_mask_keeps_stated_fraction(beta):
     valid = sorted(((float(ent[i, j]), (i, j)) for i in range(4) for j in range(10) if mask[i, j]), reverse=True)
     expected = {pos for _, pos in valid[:math.ceil(beta * n)]}
     assert {(i, j) for i, j in keep.nonzero().tolist()} == expected
+
+
+def test_tied_scores_are_kept_alike_in_one_process_and_over_two_replicas():
+    """70 % of the entropies tied at the lowest value, beta = 0.8: the 80th-largest score is the tied one,
+    so every tied token is kept (100), in one process and over two data-parallel replicas alike; breaking
+    ties by position kept 80 in one process and 100 over two replicas."""
+    score = torch.tensor([[0.9, 0.8, 0.7] + [0.5] * 7] * 10)
+    assert int(top_fraction_mask(score, torch.ones(10, 10), 0.8).sum()) == 100
+    top = top_fraction_mask(score, torch.ones(10, 10), 0.2)  # the 20th largest is 0.8: no tie at the cut
+    assert int(top.sum()) == 20 and top[:, :2].all() and not top[:, 2:].any()
+    r = last_json(run_ranks(Path(__file__).parent / "workers" / "reopold_ties.py", 2), "ties")
+    assert r["ties"] == {"same": True, "kept": 100}
 
 
 def test_phase_switches_at_switch_step():
