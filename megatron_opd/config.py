@@ -224,6 +224,11 @@ class ObjectiveNeeds:
     """The step's samples come from the teacher (a rollout engine on teachers[0].checkpoint) instead of
     the student: off-policy distillation. The student's engine then only serves evaluation."""
 
+    fused_logprobs: bool = False
+    """Every log-prob of the run through the fused LM-head path: the objective reads final hidden states
+    from it (ERPD's pi_old for its exact KL report) and compares models' log-probs, which must then all
+    come from one path (train.logprob_impl: logits is refused)."""
+
 
 KL_LOSS_ESTIMATORS = ("k2", "k3")  # k1's gradient is zero in expectation: not a loss term
 GOPD_ESTIMATORS = ("sampled", "full", "topk")
@@ -585,7 +590,7 @@ class ERPDConfig:
     def needs(self) -> ObjectiveNeeds:
         # pi_old's log-probs (stage-1 ratios, stage-2 trust region) and the verifier's rewards
         return ObjectiveNeeds(teachers=False, old_policy=True, outcome_rewards=True,
-                              update_entropy=self.stage2.entropy_coef > 0)
+                              update_entropy=self.stage2.entropy_coef > 0, fused_logprobs=True)
 
 
 @dataclass
@@ -861,6 +866,10 @@ class OPDConfig:
         if needs.teacher_hidden and self.train.logprob_impl == "logits":
             raise ValueError("train.logprob_impl=logits: objective.gopd.estimator=full/topk computes the KL from "
                              "both models' hidden states and LM heads; use auto or fused")
+        if needs.fused_logprobs and self.train.logprob_impl == "logits":
+            raise ValueError(f"train.logprob_impl=logits: objective.name={name} reads pi_old's hidden states "
+                             "through the fused LM-head path, and its signals compare log-probs that must all "
+                             "come from that one path; use auto or fused")
         if needs.outcome_rewards and self.rollout.n < 2:
             raise ValueError(f"objective.name={name} normalises rewards within each prompt's samples: set "
                              "rollout.n >= 2 (e.g. 8)")

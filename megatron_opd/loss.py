@@ -227,7 +227,7 @@ class ERPDStage1Objective(Objective):
     """ERPD stage 1 on a fixed batch: GRPO / SAPO (group-normalised advantages), CE or MSE (outcome
     rewards), ratios against the batch's pi_old."""
 
-    needs = ObjectiveNeeds(teachers=False, old_policy=True, outcome_rewards=True)
+    needs = ObjectiveNeeds(teachers=False, old_policy=True, outcome_rewards=True, fused_logprobs=True)
 
     def __init__(self, cfg: ERPDStage1Config):
         self.cfg = cfg
@@ -251,7 +251,8 @@ class ERPDStage2Objective(Objective):
 
     def __init__(self, cfg: ERPDStage2Config):
         self.cfg = cfg
-        self.needs = ObjectiveNeeds(teachers=False, old_policy=True, update_entropy=cfg.entropy_coef > 0)
+        self.needs = ObjectiveNeeds(teachers=False, old_policy=True, update_entropy=cfg.entropy_coef > 0,
+                                    fused_logprobs=True)
 
     def loss(self, mb, out, step):
         return trust_region_distill_loss(self.cfg, out.logprobs, mb.old_logprobs, mb.signal, mb.mask,

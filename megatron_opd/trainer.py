@@ -123,7 +123,9 @@ class OPDTrainer:
                                          vocab_size=self.spec.vocab_size)
         self.logprob_impl = resolve_logprob_impl(
             cfg.train.logprob_impl, self.spec.vocab_size // cfg.parallel.tensor_model_parallel_size)
-        if self.objective.needs.teacher_hidden:  # the exact KL runs the LM heads itself (config refuses logits)
+        # the exact KL runs the LM heads itself; ERPD compares models' log-probs with pi_old's, which come
+        # with its hidden states from the fused path: one path for all (the config refuses logits for both)
+        if self.objective.needs.teacher_hidden or self.objective.needs.fused_logprobs:
             self.logprob_impl = "fused"
         self.lm_head_fp8 = uses_fp8_lm_head(cfg.precision.fp8, self.logprob_impl)
         """precision.fp8 on the fused LM head of every model's sampled-token log-probs (GPU, TE)."""

@@ -90,6 +90,8 @@ TINY = REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml"
     (["objective.gopd.estimator=topk"], "needs objective.gopd.top_k"),
     (["objective.gopd.estimator=full", "objective.gopd.lam=1.25"], "needs estimator=sampled"),
     (["objective.gopd.estimator=full", "train.logprob_impl=logits"], "train.logprob_impl=logits"),
+    (["objective.name=erpd", "objective.gopd=null", "teachers=[]", "rollout.n=4", "train.logprob_impl=logits"],
+     "objective.name=erpd reads pi_old's hidden states through the fused LM-head path"),
     (["objective.gopd.reward_correction=true"], "no effect at lam = 1"),
     (["objective.name=reopold", "objective.gopd=null", "objective.reopold.mixture=null",
       "objective.reopold.switch_step=5"], "needs a floor"),
@@ -131,6 +133,9 @@ def test_each_objective_declares_what_a_step_must_provide():
     assert reopold.old_policy and reopold.teachers and not reopold.update_entropy
     grpo = needs("objective.name=grpo", "objective.gopd=null", "teachers=[]", "rollout.n=4")
     assert grpo.outcome_rewards and not grpo.teachers and not grpo.reference
+    # ERPD: every log-prob through the fused path (pi_old's hidden states come from it; signals compare)
+    assert needs("objective.name=erpd", "objective.gopd=null", "teachers=[]", "rollout.n=4").fused_logprobs
+    assert not any(needs(*o).fused_logprobs for o in [(), ("objective.gopd.estimator=full",)])
 
 
 def test_every_recipe_loads_with_only_its_objectives_section():
