@@ -81,6 +81,7 @@ def reference_run(models, tmp_path_factory):
     return {r["step"]: r for r in metrics(ref)}
 
 
+@pytest.mark.slow  # the SIGKILL-at-random-points test (slow) kills at every phase
 def test_kill9_then_resume_gives_same_next_step_loss(models, reference_run, tmp_path):
     killed = tmp_path / "killed"
     proc = _launch(models, killed, 3)
@@ -94,6 +95,7 @@ def test_kill9_then_resume_gives_same_next_step_loss(models, reference_run, tmp_
     assert b[3]["loss"] == a[3]["loss"] and b[2]["loss"] == a[2]["loss"]
 
 
+@pytest.mark.slow  # make test's time budget
 def test_kill9_of_the_trainer_leaves_no_process_behind(models, tmp_path):
     """kill -9 of the trainer alone (the OOM killer, a node agent) left megatron's checkpoint-writer
     Manager and Python's resource tracker running, orphaned; every helper now dies with it."""
@@ -205,8 +207,8 @@ def test_resume_at_another_layout_is_said_and_force_lists_what_changed(models, t
     (["parallel.tensor_model_parallel_size=2"], [], (2, 1)),
     pytest.param([], [], (1, 2), marks=pytest.mark.slow),
 ], ids=["tp2_to_tp1", "dp1_to_dp2"])
-def test_resharded_resume_continues_as_the_uninterrupted_run_at_the_new_layout(models, tmp_path, first, then,
-                                                                             nproc):
+def test_resharded_resume_continues_as_the_uninterrupted_run_at_the_new_layout(models, reference_run, tmp_path,
+                                                                             first, then, nproc):
     """Step 1 at one layout, then steps 2-3 at another: the next losses equal an uninterrupted run at the
     new layout (the weights after step 1 differ between layouts by fp32 round-off only)."""
     def run(out, n, steps, *extra):
@@ -217,9 +219,12 @@ def test_resharded_resume_continues_as_the_uninterrupted_run_at_the_new_layout(m
     said = run(tmp_path / "moved", nproc[1], 3, *then)
     change = ("parallel.tensor_model_parallel_size: 2 -> 1" if first else "data-parallel size: 1 -> 2")
     assert f"resuming at a new layout ({change}): the checkpoint is resharded on load" in said
-    run(tmp_path / "uninterrupted", nproc[1], 3, *then)
+    if nproc[1] == 1:  # the new layout is the module's uninterrupted single-process run
+        ref = reference_run
+    else:
+        run(tmp_path / "uninterrupted", nproc[1], 3, *then)
+        ref = {r["step"]: r for r in metrics(tmp_path / "uninterrupted")}
     moved = {r["step"]: r for r in metrics(tmp_path / "moved")}
-    ref = {r["step"]: r for r in metrics(tmp_path / "uninterrupted")}
     assert sorted(moved) == [0, 1, 2, 3]
     for step in (2, 3):
         assert moved[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5, abs=1e-7), step
@@ -356,6 +361,7 @@ def test_mini_batches_must_divide_a_replicas_micro_batches():
     check_batch_split(load_config(RECIPE, ["train.mini_batches=2", "teachers=[{checkpoint: null}]"]), dp=1)
 
 
+@pytest.mark.slow  # the SIGKILL-at-random-points test kills inside saves too
 def test_crash_while_saving_keeps_previous_checkpoint(models, tmp_path):
     out = tmp_path / "crash"
     with pytest.raises(AssertionError, match="injected crash while saving"):
@@ -369,6 +375,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(models, tmp_path):
     assert (ckpts / "step_2" / "meta.json").is_file() and not (ckpts / "step_2.tmp").exists()
 
 
+@pytest.mark.slow  # tests/test_checkpoint.py checks the rule itself
 def test_a_damaged_newest_checkpoint_is_passed_over_and_kept(models, tmp_path):
     """A checkpoint whose shard, common state or RNG file is gone (or truncated) after it was written is
     found by its manifest: the run resumes from the newest complete one, saying which it passed over and

@@ -120,6 +120,7 @@ def test_dp2_reopold_equals_dp1(ckpts, tmp_path):
     assert_same(run(ckpts, tmp_path / "dp1", 1, *extra), run(ckpts, tmp_path / "dp2", 2, *extra))
 
 
+@pytest.mark.slow  # make test's time budget; routing at DP = 1 runs in tests/test_trainer_step_parity.py
 def test_dp2_two_teacher_routing_equals_dp1(ckpts, tmp_path):
     """Two teachers routed by domain (math / code prompts of the 'mixed' task) at DP=2."""
     teachers = (f"teachers=[{{checkpoint: {ckpts['teacher']}, domain: math}}, "
