@@ -70,7 +70,9 @@ def check_run(cfg: OPDConfig, models: RunModels):
     for s in models.specs:
         s.validate_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                             p.expert_model_parallel_size, p.etp)
-    layout = parallel.validate_layout(p, parallel.launched_world_size())
+    from megatron_opd.rollout.dedicated import trainer_world
+
+    layout = parallel.validate_layout(p, trainer_world(cfg, parallel.launched_world_size()))
     check_engines(cfg, models.spec, layout.world)
     check_batch_split(cfg, layout.dp)
     out = Path(cfg.train.out_dir)
@@ -103,6 +105,8 @@ def check_engines(cfg: OPDConfig, spec, world: int) -> list:
     from megatron_opd.rollout.colocated import local_world_size
     from megatron_opd.rollout.placement import plan_for_config
 
+    if cfg.rollout.placement == "dedicated":  # one engine of TP 1 per dedicated rank
+        return []
     return plan_for_config(cfg, world, local_world_size(), spec)
 
 
@@ -130,9 +134,15 @@ def build_models(cfg: OPDConfig, models: RunModels, needs):
 
 
 def build_rollout(cfg: OPDConfig, models: RunModels, verify, needs):
-    """The rollout side: colocated engines serving the student; off-policy objectives (SFT on teacher
-    samples) also get the first teacher's engine, which samples the training batch."""
+    """The rollout side: colocated engines serving the student (off-policy objectives, SFT on teacher
+    samples, also get the first teacher's engine, which samples the training batch), or the dedicated
+    engine ranks (rollout/dedicated.py)."""
     from megatron_opd.rollout.colocated import ColocatedRollout
+
+    if cfg.rollout.placement == "dedicated":
+        from megatron_opd.rollout.dedicated import DedicatedRollout
+
+        return DedicatedRollout(cfg, models.spec)
 
     return ColocatedRollout(cfg, models.student.path, models.spec, verify=verify,
                             sampler_dir=models.teachers[0].path if needs.teacher_samples else None)

@@ -16,7 +16,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -171,11 +171,14 @@ def save_checkpoint(
     keep_last: int = 2,
     spec=None,
     tokenizer_dir: Optional[str | Path] = None,
+    write_extra: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Collective: save the student at `step` under `root/step_<step>/`, atomically.
 
     Args:
         extra: JSON-serialisable run state (data position, counters, config) stored in meta.json.
+        write_extra: called by rank 0 with the directory being written, to add files of its own (the
+            batches generated ahead of their update); they are in the manifest like the rest.
         spec / tokenizer_dir: the model's ModelSpec and the HF directory whose tokenizer files are copied
             beside the weights (for export without extra arguments).
     """
@@ -199,6 +202,8 @@ def save_checkpoint(
             write_spec(tmp, spec)
         if tokenizer_dir is not None:
             copy_tokenizer(Path(tokenizer_dir), tmp)
+        if write_extra is not None:
+            write_extra(tmp)
         meta = {"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
                 **(extra or {}), "manifest": _manifest(tmp)}
         _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, default=_json_default))

@@ -24,6 +24,11 @@ def _train(args) -> int:
     if cfg.objective.name == "erpd":
         raise ValueError("objective.name=erpd is a two-stage pipeline: run `megatron-opd erpd --config "
                          f"{args.config}` (or choose gopd, reopold or grpo for `train`)")
+    from megatron_opd import parallel
+    from megatron_opd.rollout.dedicated import is_engine_rank, serve_engine
+
+    if is_engine_rank(cfg, parallel.launched_rank(), parallel.launched_world_size()):
+        return serve_engine(cfg)  # rollout.placement=dedicated: this rank runs an engine only
     trainer = OPDTrainer(cfg)
     try:
         trainer.setup()

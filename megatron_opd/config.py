@@ -95,6 +95,17 @@ class RolloutConfig:
     enforce_eager: Optional[bool] = None
     """vLLM without CUDA graphs; null = the platform's answer (eager on CPU, CUDA graphs on GPU)."""
 
+    placement: str = "colocated"
+    """colocated: the engines share the training ranks' devices (the fields above place them) and
+    generation alternates with training. dedicated: the last `dedicated_ranks` ranks of the job run one
+    engine each and nothing else; the training layout covers the other ranks; the student's weights are
+    broadcast to them after every step (rollout/dedicated.py), and with train.max_staleness=1 they
+    generate step k+1's batch while step k trains."""
+
+    dedicated_ranks: Optional[int] = None
+    """placement=dedicated: how many ranks (one engine of tensor_parallel_size 1 each) generate; must
+    leave a world size the training layout divides. Refused with placement=colocated."""
+
 
     def __post_init__(self):
         if self.n < 1:
@@ -116,6 +127,24 @@ class RolloutConfig:
             raise ValueError(f"rollout.tensor_parallel_size={self.tensor_parallel_size}: must be >= 1")
         if self.engines_per_replica is not None and self.engines_per_replica < 1:
             raise ValueError("rollout.engines_per_replica must be >= 1 or null (every device hosts an engine)")
+        if self.placement not in ("colocated", "dedicated"):
+            raise ValueError(f"rollout.placement={self.placement!r}: use colocated or dedicated")
+        if self.placement == "colocated" and self.dedicated_ranks is not None:
+            raise ValueError("rollout.dedicated_ranks is used by rollout.placement=dedicated only; remove it "
+                             "or set rollout.placement=dedicated")
+        if self.placement == "dedicated":
+            if self.dedicated_ranks is None or self.dedicated_ranks < 1:
+                raise ValueError("rollout.placement=dedicated needs rollout.dedicated_ranks >= 1 (the number "
+                                 "of engine-only ranks at the end of the job)")
+            if self.tensor_parallel_size != 1 or self.engines_per_replica is not None:
+                raise ValueError("rollout.tensor_parallel_size / engines_per_replica place colocated engines; "
+                                 "with rollout.placement=dedicated each dedicated rank runs one engine of TP 1: "
+                                 "leave them at 1 / null")
+
+    @property
+    def engine_ranks(self) -> int:
+        """Ranks of the job that run engines only (0 when colocated)."""
+        return self.dedicated_ranks if self.placement == "dedicated" else 0
 
 
 @dataclass
@@ -177,6 +206,12 @@ class TrainConfig:
     skip_nonfinite: bool = True
     """Skip (and count) an update whose loss or grad norm is not finite instead of stopping."""
 
+    max_staleness: int = 0
+    """Optimizer steps between the weights that generated a batch and the update that trains on it.
+    0: synchronous (generate, then train, then refit). 1: one-step-off (rollout.placement=dedicated only):
+    the engines generate step k+1's batch with step k's weights while step k trains; the objective's
+    importance-sampling correction (tis_cap, is_mask) weighs each token by pi_current / pi_behaviour."""
+
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "micro_batch_size", "mini_batches", "eval_samples",
                      "keep_last"):
@@ -193,6 +228,8 @@ class TrainConfig:
         self.resume = str(self.resume).lower()  # YAML booleans arrive as "True" / "False"
         if self.resume not in ("true", "false", "force"):
             raise ValueError(f"train.resume={self.resume!r}: use true, false or force")
+        if self.max_staleness not in (0, 1):
+            raise ValueError(f"train.max_staleness={self.max_staleness}: use 0 (synchronous) or 1 (one-step-off)")
 
 
 @dataclass(frozen=True)
@@ -830,6 +867,14 @@ class OPDConfig:
 
     def __post_init__(self):
         needs, name = self.objective.needs(), self.objective.name
+        if self.train.max_staleness and self.rollout.placement != "dedicated":
+            raise ValueError("train.max_staleness=1 generates the next batch while this one trains, which "
+                             "needs engines on their own ranks: set rollout.placement=dedicated and "
+                             "rollout.dedicated_ranks, or train.max_staleness=0")
+        if self.rollout.placement == "dedicated" and (needs.teacher_samples or name == "erpd"):
+            raise ValueError(f"rollout.placement=dedicated: objective.name={name} runs its own engines "
+                             "(teacher samples / ERPD's fixed batch) and is colocated only; use "
+                             "rollout.placement=colocated")
         if needs.teacher_samples:
             if len(self.teachers) != 1 and _REQUIRE_TEACHERS.get():
                 raise ValueError(f"teachers: objective.name={name} samples from one teacher's engine: give exactly "
@@ -1024,6 +1069,7 @@ LAYOUT_CHANGES = (
     "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
     "parallel.expert_model_parallel_size", "parallel.expert_tensor_parallel_size", "parallel.backend",
     "parallel.timeout_minutes", "launch.nodes", "launch.gpus_per_node", "rollout.tensor_parallel_size",
+    "rollout.placement", "rollout.dedicated_ranks",
 )
 
 

@@ -84,6 +84,7 @@ class ERPDPipeline:
     def iteration(self, it: int) -> dict:
         tr, erpd = self.tr, self.erpd
         batch, rollout_metrics = tr.rollout()
+        tr.engines.release(tr.step)  # ERPD trains on this batch through its own stages
         pi_old = snapshot(tr.student.module)
         micro = self.score_pi_old(tr.micro_batches(batch))
         row = {"iteration": it + 1, "pi_old_acc": self.pi_old_acc,
@@ -236,7 +237,7 @@ class ERPDPipeline:
 
     def evaluate(self) -> dict:
         """Held-out avg@k of the student's current weights (refit into the engines first)."""
-        self.tr.refit()
+        self.tr.refit(version=self.tr.step)
         return self.tr.evaluate()
 
     def log(self, metrics: dict) -> None:

@@ -122,9 +122,11 @@ def resolve_backend(backend: str = "auto") -> str:
     return platform.default_backend() if backend == "auto" else backend
 
 
-def initialize(config: ParallelConfig, seed: int = 1234) -> None:
+def initialize(config: ParallelConfig, seed: int = 1234, world_size: Optional[int] = None) -> None:
     """Initialise torch.distributed (from torchrun's env vars, or a 1-process group) and megatron's
-    model-parallel state and RNG. Safe to call when torch.distributed is already initialised."""
+    model-parallel state and RNG. Safe to call when torch.distributed is already initialised.
+    `world_size`: the trainer's ranks when the job's last ranks run engines only (rollout.placement:
+    dedicated): ranks 0 .. world_size-1 form torch.distributed's world, the others never join it."""
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_opd import platform
@@ -140,6 +142,9 @@ def initialize(config: ParallelConfig, seed: int = 1234) -> None:
             # with another job on the machine.
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timeout)
+        elif world_size is not None and world_size != launched_world_size():
+            dist.init_process_group(backend=backend, timeout=timeout, rank=launched_rank(),
+                                    world_size=world_size)
         else:
             dist.init_process_group(backend=backend, timeout=timeout)
     config.data_parallel_size(dist.get_world_size())

@@ -221,3 +221,17 @@ def vllm_engine_options(gpu_memory_utilization: float, colocated: bool) -> dict:
     # ("CPU Generator does not use offset" when the partial step's token is discarded).
     # Seeds are what make rollouts reproducible on resume, so prefills are kept whole.
     return dict(enable_chunked_prefill=False)
+
+
+def bridge_group(store, rank: int, size: int, timeout):
+    """The tensor channel between trainer rank 0 and the dedicated engine ranks (rollout/dedicated.py): a
+    process group outside torch.distributed's world (the trainer's world excludes the engine ranks),
+    built with vLLM's stateless helpers on the job's store. gloo on CPU; NCCL on GPU (written, not run)."""
+    if on_gpu():
+        from vllm.platforms import current_platform
+
+        return current_platform.stateless_init_device_torch_dist_pg(
+            backend="nccl", prefix_store=store, group_rank=rank, group_size=size, timeout=timeout)
+    from vllm.distributed.utils import init_gloo_process_group
+
+    return init_gloo_process_group(store, rank, size, timeout)

@@ -4,9 +4,9 @@
 default one engine shard on every device). It owns everything about engines that the trainer used to
 spread over itself — which rank owns which engine, how a replica's prompts are spread over its engines,
 how samples reach the ranks whose loss needs them, held-out evaluation over every engine, sleep / wake
-and the refit — behind five calls: `generate`, `evaluate`, `sleep`, `wake`, `load_weights`. A
-dedicated-ranks placement (asynchronous rollouts) is meant to be a second implementation of the same
-calls.
+and the refit — behind a few calls: `submit` / `collect` / `release` (a step's batch), `evaluate`, `sleep`, `wake`,
+`load_weights`, and `in_flight` / `restore` (batches generated ahead of their update, for checkpoints).
+The dedicated-ranks placement (rollout/dedicated.py) is the second implementation of the same calls.
 
 Every call is collective over all trainer ranks.
 """
@@ -37,6 +37,9 @@ class StepSamples:
 
     rewards: list[float]
     """The verifier's outcome reward of each sample."""
+
+    version: int = 0
+    """Optimizer steps the weights that generated it had taken (the step minus its staleness)."""
 
 
 def build_engine(cfg, model_dir, placement: Optional[EnginePlacement] = None, world_size: int = 1,
@@ -87,6 +90,13 @@ class ColocatedRollout:
         self.group = ps.get_model_parallel_group()  # the replica's TP x PP ranks
         self.engine = self.sampler = None
         self.step = 0
+        self.version = 0
+        """Optimizer steps of the weights the engines hold."""
+        self.submitted: dict[int, list[dict]] = {}
+        """step -> prompts asked for and not yet generated (colocated engines generate in `collect`)."""
+        self.restored: dict = {}
+        """step -> rollout.dedicated.Rollout: a batch a checkpoint kept (a run resumed at this placement
+        from a one-step-off run's checkpoint, train.resume=force) is trained on as it is."""
         if self.placement is not None:
             import signal
 
@@ -104,6 +114,40 @@ class ColocatedRollout:
     def asleep(self) -> Optional[list[str]]:
         """The pools this rank's engine has released (None where the rank owns no engine)."""
         return sorted(self.engine.asleep) if self.engine is not None else None
+
+    def submit(self, prompts: Sequence[dict], step: int) -> None:
+        """Remember `step`'s prompts; the engines share the trainer's devices, so they generate when the
+        loop asks for the batch (`collect`)."""
+        self.submitted[step] = list(prompts)
+
+    def has(self, step: int) -> bool:
+        return step in self.submitted or step in self.restored
+
+    def collect(self, step: int) -> StepSamples:
+        """This replica's share of `step`'s batch, generated now (collective)."""
+        if step in self.restored:
+            from megatron.core import parallel_state as ps
+
+            rollout = self.restored[step]
+            n, dp, r = len(rollout.prompts), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+            return rollout.part(r * n // dp, (r + 1) * n // dp)
+        return self.generate(self.submitted[step], step)
+
+    def release(self, step: int) -> None:
+        self.submitted.pop(step, None)
+        self.restored.pop(step, None)
+
+    def discard_after(self, step: int) -> None:
+        for s in [x for x in self.submitted if x > step]:
+            del self.submitted[s]
+
+    def in_flight(self) -> list:
+        """Nothing is generated ahead of its update here; a batch abandoned before its update is
+        generated again, identically (per-prompt seeds), when the run resumes."""
+        return [self.restored[s] for s in sorted(self.restored)]
+
+    def restore(self, rollouts: list) -> None:
+        self.restored.update({r.step: r for r in rollouts})
 
     def generate(self, prompts: Sequence[dict], step: int) -> StepSamples:
         """This replica's share of the step's prompts (the same list on every rank), spread over the
@@ -125,14 +169,16 @@ class ColocatedRollout:
         for _, b, r in sorted(parts, key=lambda x: x[0]):
             batch.samples += b.samples
             rewards += list(r)
-        return StepSamples(prompts=share, first_index=lo, batch=batch, rewards=rewards)
+        return StepSamples(prompts=share, first_index=lo, batch=batch, rewards=rewards, version=self.version)
 
     def sample(self, prompts: list[dict], first_index: int, step: int) -> RolloutBatch:
         """The owned engine's samples for these prompts. Per-prompt seeds depend on the global index
         and the step only, so the samples do not depend on the number or placement of engines."""
+        from megatron_opd.rollout.dedicated import sampling_seed
+
         return (self.sampler or self.engine).generate(
-            [s["prompt"] for s in prompts], n=self.cfg.rollout.n,
-            seed=self.cfg.train.seed * 1_000_003 + step, first_index=first_index)
+            [s["prompt"] for s in prompts], n=self.cfg.rollout.n, seed=sampling_seed(self.cfg, step),
+            first_index=first_index)
 
     def _gather_in_replica(self, part) -> list:
         """Every engine owner's part, on every rank of the replica."""
@@ -177,12 +223,15 @@ class ColocatedRollout:
         if self.sampler is not None:  # the teacher's engine: fixed weights, nothing to refit
             self.sampler.wake_up()
 
-    def load_weights(self, model, spec):
-        """Refit every student engine from the sharded `model` (collective; rollout/refit.py)."""
+    def load_weights(self, model, spec, version: int):
+        """Refit every student engine from the sharded `model`, whose weights have taken `version`
+        optimizer steps (collective; rollout/refit.py)."""
         from megatron_opd.rollout.refit import refit
 
-        return refit(self.engine, model, spec, self.cfg.rollout.refit_bucket_mb,
-                     dtype=getattr(torch, self.cfg.rollout.dtype), receivers=self.receivers)
+        stats = refit(self.engine, model, spec, self.cfg.rollout.refit_bucket_mb,
+                      dtype=getattr(torch, self.cfg.rollout.dtype), receivers=self.receivers)
+        self.version = version
+        return stats
 
     def shutdown(self) -> None:
         for engine in (self.sampler, self.engine):

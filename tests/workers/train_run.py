@@ -9,8 +9,9 @@
                       depend only on its global index and the step, so runs of any layout (TP/PP/DP)
                       train on identical samples and can be compared exactly
 --dump-weights PATH   after training, save the student's HF-named weights to PATH (torch.save)
---dump-samples PATH   rank 0 writes every step's replica samples (prompt ids, response ids, rollout
-                      log-probs) and every held-out evaluation's metrics to PATH (json)
+--dump-samples PATH   rank 0 writes every step's replica samples as the loop collects them (prompt ids,
+                      response ids, rollout log-probs) and every held-out evaluation's metrics to PATH
+                      (json)
 --record-calls        record what the last step did to the engine, the models and their memory, as the
                       calls themselves (RolloutEngine.generate / sleep / wake_up / begin_refit /
                       end_refit, platform.onload / offload, each model's forward passes), not the
@@ -93,23 +94,32 @@ def main():
     record = {"samples": [], "evals": []}
     if args.dump_samples:
         from megatron_opd.rollout.colocated import ColocatedRollout
+        from megatron_opd.rollout.dedicated import DedicatedRollout
 
-        real_gen, real_eval = ColocatedRollout.generate, ColocatedRollout.evaluate
+        for cls in (ColocatedRollout, DedicatedRollout):
+            def wrapped(real_collect, real_eval):
+                def collect(self, step):
+                    out = real_collect(self, step)
+                    record["samples"].append([(s.prompt_ids, s.response_ids, s.response_logprobs)
+                                              for s in out.batch.samples])
+                    return out
 
-        def generate(self, prompts, step):
-            out = real_gen(self, prompts, step)
-            record["samples"].append([(s.prompt_ids, s.response_ids, s.response_logprobs) for s in out.batch.samples])
-            return out
+                def evaluate(self, data, k):
+                    metrics = real_eval(self, data, k)
+                    record["evals"].append(metrics)
+                    return metrics
 
-        def evaluate(self, data, k):
-            metrics = real_eval(self, data, k)
-            record["evals"].append(metrics)
-            return metrics
+                return collect, evaluate
 
-        ColocatedRollout.generate, ColocatedRollout.evaluate = generate, evaluate
+            cls.collect, cls.evaluate = wrapped(cls.collect, cls.evaluate)
 
     calls: list = []
     cfg = load_config(args.config, args.overrides)
+    from megatron_opd import parallel
+    from megatron_opd.rollout.dedicated import is_engine_rank, serve_engine
+
+    if is_engine_rank(cfg, parallel.launched_rank(), parallel.launched_world_size()):
+        sys.exit(serve_engine(cfg))  # rollout.placement=dedicated: an engine-only rank
     trainer = OPDTrainer(cfg)
     if args.record_calls:
         record_calls(trainer, calls)
