@@ -287,6 +287,14 @@ def _check_policy_loss(section: str, eps_low, eps_high, tis_cap, loss_agg_mode) 
                          "seq-mean-token-sum or seq-mean-token-mean")
 
 
+def _check_is_mask(section: str, bounds) -> None:
+    if bounds is None:
+        return
+    if len(bounds) != 2 or not 0 <= bounds[0] < 1 < bounds[1]:
+        raise ValueError(f"objective.{section}.is_mask={list(bounds)}: give [low, high] with 0 <= low < 1 < high "
+                         "(IcePop: [0.5, 5.0]), or null")
+
+
 def _resolve_kl_term(section: str, cfg) -> None:
     """kl_estimator only means something with kl_coef > 0 (default k3 then); k1 is refused as a loss."""
     if cfg.kl_coef < 0:
@@ -311,6 +319,13 @@ class LossTermsConfig:
     full / topk), whose value at a position does not depend on the token sampled there, by the ratio of
     the position's prefix, min(prod_{j<t} pi_old / pi_rollout, C) (`policy_loss.prefix_is_weights`)."""
 
+    is_mask: Optional[List[float]] = None
+    """[low, high]: masked importance sampling (IcePop-style): a token whose ratio pi_old / pi_rollout
+    (the trainer's policy over the engine's, which with train.max_staleness=1 is one step older) leaves
+    [low, high] is dropped from the loss (weight 0, the normaliser kept); inside, its weight is the ratio
+    (truncated at tis_cap if set). null = off (default; IcePop uses [0.5, 5.0]). The exact KL masks by its
+    prefix ratio, as tis_cap does."""
+
     loss_agg_mode: str = "token-mean"
     """"token-mean", "seq-mean-token-sum" or "seq-mean-token-mean" (global normalisation)."""
 
@@ -324,6 +339,7 @@ class LossTermsConfig:
     """Entropy bonus weight (> 0 computes the student's entropy in the update)."""
 
     def _check_terms(self, section: str) -> None:
+        _check_is_mask(section, self.is_mask)
         _resolve_kl_term(section, self)
         if self.entropy_coef < 0:
             raise ValueError(f"objective.{section}.entropy_coef must be >= 0")
@@ -449,11 +465,15 @@ class REOPOLDConfig:
     tis_cap: Optional[float] = 5.0
     """Token-level truncated importance sampling cap; null disables."""
 
+    is_mask: Optional[List[float]] = None
+    """[low, high]: masked importance sampling, as objective.gopd.is_mask (null = off; IcePop: [0.5, 5.0])."""
+
     loss_agg_mode: str = "token-mean"
     """Loss aggregation (global normalisation; selected-out tokens count in the normaliser)."""
 
     def __post_init__(self):
         _check_policy_loss("reopold", self.eps_low, self.eps_high, self.tis_cap, self.loss_agg_mode)
+        _check_is_mask("reopold", self.is_mask)
         if self.mixture is not None and not 0 < self.mixture < 1:
             raise ValueError("objective.reopold.mixture must be in (0, 1) or null")
         if self.floor_form not in REOPOLD_FLOOR_FORMS:

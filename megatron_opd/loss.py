@@ -26,7 +26,7 @@ from megatron_opd.objectives import (gopd_loss, group_advantages, grpo_loss, reo
 from megatron_opd.objectives.erpd import ERPDStage1Config, ERPDStage2Config
 from megatron_opd.objectives.kl import kl_estimate
 from megatron_opd.objectives.policy_loss import (aggregate_loss, logprob_gap, masked_mean, masked_std,
-                                                 prefix_is_weights)
+                                                 off_policy_weights)
 from megatron_opd.objectives.reopold import clipped_reward, phase, reward_floor, select_tokens
 
 
@@ -123,12 +123,13 @@ class GOPDObjective(Objective):
         m = mask.to(per_token.dtype)
         metrics = {"kl/student_teacher_exact": masked_mean(per_token.detach(), m)}
         old = out.logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs
-        if cfg.tis_cap is not None and mb.rollout_logprobs is not None:
+        if mb.rollout_logprobs is not None:
             # the engine sampled the prefix that reaches each position; the KL there does not depend on
             # the token sampled at it, so its prefix's ratio (not its own) is the correction
-            w = prefix_is_weights(old, mb.rollout_logprobs, m, cfg.tis_cap)
-            per_token = per_token * w
-            metrics["tis_weight_mean"] = masked_mean(w, m)
+            w, is_metrics = off_policy_weights(old, mb.rollout_logprobs, m, cfg.tis_cap, cfg.is_mask, prefix=True)
+            if w is not None:
+                per_token = per_token * w
+                metrics.update(is_metrics)
         if cfg.kl_coef:
             per_token = per_token + cfg.kl_coef * kl_estimate(out.logprobs, mb.reference_logprobs,
                                                               cfg.kl_loss_estimator)
@@ -181,7 +182,7 @@ class REOPOLDObjective(Objective):
             out.logprobs, mb.teacher_logprobs, mb.mask, mb.token_select,
             old_logprobs=mb.old_logprobs, rollout_logprobs=mb.rollout_logprobs,
             reward_clip_mixture=cfg.mixture, floor_form=cfg.floor_form, eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high, tis_cap=cfg.tis_cap, loss_agg_mode=cfg.loss_agg_mode,
+            eps_high=cfg.eps_high, tis_cap=cfg.tis_cap, is_mask=cfg.is_mask, loss_agg_mode=cfg.loss_agg_mode,
             num_tokens=mb.global_tokens, num_seqs=mb.global_seqs)
         metrics["reopold/phase"] = float(phase(step, cfg.switch_step) == "refinement")
         metrics["entropy"] = masked_mean(mb.old_entropy, mb.mask.to(mb.old_entropy.dtype))

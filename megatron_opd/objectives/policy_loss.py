@@ -12,7 +12,7 @@ exactly the full-batch loss, whatever the micro-batch lengths.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -180,6 +180,44 @@ def prefix_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor
         return before.clamp(max=math.log(cap)).exp()
 
 
+def off_policy_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                       tis_cap: Optional[float], is_mask: Optional[Sequence[float]] = None,
+                       prefix: bool = False) -> tuple[Optional[torch.Tensor], dict]:
+    """The importance weights that correct for samples drawn by the engine's (behaviour) policy, no grad.
+    With the ratio r_t = pi_old(y_t) / pi_rollout(y_t) (prefix=True: r_t = prod_{j<t} of it over the
+    response tokens before t, `prefix_is_weights`):
+
+        w_t = min(r_t, tis_cap) * 1[low <= r_t <= high]     (each factor only where set)
+
+    `tis_cap` truncates (token-level TIS); `is_mask` = (low, high) drops the tokens whose ratio leaves
+    [low, high] (IcePop-style masked IS), which keeps the normaliser, so a dropped token only loses its
+    gradient. Returns (None, {}) when neither is set. Metrics: the ratio's mean and max over the response
+    tokens, the truncated and the masked fraction. All `[b, s]`."""
+    if tis_cap is None and is_mask is None:
+        return None, {}
+    if tis_cap is not None and tis_cap <= 0:
+        raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
+    check_same_shape("old_logprobs", old_logprobs, rollout_logprobs=rollout_logprobs, mask=mask)
+    with torch.no_grad():
+        m = mask.to(torch.float32)
+        log_ratio = (old_logprobs.float() - rollout_logprobs.float()) * m  # 0 off the response
+        if prefix:
+            log_ratio = log_ratio.cumsum(-1) - log_ratio
+        ratio = log_ratio.exp()
+        metrics = {"offpolicy/ratio_mean": masked_mean(ratio, m),
+                   "offpolicy/ratio_max": torch.where(m.bool(), ratio, torch.ones_like(ratio)).max()}
+        w = torch.ones_like(ratio) if tis_cap is None else log_ratio.clamp(max=math.log(tis_cap)).exp()
+        if tis_cap is not None:
+            metrics["tis_weight_mean"] = masked_mean(w, m)
+            metrics["tis_truncated_fraction"] = masked_mean((ratio >= tis_cap - 1e-6).float(), m)
+        if is_mask is not None:
+            low, high = is_mask
+            kept = ((ratio >= low) & (ratio <= high)).float()
+            w = w * kept if tis_cap is not None else ratio * kept
+            metrics["offpolicy/masked_fraction"] = masked_mean(1.0 - kept, m)
+    return w, metrics
+
+
 def _frac(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return x.sum() / m.sum().clamp(min=1)
 
@@ -205,7 +243,8 @@ def policy_gradient_loss(
 
         L_t = clipped_surrogate(rho_t, adv_t) * w_t  [+ kl_coef * KL_t(pi || ref)]  [- entropy_coef * H_t]
 
-    with w_t = min(exp(lp_old - lp_rollout), C) when `terms.tis_cap` and `rollout_logprobs` are given,
+    with w_t the off-policy weight (`off_policy_weights`: `terms.tis_cap`, `terms.is_mask`) when
+    `rollout_logprobs` are given,
     then aggregated over `mask` (times `token_mask`, which drops tokens without changing the normaliser)
     with the step's global counts (`terms.loss_agg_mode`). All `[b, s]`. `terms` (config.LossTermsConfig:
     tis_cap, loss_agg_mode, kl_coef / kl_estimator, entropy_coef): None = none of them, token-mean.
@@ -215,11 +254,12 @@ def policy_gradient_loss(
 
     per_token, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, eps_low, eps_high,
                                            dual_clip_c)
-    if tis_cap is not None and rollout_logprobs is not None:
-        w = truncated_is_weights(old_logprobs, rollout_logprobs, tis_cap)
-        per_token = per_token * w
-        metrics["tis_weight_mean"] = masked_mean(w, mask)
-        metrics["tis_truncated_fraction"] = masked_mean((w >= tis_cap - 1e-6).float(), mask)
+    if rollout_logprobs is not None:
+        w, is_metrics = off_policy_weights(old_logprobs, rollout_logprobs, mask, tis_cap,
+                                           getattr(terms, "is_mask", None))
+        if w is not None:
+            per_token = per_token * w
+            metrics.update(is_metrics)
     if kl_coef:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")

@@ -34,7 +34,7 @@ from megatron_opd.objectives.policy_loss import (
     clipped_surrogate,
     masked_mean,
     masked_std,
-    truncated_is_weights,
+    off_policy_weights,
 )
 
 PHASES = ("exploration", "refinement")
@@ -136,6 +136,7 @@ def reopold_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     tis_cap: Optional[float] = None,
+    is_mask: Optional[tuple[float, float]] = None,
     loss_agg_mode: str = "token-mean",
     num_tokens: Optional[float] = None,
     num_seqs: Optional[float] = None,
@@ -154,8 +155,11 @@ def reopold_loss(
     reward, clipped = clipped_reward(old, teacher_logprobs, reward_clip_mixture, floor_form)
     keep = token_select_mask.to(mask.dtype) * mask
     per_token, metrics = clipped_surrogate(logprobs, old, reward, mask, eps_low, eps_high)
-    if tis_cap is not None and rollout_logprobs is not None:
-        per_token = per_token * truncated_is_weights(old, rollout_logprobs, tis_cap)
+    if rollout_logprobs is not None:
+        w, is_metrics = off_policy_weights(old, rollout_logprobs, mask, tis_cap, is_mask)
+        if w is not None:
+            per_token = per_token * w
+            metrics.update(is_metrics)
     loss = aggregate_loss(per_token * keep, mask, loss_agg_mode, num_tokens, num_seqs)
     with torch.no_grad():
         metrics.update({

@@ -119,3 +119,42 @@ def test_prefix_is_weights_by_hand_and_the_exact_kl_uses_them():
     loss, metrics = objective._exact_kl_loss(mb, out)
     expected = (0.3 * 1.0 + 0.2 * 1.5 + 0.1 * math.exp(-0.5)) / 3  # the token's own ratios would give 1.5, e^-1, 1.5
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_masked_importance_sampling_drops_tokens_outside_the_bounds_and_weights_the_rest_by_their_ratio():
+    """IcePop-style masked IS (objective.*.is_mask): hand-computed weights for ratios inside, below and above
+    [low, high], alone and with tis_cap; the masked fraction and the ratio metrics; and through the GRPO
+    policy loss (advantage 1, pi = pi_old: the loss is -sum(w) / tokens)."""
+    import math
+
+    import torch
+
+    from megatron_opd.config import GRPOConfig
+    from megatron_opd.objectives import grpo_loss
+    from megatron_opd.objectives.policy_loss import off_policy_weights
+
+    log_ratios = [0.0, math.log(0.4), math.log(3.0), math.log(6.0), 0.0]  # the last is off the response
+    old = torch.tensor([[-1.0 + r for r in log_ratios]])
+    rollout = torch.full((1, 5), -1.0)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    w, metrics = off_policy_weights(old, rollout, mask, tis_cap=None, is_mask=(0.5, 5.0))
+    torch.testing.assert_close(w[0, :4], torch.tensor([1.0, 0.0, 3.0, 0.0]))  # 0.4 < 0.5 and 6 > 5 dropped
+    assert float(metrics["offpolicy/masked_fraction"]) == pytest.approx(0.5)
+    assert float(metrics["offpolicy/ratio_mean"]) == pytest.approx((1 + 0.4 + 3 + 6) / 4)
+    assert float(metrics["offpolicy/ratio_max"]) == pytest.approx(6.0)
+    w, _ = off_policy_weights(old, rollout, mask, tis_cap=2.0, is_mask=(0.5, 5.0))
+    torch.testing.assert_close(w[0, :4], torch.tensor([1.0, 0.0, 2.0, 0.0]))  # inside: min(ratio, cap)
+    assert off_policy_weights(old, rollout, mask, tis_cap=None, is_mask=None) == (None, {})
+
+    cfg = GRPOConfig(tis_cap=None, is_mask=[0.5, 5.0])
+    loss, metrics = grpo_loss(old.clone().requires_grad_(), torch.ones(1), mask, cfg, old_logprobs=old,
+                              rollout_logprobs=rollout, num_tokens=4.0, num_seqs=1.0)
+    assert loss.item() == pytest.approx(-(1.0 + 0.0 + 3.0 + 0.0) / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("bounds", [[0.5], [1.2, 5.0], [0.5, 0.9], [-0.1, 2.0]])
+def test_is_mask_bounds_are_checked(bounds):
+    from megatron_opd.config import GOPDConfig
+
+    with pytest.raises(ValueError, match=r"objective.gopd.is_mask"):
+        GOPDConfig(is_mask=bounds)
