@@ -37,22 +37,29 @@ def check_layout(cfg, gpus_per_node: int) -> int:
     and TP must stay inside a node. Returns the GPU count."""
     from megatron_opd.parallel import validate_layout
 
+    from megatron_opd.rollout.dedicated import trainer_world
+
     p = cfg.parallel
     world = cfg.launch.nodes * gpus_per_node
+    trainers = trainer_world(cfg, world)  # rollout.placement=dedicated: the job's last GPUs run engines only
     if p.tensor_model_parallel_size > gpus_per_node:
         raise ValueError(f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} exceeds "
                          f"gpus_per_node={gpus_per_node}: keep TP inside a node (NVLink)")
+    where = f"launch.nodes x gpus_per_node = {cfg.launch.nodes} x {gpus_per_node}"
+    if trainers != world:
+        where += f", minus rollout.dedicated_ranks={world - trainers}: {trainers} trainer GPUs"
     try:
-        validate_layout(p, world)
+        validate_layout(p, trainers)
     except ValueError as exc:
-        raise ValueError(f"launch.nodes x gpus_per_node = {cfg.launch.nodes} x {gpus_per_node}: {exc}") from None
+        raise ValueError(f"{where}: {exc}") from None
     from megatron_opd.models.spec import ModelSpec
     from megatron_opd.rollout.placement import plan_for_config
 
-    plan_for_config(cfg, world, gpus_per_node, ModelSpec.from_yaml(cfg.student.spec) if cfg.student.spec else None)
+    if trainers == world:  # colocated engines are placed on the trainer's GPUs
+        plan_for_config(cfg, world, gpus_per_node, ModelSpec.from_yaml(cfg.student.spec) if cfg.student.spec else None)
     from megatron_opd.trainer import check_batch_split
 
-    check_batch_split(cfg, world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size))
+    check_batch_split(cfg, trainers // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size))
     return world
 
 

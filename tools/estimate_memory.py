@@ -22,7 +22,10 @@ Formulas (bytes per GPU; P_local = the parameters one rank holds):
   logprobs     2 x chunk x V/tp x 4  (fp32 chunk of the vocab-parallel log-softmax and its gradient;
                chunk from the byte budget of chunk_size="auto": 512 MiB on GPU, 8 MiB on CPU)
   engine       colocated: rollout.gpu_memory_utilization x GPU memory (vLLM's own budget, weights and
-               KV cache included) while awake; ~0 asleep (sleep level 1)
+               KV cache included) while awake; ~0 asleep (sleep level 1). rollout.placement=dedicated:
+               0 on a trainer GPU; the engine GPUs (the second kind) are priced apart: engine_gpu =
+               gpu_memory_utilization x GPU memory, of which the whole student (TP 1) in rollout.dtype
+               is engine_gpu_weights and the rest the KV cache
 Phases: train = weights + gradients + optimizer + frozen + activations + attention + logits + logprobs
 (engine asleep); rollout = weights + gradients + optimizer + resident frozen + engine. total = the larger.
 P_local: dense params / (tp x pp); MoE experts / (ep x etp x pp) plus the dense part / (tp x pp).
@@ -123,10 +126,15 @@ def estimate_recipe(recipe: str, overrides: Optional[list[str]] = None, gpu_gib:
 
     from megatron_opd.rollout.placement import plan_for_config
 
+    from megatron_opd.rollout.dedicated import trainer_world
+
     cfg = load_config(recipe, overrides)
-    validate_layout(cfg.parallel, cfg.launch.nodes * cfg.launch.gpus_per_node)
+    dedicated = cfg.rollout.placement == "dedicated"
+    world = trainer_world(cfg, cfg.launch.nodes * cfg.launch.gpus_per_node)  # the trainer's GPUs
+    validate_layout(cfg.parallel, world)
     student = ModelSpec.from_yaml(cfg.student.spec)
-    plan_for_config(cfg, cfg.launch.nodes * cfg.launch.gpus_per_node, cfg.launch.gpus_per_node, student)
+    if not dedicated:
+        plan_for_config(cfg, world, cfg.launch.gpus_per_node, student)
     frozen = [ModelSpec.from_yaml(t.spec) for t in cfg.teachers]
     if cfg.needs_reference and cfg.reference is not None and cfg.reference.spec:
         frozen.append(ModelSpec.from_yaml(cfg.reference.spec))
@@ -134,12 +142,11 @@ def estimate_recipe(recipe: str, overrides: Optional[list[str]] = None, gpu_gib:
     if len(frozen) > len(offloaded):
         offloaded.append(bool(cfg.reference.offload))
     p = cfg.parallel
-    world = cfg.launch.nodes * cfg.launch.gpus_per_node
     # The GPU build uses the TE spec (flash attention) unless the recipe turns it off; the estimate is
     # for the cluster, so "auto" means the `gpu` extra (transformer-engine) is installed there.
     attention = "unfused" if cfg.precision.use_transformer_engine is False else "flash"
-    engine = cfg.rollout.gpu_memory_utilization * gpu_gib  # colocated: the engine shares the GPU
-    return estimate_memory(
+    engine = 0.0 if dedicated else cfg.rollout.gpu_memory_utilization * gpu_gib  # colocated: shares the GPU
+    est = estimate_memory(
         student, frozen, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
         p.expert_model_parallel_size, cfg.precision.params_dtype, cfg.train.micro_batch_size,
         cfg.rollout.max_model_len, frozen_offloaded=offloaded, etp=p.etp, attention=attention,
@@ -147,6 +154,16 @@ def estimate_recipe(recipe: str, overrides: Optional[list[str]] = None, gpu_gib:
         dp=world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size),
         distributed_optimizer=cfg.optim.use_distributed_optimizer,
     )
+    if dedicated:  # the second kind of GPU: one engine (TP 1) with the whole student and its KV cache
+        weights = student.num_parameters() * _BYTES[cfg.rollout.dtype] / GIB
+        budget = cfg.rollout.gpu_memory_utilization * gpu_gib
+        if weights >= budget:
+            raise ValueError(
+                f"a dedicated engine holds the whole student ({weights:.1f} GiB in {cfg.rollout.dtype}) but "
+                f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} gives vLLM {budget:.1f} GiB "
+                "of the GPU; raise it (a dedicated engine has its GPU to itself: 0.9 is usual)")
+        est.update(engine_gpu_weights=weights, engine_gpu_kv_cache=budget - weights, engine_gpu=budget)
+    return est
 
 
 def main(argv=None) -> int:
@@ -159,7 +176,7 @@ def main(argv=None) -> int:
     for k, v in est.items():
         print(f"{k:18s} {v:8.2f} GiB")
     if est["total"] > args.gpu_gib:
-        print(f"over budget: {est['total']:.1f} GiB > {args.gpu_gib:.0f} GiB per GPU")
+        print(f"over budget: {est['total']:.1f} GiB > {args.gpu_gib:.0f} GiB per trainer GPU")
         return 1
     return 0
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 import signal
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -65,6 +65,10 @@ class Rollout:
     """rollout.n samples per prompt, in prompt order; `prompt_index` is the prompt's index in `prompts`."""
 
     rewards: list[float]
+
+    generated: Optional[tuple[float, float]] = None
+    """Wall-clock time (time.time()) the engines started and finished generating it (the timeline of
+    benchmarks/bench_async.py)."""
 
     def part(self, lo: int, hi: int) -> StepSamples:
         """The samples of prompts [lo, hi) (one replica's share), indices relative to lo; the stored
@@ -165,7 +169,8 @@ def serve_engine(cfg) -> int:
         data = DataBundle(cfg, models.student.path)
         local = int(os.environ.get("LOCAL_RANK", rank))
         engine = RolloutEngine(cfg.rollout, models.student.path, seed=cfg.train.seed, in_process=True,
-                               system_prompt=cfg.data.system_prompt, devices=(local,), world_size=launched)
+                               system_prompt=cfg.data.system_prompt, devices=(local,), world_size=launched,
+                               colocated=False)
     except Exception as exc:
         bridge.objects.send_obj(("error", f"engine rank {rank}: {type(exc).__name__}: {exc}"), dst=0)
         return 1
@@ -184,12 +189,13 @@ def serve_engine(cfg) -> int:
                     from megatron_opd.faults import maybe_fail
 
                     maybe_fail("engine_generate")  # fault-injection point (tests): a kill mid-generation
+                    started = time.time()
                     batch = engine.generate([s["prompt"] for s in part], n=cfg.rollout.n,
                                             seed=sampling_seed(cfg, step), first_index=a)
                     rewards = data.verify(batch, part)
                     for s in batch.samples:  # global prompt indices
                         s.prompt_index += a
-                    reply = ("samples", step, batch, list(rewards))
+                    reply = ("samples", step, batch, list(rewards), (started, time.time()))
                 except Exception as exc:
                     reply = ("error", f"engine rank {rank}, step {step}: {type(exc).__name__}: {exc}")
                 bridge.objects.send_obj(reply, dst=0)
@@ -380,14 +386,16 @@ class DedicatedRollout:
         version, prompts = self.submitted.pop(step)
         rollout = None
         if self.rank == 0:
-            batch, rewards = RolloutBatch(), []
+            batch, rewards, spans = RolloutBatch(), [], []
             for e in range(1, self.count + 1):
-                _, got, part, part_rewards = self.bridge.reply(e, "samples")
+                _, got, part, part_rewards, span = self.bridge.reply(e, "samples")
                 if got != step:
                     raise RuntimeError(f"dedicated engine {e - 1} sent step {got}'s samples, expected step {step}")
                 batch.samples += part.samples
                 rewards += part_rewards
-            rollout = Rollout(step=step, version=version, prompts=prompts, batch=batch, rewards=rewards)
+                spans.append(span)
+            rollout = Rollout(step=step, version=version, prompts=prompts, batch=batch, rewards=rewards,
+                              generated=(min(a for a, _ in spans), max(b for _, b in spans)))
         box = [rollout]
         dist.broadcast_object_list(box, src=0)
         self.ready[step] = box[0]

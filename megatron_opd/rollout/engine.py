@@ -208,10 +208,12 @@ class RolloutEngine:
 
     def __init__(self, cfg: RolloutConfig, model_dir: str | Path, seed: int = 0,
                  in_process: Optional[bool] = None, system_prompt: Optional[str] = None,
-                 devices: tuple[int, ...] = (0,), world_size: int = 1, refit_slot_bytes: int = 0):
+                 devices: tuple[int, ...] = (0,), world_size: int = 1, refit_slot_bytes: int = 0,
+                 colocated: bool = True):
         """`devices`: the node-local devices its shards run on (`rollout.placement.plan_engines`);
         `refit_slot_bytes`: the size of each of the two refit transport slots (0: sized on the first
-        refit from its buckets)."""
+        refit from its buckets); `colocated`: it shares its devices with a trainer (vLLM's sleep mode on
+        GPU), False on a dedicated engine rank."""
         import torch.distributed as dist
 
         self.cfg = cfg
@@ -231,9 +233,9 @@ class RolloutEngine:
         kwargs = dict(model=str(self.model_dir), dtype=cfg.dtype, enforce_eager=enforce_eager,
                       max_model_len=cfg.max_model_len, seed=seed, use_tqdm_on_load=False,
                       tensor_parallel_size=len(devices))
-        # The engine shares its devices with the trainer (colocated): sleep mode releases its memory
+        # An engine that shares its devices with the trainer (colocated): sleep mode releases its memory
         # while the models compute, where vLLM has it (CUDA).
-        kwargs.update(platform.vllm_engine_options(cfg.gpu_memory_utilization, colocated=True))
+        kwargs.update(platform.vllm_engine_options(cfg.gpu_memory_utilization, colocated=colocated))
         self.sleep_mode = platform.supports_sleep()
         self.asleep: set[str] = set()  # the pools a sleep released and no wake_up restored yet
         self.weights_complete = True

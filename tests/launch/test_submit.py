@@ -157,3 +157,13 @@ def test_user_errors_are_one_line_before_any_job(tmp_path):
     assert syntax.returncode == 2 and syntax.stderr.strip().splitlines() == [
         f"launch.submit: error: config file {bad}: YAML syntax error at line 4, column 1 (did not find expected "
         "',' or ']'); fix it there"]
+
+
+def test_dedicated_engine_gpus_are_taken_from_the_end_of_the_job():
+    """rollout.placement=dedicated: the training layout must fit the GPUs left after the engine ranks."""
+    recipe = REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b.yaml"
+    dedicated = ["rollout.placement=dedicated", "rollout.engines_per_replica=null", "launch.nodes=5"]
+    assert check_layout(load_config(recipe, [*dedicated, "rollout.dedicated_ranks=8"]), 8) == 40
+    with pytest.raises(ValueError, match=r"minus rollout.dedicated_ranks=4: 36 trainer GPUs: world size 36 is not "
+                                         r"divisible by TP x PP = 4 x 2 = 8"):
+        check_layout(load_config(recipe, [*dedicated, "rollout.dedicated_ranks=4"]), 8)
