@@ -105,8 +105,13 @@ class StudyMethod:
     reference: Optional[str] = None
     """Study model used as the reference (reward correction: the teacher's pre-RL base)."""
 
+    nproc: int = 1
+    """Processes of the run (> 1: under torchrun, e.g. 2 for a trainer rank and a dedicated engine rank)."""
+
     def validate(self, models: Dict[str, StudyModel]) -> None:
         where = f"study.methods[{self.name}]"
+        if self.nproc < 1:
+            raise ValueError(f"{where}.nproc must be >= 1")
         if self.command not in COMMANDS:
             raise ValueError(f"{where}.command={self.command!r}: use one of {COMMANDS}")
         for m in [*self.teachers, *([self.reference] if self.reference else [])]:
@@ -407,7 +412,9 @@ class Study:
         teachers = ", ".join(
             f"{{checkpoint: {self.paths[t]}" + (f", domain: {method.domains[i]}}}" if method.domains else "}")
             for i, t in enumerate(method.teachers))
-        cmd = [self.py, "-m", "megatron_opd.cli", method.command, "--config", str(REPO_ROOT / method.recipe),
+        launcher = [self.py] if method.nproc == 1 else \
+            [self.py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={method.nproc}"]
+        cmd = [*launcher, "-m", "megatron_opd.cli", method.command, "--config", str(REPO_ROOT / method.recipe),
                f"student.checkpoint={self.paths['student']}", f"teachers=[{teachers}]",
                f"train.out_dir={run_dir}", "train.resume=true", *self.data_overrides(seed)]
         if method.reference:

@@ -82,6 +82,12 @@ def test_dedicated_at_staleness_0_equals_the_colocated_run(models, tmp_path, lay
     assert [colocated["metrics"][s]["rollout/staleness"] for s in (1, 2, 3)] == [0.0] * 3
     assert_same_run(colocated, dedicated)
     assert dedicated["metrics"][3]["mismatch/max_abs"] < 1e-3  # the engine serves the trainer's weights
+    if colocated_ranks == 1:  # and one-step-off on the same ranks: its first step is the synchronous one
+        off = run(models, tmp_path / "one_step_off", dedicated_ranks, *steps, *ONE_STEP_OFF)["metrics"]
+        assert [off[s]["rollout/staleness"] for s in (1, 2, 3)] == [0.0, 1.0, 1.0]
+        assert off[1]["loss"] == colocated["metrics"][1]["loss"]
+        assert off[1]["offpolicy/ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # pi_old's weights sampled it
+        assert abs(off[3]["offpolicy/ratio_mean"] - 1.0) > 1e-3  # one update behind
 
 
 def _launch(models, out: Path, fault: str, *extra) -> int:
@@ -102,6 +108,7 @@ def _launch(models, out: Path, fault: str, *extra) -> int:
                 pass
 
 
+@pytest.mark.slow  # make test's time budget: the one-step-off run itself is in the 2-rank equality test
 def test_one_step_off_trains_one_step_behind_and_resumes_a_preemption_exactly(models, tmp_path):
     """max_staleness=1: step k trains on a batch generated before step k-1's update (staleness 1 from the
     second step; the importance ratio is no longer 1). A preemption (SIGUSR1 on the trainer) in step 2's

@@ -29,26 +29,28 @@ def slurm(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
     subprocess.run(["bash", str(REPO_ROOT / "scripts" / "slurm_local.sh"), "start", str(root / "ctl")],
                    check=True, timeout=120)
-    cluster = root / "cluster.yaml"
-    cluster.write_text(
-        "account: local\npartition: local\ngpus_per_node: 0\nprocesses_per_node: 1\ntime: '00:30:00'\n"
-        f"job_dir: {root / 'jobs'}\nruns_dir: {root / 'runs'}\nmax_crash_retries: 1\n"
-        "env:\n  OMP_NUM_THREADS: '1'\n")
+    clusters = {}
+    for name, ranks in (("cluster", 1), ("two_ranks", 2)):  # two_ranks: a trainer rank and an engine rank
+        clusters[name] = root / f"{name}.yaml"
+        clusters[name].write_text(
+            f"account: local\npartition: local\ngpus_per_node: 0\nprocesses_per_node: {ranks}\n"
+            f"time: '00:30:00'\njob_dir: {root / 'jobs'}\nruns_dir: {root / 'runs'}\nmax_crash_retries: 1\n"
+            "env:\n  OMP_NUM_THREADS: '1'\n")
     env = dict(os.environ, SLURM_CONF=str(root / "ctl" / "slurm.conf"), MOPD_TINY_DIR=str(root / "models"),
                PYTHONPATH=str(REPO_ROOT))
     subprocess.run([sys.executable, "-m", "megatron_opd.cli", "init-tiny", str(root / "models")], env=env,
                    check=True, capture_output=True, timeout=300)
     try:
-        yield {"root": root, "cluster": cluster, "env": env}
+        yield {"root": root, **clusters, "env": env}
     finally:
         subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
         subprocess.run(["bash", str(REPO_ROOT / "scripts" / "slurm_local.sh"), "stop", str(root / "ctl")],
                        timeout=60)
 
 
-def submit(slurm, *overrides) -> int:
+def submit(slurm, *overrides, cluster: str = "cluster") -> int:
     out = subprocess.run([sys.executable, "-m", "launch.submit", "--recipe", RECIPE, "--cluster",
-                          str(slurm["cluster"]), *overrides], cwd=REPO_ROOT, env=slurm["env"],
+                          str(slurm[cluster]), *overrides], cwd=REPO_ROOT, env=slurm["env"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     jobs = squeue(slurm)
@@ -156,3 +158,28 @@ def test_a_wrong_environment_fails_in_seconds_without_retries(slurm):
     text = batch_log(slurm, job_id)
     assert "megatron-core: installed 0.16.1, required 9.9.9" in text and "not retried" in text
     assert not (slurm["root"] / "runs" / "wrong_env").exists()  # no trainer ever started
+
+
+#: One trainer rank and one dedicated engine rank in one SLURM job, one-step-off.
+ONE_STEP_OFF = ("rollout.placement=dedicated", "rollout.dedicated_ranks=1", "rollout.engines_per_replica=null",
+                "train.max_staleness=1")
+
+
+def test_a_job_with_an_engine_rank_preempts_requeues_and_resumes_to_the_same_result(slurm):
+    """rollout.placement=dedicated under SLURM: the job's second rank runs the engine only; USR1 reaches
+    both ranks, the trainer checkpoints (with the batch the engine generated ahead), the job requeues and
+    the resumed run's losses equal the uninterrupted job's."""
+    plain, run = slurm["root"] / "runs" / "async_plain", slurm["root"] / "runs" / "async_preempted"
+    job_id = submit(slurm, *RUN, *ONE_STEP_OFF, "train.out_dir=async_plain", cluster="two_ranks")
+    wait(lambda: job(slurm, job_id).get("JobState") == "COMPLETED", f"job {job_id} to complete")
+    job_id = submit(slurm, *RUN, *ONE_STEP_OFF, "train.out_dir=async_preempted", cluster="two_ranks")
+    wait(lambda: (run / "checkpoints" / "step_1" / "meta.json").is_file(), "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR1", str(job_id)], env=slurm["env"], check=True)
+    wait(lambda: job(slurm, job_id).get("Restarts") == "1", f"job {job_id} to requeue itself")
+    assert "megatron_opd: preempted, checkpointed at step" in batch_log(slurm, job_id)
+    step = int((run / "PREEMPTED").read_text())  # removed when the resumed run starts
+    assert (run / "checkpoints" / f"step_{step}" / "in_flight.pt").is_file()  # the batch generated ahead
+    release(slurm, job_id)
+    wait(lambda: job(slurm, job_id).get("JobState") == "COMPLETED", f"the requeued job {job_id} to complete")
+    assert losses(run) == losses(plain)
+    assert sorted(losses(plain)) == list(range(21))
