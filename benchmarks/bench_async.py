@@ -1,5 +1,5 @@
 """One-step-off OPD on a dedicated engine rank against colocated engines, on the same 2 ranks: the real
-trainer (tests/workers' recipe, a 12M-parameter Qwen3-style model, same prompts, seeds and steps).
+trainer (the tiny recipe on a 3M-parameter Qwen3-style model; same prompts, seeds and steps).
 
     .venv/bin/python benchmarks/bench_async.py [--steps 6] [--prompts 8] [--tokens 96]
 

@@ -86,6 +86,13 @@ def tiny_checkpoints(tmp_path_factory, seeds, spec: str = "tiny_qwen3") -> list:
                                  tokenizer_dir=tok, init_std=0.1) for seed in seeds]
 
 
+def run_overrides(models, out_dir, *extra) -> list[str]:
+    """key=value overrides that point a recipe at a (student, teacher) pair and a run directory."""
+    student, teacher = models
+    return [f"student.checkpoint={student}", f"teachers=[{{checkpoint: {teacher}}}]",
+            f"train.out_dir={out_dir}", *extra]
+
+
 def wandb_history(run_file: Path) -> list[dict]:
     """The logged steps of an offline W&B run file (run-<id>.wandb): {"_step": n, key: value, ...} each.
     wandb 0.31 has no Python reader (its Go core writes the file), so this reads the format itself: a

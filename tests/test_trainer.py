@@ -15,7 +15,7 @@ import pytest
 
 from megatron_opd.data.tokenizer import train_tokenizer
 from megatron_opd.models.hf_tiny import save_tiny_checkpoint
-from mopd_testing import REPO_ROOT, last_json, run_ranks, tiny_spec, wandb_history
+from mopd_testing import REPO_ROOT, last_json, run_overrides, run_ranks, tiny_spec, wandb_history
 
 WORKER = Path(__file__).parent / "workers" / "train_run.py"
 RECIPE = str(REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml")
@@ -33,10 +33,7 @@ def models(tmp_path_factory):
     return student, teacher
 
 
-def overrides(models, out_dir, *extra):
-    student, teacher = models
-    return [f"student.checkpoint={student}", f"teachers=[{{checkpoint: {teacher}}}]",
-            f"train.out_dir={out_dir}", *extra]
+overrides = run_overrides
 
 
 def metrics(out_dir):

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_opd.data.tokenizer import train_tokenizer
-from megatron_opd.models.hf_tiny import save_tiny_checkpoint
-from mopd_testing import REPO_ROOT, run_ranks, tiny_spec
+from mopd_testing import REPO_ROOT, run_overrides, run_ranks, tiny_checkpoints
 
 WORKER = Path(__file__).parent / "workers" / "train_run.py"
 RECIPE = str(REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml")
@@ -24,19 +22,10 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    tok = tmp_path_factory.mktemp("tok")
-    train_tokenizer(tok)
-    student = save_tiny_checkpoint(tiny_spec("tiny_qwen3"), tmp_path_factory.mktemp("student"), seed=0,
-                                   tokenizer_dir=tok, init_std=0.1)
-    teacher = save_tiny_checkpoint(tiny_spec("tiny_qwen3"), tmp_path_factory.mktemp("teacher"), seed=1,
-                                   tokenizer_dir=tok, init_std=0.1)
-    return student, teacher
+    return tiny_checkpoints(tmp_path_factory, [0, 1])  # student, teacher
 
 
-def overrides(models, out_dir, *extra):
-    student, teacher = models
-    return [f"student.checkpoint={student}", f"teachers=[{{checkpoint: {teacher}}}]",
-            f"train.out_dir={out_dir}", *extra]
+overrides = run_overrides
 
 
 def run(models, out: Path, nproc: int, *extra, env=None) -> dict:
