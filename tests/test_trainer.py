@@ -40,8 +40,10 @@ def metrics(out_dir):
     return [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"],
-                                    ["parallel.pipeline_model_parallel_size=2"]], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout", [
+    # slow (make test's time budget): a TP = 2 trainer runs in make test in the resharded TP2 -> TP1 resume
+    pytest.param(["parallel.tensor_model_parallel_size=2"], marks=pytest.mark.slow),
+    ["parallel.pipeline_model_parallel_size=2"]], ids=["tp2", "pp2"])
 def test_two_step_run_completes(models, tmp_path, layout):
     out = tmp_path / "run"
     run_ranks(WORKER, 2, "--config", RECIPE, *overrides(models, out, *layout), timeout=500)
