@@ -89,11 +89,13 @@ class OPDTrainer:
         from megatron_opd.builders import build_models, build_rollout, check_run, resolve_models
         from megatron_opd.checkpoint import start_writer_helpers
         from megatron_opd.models.student import build_optimizer
+        from megatron_opd.rollout.dedicated import claim_cores
         from megatron_opd.signals import PreemptionFlag
 
         cfg = self.cfg
         models = resolve_models(cfg)  # checkpoints and specs of every role
         layout, ckpt = check_run(cfg, models)  # before any process group or weight exists
+        claim_cores(cfg)  # dedicated engine ranks compute beside this rank: keep to its own cores (CPU)
         self.spec, self.student_dir, self.has_moe = models.spec, models.student.path, models.has_moe
         self.data = build_data(cfg, models.student.path)  # bad data paths/fields fail here, cheaply
         self._init_parallel(layout)

@@ -96,6 +96,16 @@ def is_engine_rank(cfg, rank: int, launched: int) -> bool:
     return rank >= trainer_world(cfg, launched)
 
 
+def claim_cores(cfg) -> None:
+    """With dedicated engine ranks the job's processes compute at the same time: on CPU each rank keeps to
+    its own cores (`platform.pin_rank`), trainer and engine ranks alike; nothing to do when colocated (the
+    engines and the models take turns) or on GPU."""
+    from megatron_opd import platform
+
+    if cfg.rollout.placement == "dedicated":
+        platform.pin_rank(int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 def _job_store(timeout: datetime.timedelta):
     """A client of the job's rendezvous store (torchrun's agent store, which outlives every rank), or,
     launched without torchrun's agent, a store that global rank 0 (a trainer) serves on MASTER_PORT + 1."""
@@ -160,6 +170,7 @@ def serve_engine(cfg) -> int:
     # generating) and then stops the engines. An engine that died first would lose that batch.
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    claim_cores(cfg)
     launched, rank = parallel.launched_world_size(), parallel.launched_rank()
     index = rank - trainer_world(cfg, launched)
     count = cfg.rollout.engine_ranks

@@ -125,7 +125,30 @@ def test_engine_process_env_places_the_engine_on_its_devices(monkeypatch):
     monkeypatch.setattr(platform, "on_gpu", lambda: True)
     assert platform.engine_process_env((4, 5), world_size=32) == {"CUDA_VISIBLE_DEVICES": "4,5"}
     monkeypatch.setattr(platform, "on_gpu", lambda: False)
-    monkeypatch.setattr(platform.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(platform, "_NODE_CORES", [0, 1])
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert platform.engine_process_env((1,), world_size=2) == {"VLLM_CPU_OMP_THREADS_BIND": "1"}
     assert platform.engine_process_env((0, 1), world_size=2) == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     assert platform.engine_process_env((0,), world_size=1) == {}  # one process: vLLM's own binding
+    monkeypatch.setattr(platform, "_NODE_CORES", list(range(8)))  # more cores than ranks: equal shares
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert platform.engine_process_env((0, 1), world_size=4) == {"VLLM_CPU_OMP_THREADS_BIND": "0-3|4-7"}
+    assert [platform.rank_cores(r, 3) for r in range(3)] == [[0, 1], [2, 3, 4], [5, 6, 7]]
+    assert [platform.rank_cores(r, 16) for r in (0, 9)] == [[0], [1]]  # more ranks than cores: round-robin
+
+
+def test_a_rank_pins_itself_to_its_cores_only_beside_other_ranks_on_cpu(monkeypatch):
+    """The dedicated placement's ranks compute at the same time: each keeps to its own cores."""
+    from megatron_opd import platform
+
+    calls = []
+    monkeypatch.setattr(platform, "on_gpu", lambda: False)
+    monkeypatch.setattr(platform, "_NODE_CORES", [0, 1, 2, 3])
+    monkeypatch.setattr(platform.os, "sched_setaffinity", lambda pid, cores: calls.append(("affinity", cores)))
+    monkeypatch.setattr(platform.torch, "set_num_threads", lambda n: calls.append(("threads", n)))
+    platform.pin_rank(1, 2)
+    assert calls == [("affinity", {2, 3}), ("threads", 2)]
+    platform.pin_rank(0, 1)  # a single rank keeps every core
+    monkeypatch.setattr(platform, "on_gpu", lambda: True)
+    platform.pin_rank(1, 2)  # on GPU a rank's device is its GPU
+    assert len(calls) == 2
