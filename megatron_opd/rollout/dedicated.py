@@ -7,8 +7,9 @@ nothing else, so generation can overlap training (`train.max_staleness: 1`, one-
 
 The two sides talk over a *bridge* that only trainer rank 0 and the engine ranks join (bridge rank 0 is
 trainer rank 0, engine e is bridge rank e + 1), built on the job's store outside torch.distributed's
-world (vLLM's stateless groups): commands and samples are pickled objects through the store
-(`StatelessProcessGroup`), weights are tensors through a gloo (NCCL on GPU) group.
+world: commands and samples are pickled objects through the store (`Mailbox`: one ordered queue per
+direction and engine, each message deleted once read), weights are tensors through a gloo (NCCL on GPU)
+group built with vLLM's stateless helpers.
 
 Commands are processed by every engine in the order rank 0 sent them, and sending never waits:
 
@@ -33,8 +34,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -116,23 +119,49 @@ def _job_store(timeout: datetime.timedelta):
                          wait_for_workers=False)
 
 
+class Mailbox:
+    """Pickled objects between bridge rank 0 and each engine rank through the job's store: one ordered queue
+    per direction and pair, and a message is deleted once read, so the store holds only what is in flight
+    (a run's samples would otherwise pile up in torchrun's agent for the whole run). Sending never waits;
+    receiving waits up to the store's timeout (`parallel.timeout_minutes`)."""
+
+    def __init__(self, store, rank: int, size: int):
+        self.store, self.rank, self.size = store, rank, size
+        self.sent: Counter = Counter()
+        self.received: Counter = Counter()
+
+    def send(self, obj, dst: int) -> None:
+        self.store.set(f"{self.rank}->{dst}/{self.sent[dst]}", pickle.dumps(obj))
+        self.sent[dst] += 1
+
+    def recv(self, src: int):
+        key = f"{src}->{self.rank}/{self.received[src]}"
+        data = self.store.get(key)
+        self.store.delete_key(key)
+        self.received[src] += 1
+        return pickle.loads(data)
+
+    def to_engines(self, obj) -> None:
+        """(Bridge rank 0) the same command to every engine rank."""
+        for dst in range(1, self.size):
+            self.send(obj, dst)
+
+
 class Bridge:
     """Trainer rank 0 (bridge rank 0) and the engine ranks: objects through the store, tensors through a
     process group of their own."""
 
     def __init__(self, rank: int, size: int, timeout_minutes: int):
-        from vllm.distributed.utils import StatelessProcessGroup
-
         from megatron_opd import platform
 
         timeout = datetime.timedelta(minutes=timeout_minutes)
         store = _job_store(timeout)
+        # a torchrun restart keeps its agent's store: each attempt gets its own keys
+        prefix = f"mopd_bridge/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         self.rank, self.size = rank, size
         self._kept: dict[int, list] = {}
-        self.objects = StatelessProcessGroup(rank=rank, world_size=size,
-                                             store=dist.PrefixStore("mopd_bridge/objects", store),
-                                             data_expiration_seconds=10 * 365 * 86400)
-        self.tensors = platform.bridge_group(dist.PrefixStore("mopd_bridge/tensors", store), rank, size, timeout)
+        self.objects = Mailbox(dist.PrefixStore(f"{prefix}/objects", store), rank, size)
+        self.tensors = platform.bridge_group(dist.PrefixStore(f"{prefix}/tensors", store), rank, size, timeout)
 
     def reply(self, src: int, kind: str):
         """(Bridge rank 0) the next reply of kind `kind` from bridge rank `src`. An engine answers its
@@ -143,7 +172,7 @@ class Bridge:
             if reply[0] in (kind, "error"):
                 return _expect(kept.pop(i), kind)
         while True:
-            reply = self.objects.recv_obj(src=src)
+            reply = self.objects.recv(src)
             if reply[0] in (kind, "error"):
                 return _expect(reply, kind)
             kept.append(reply)
@@ -183,12 +212,12 @@ def serve_engine(cfg) -> int:
                                system_prompt=cfg.data.system_prompt, devices=(local,), world_size=launched,
                                colocated=False)
     except Exception as exc:
-        bridge.objects.send_obj(("error", f"engine rank {rank}: {type(exc).__name__}: {exc}"), dst=0)
+        bridge.objects.send(("error", f"engine rank {rank}: {type(exc).__name__}: {exc}"), 0)
         return 1
-    bridge.objects.send_obj(("ready", engine.expected_tensors()), dst=0)
+    bridge.objects.send(("ready", engine.expected_tensors()), 0)
     try:
         while True:
-            command = bridge.objects.broadcast_obj(None, src=0)
+            command = bridge.objects.recv(0)
             if command[0] == "stop":
                 return 0
             if command[0] == "generate":
@@ -209,16 +238,16 @@ def serve_engine(cfg) -> int:
                     reply = ("samples", step, batch, list(rewards), (started, time.time()))
                 except Exception as exc:
                     reply = ("error", f"engine rank {rank}, step {step}: {type(exc).__name__}: {exc}")
-                bridge.objects.send_obj(reply, dst=0)
+                bridge.objects.send(reply, 0)
             elif command[0] == "evaluate":
                 lo, hi = engine_share(0, len(data.held_out), count, index)
                 try:
                     reply = ("evaluated", data.evaluate_share(engine, k=command[1], lo=lo, hi=hi))
                 except Exception as exc:
                     reply = ("error", f"engine rank {rank}, evaluation: {type(exc).__name__}: {exc}")
-                bridge.objects.send_obj(reply, dst=0)
+                bridge.objects.send(reply, 0)
             elif command[0] == "refit":
-                bridge.objects.send_obj(("refit", _receive_refit(bridge, engine, *command[1:])), dst=0)
+                bridge.objects.send(("refit", _receive_refit(bridge, engine, *command[1:])), 0)
             else:
                 raise RuntimeError(f"engine rank {rank}: unknown command {command[0]!r}")
     finally:
@@ -235,7 +264,7 @@ def _receive_refit(bridge: Bridge, engine, slot_bytes: int, buckets: int) -> Opt
         error = f"{type(exc).__name__}: {exc}"
     scratch = None
     while True:
-        message = bridge.objects.broadcast_obj(None, src=0)
+        message = bridge.objects.recv(0)
         if message[0] == "end":
             complete = message[1] and error is None
             try:
@@ -294,7 +323,7 @@ class _BridgeSender:
             self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=platform.collective_device())
                            for _ in range(2)]
         self._work = [None, None]
-        self.bridge.objects.broadcast_obj(("refit", slot_bytes, buckets), src=0)
+        self.bridge.objects.to_engines(("refit", slot_bytes, buckets))
 
     def slot(self, bucket: int) -> torch.Tensor:
         """A free local slot (its previous broadcast finished)."""
@@ -308,7 +337,7 @@ class _BridgeSender:
         index = bucket % 2
         rows = [s.as_tuple() for s in layout]
         nbytes = max((s.offset + s.nbytes for s in layout), default=0)
-        self.bridge.objects.broadcast_obj(("bucket", bucket, rows, nbytes), src=0)
+        self.bridge.objects.to_engines(("bucket", bucket, rows, nbytes))
         self._work[index] = self.bridge.broadcast(self._slots[index][:nbytes])
 
     def end_refit(self, complete: bool) -> None:
@@ -316,7 +345,7 @@ class _BridgeSender:
 
         for i in range(2):
             self.slot(i)
-        self.bridge.objects.broadcast_obj(("end", complete), src=0)
+        self.bridge.objects.to_engines(("end", complete))
         errors = [self.bridge.reply(e, "refit")[1] for e in range(1, self.bridge.size)]
         failed = next(((e, x) for e, x in enumerate(errors) if x is not None), None)
         if failed is not None:
@@ -356,7 +385,7 @@ class DedicatedRollout:
         error = None
         if self.rank == 0:
             self.bridge = Bridge(0, self.count + 1, cfg.parallel.timeout_minutes)
-            replies = [self.bridge.objects.recv_obj(src=e) for e in range(1, self.count + 1)]
+            replies = [self.bridge.objects.recv(e) for e in range(1, self.count + 1)]
             error = next((r[1] for r in replies if r[0] == "error"), None)
             if error is None:
                 self.sender = _BridgeSender(self.bridge, replies[0][1], cfg.rollout.dtype)
@@ -364,7 +393,7 @@ class DedicatedRollout:
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
             if self.bridge is not None:
-                self.bridge.objects.broadcast_obj(("stop",), src=0)
+                self.bridge.objects.to_engines(("stop",))
             raise RolloutEngineError(f"a dedicated engine failed to start: {box[0]}")
 
     @property
@@ -376,7 +405,7 @@ class DedicatedRollout:
         """Ask the engines for `step`'s batch (all of the step's prompts, the same list on every rank);
         returns at once: the engines generate with the weights they hold now."""
         if self.rank == 0:
-            self.bridge.objects.broadcast_obj(("generate", step, list(prompts)), src=0)
+            self.bridge.objects.to_engines(("generate", step, list(prompts)))
         self.submitted[step] = (self.version, list(prompts))
 
     def has(self, step: int) -> bool:
@@ -442,7 +471,7 @@ class DedicatedRollout:
 
         if self.rank != 0:
             return {}
-        self.bridge.objects.broadcast_obj(("evaluate", k), src=0)
+        self.bridge.objects.to_engines(("evaluate", k))
         parts = [self.bridge.reply(e, "evaluated")[1] for e in range(1, self.count + 1)]
         return metrics_at_k(*([x for p in parts for x in p[i]] for i in range(3)))
 
@@ -468,7 +497,7 @@ class DedicatedRollout:
 
     def shutdown(self) -> None:
         if self.bridge is not None:
-            self.bridge.objects.broadcast_obj(("stop",), src=0)
+            self.bridge.objects.to_engines(("stop",))
             self.bridge = None
 
 

@@ -52,3 +52,23 @@ def test_a_steps_batch_is_cut_into_replica_shares_without_changing_it():
     assert [s.response_ids for s in part.batch.samples] == [[2, 0], [2, 1], [3, 0], [3, 1]]
     assert part.rewards == [4.0, 5.0, 6.0, 7.0] and part.prompts == [{"prompt": "2"}, {"prompt": "3"}]
     assert [s.prompt_index for s in rollout.batch.samples] == [p for p in range(4) for _ in range(2)]
+
+
+def test_the_mailbox_keeps_each_queue_in_order_and_only_what_is_in_flight():
+    """Bridge messages through one store: per-pair order, the same command to every engine, and a message
+    deleted once read (the run's samples must not pile up in torchrun's store)."""
+    import torch.distributed as dist
+
+    from megatron_opd.rollout.dedicated import Mailbox
+
+    store = dist.HashStore()
+    trainer, engines = Mailbox(store, 0, 3), [Mailbox(store, 1, 3), Mailbox(store, 2, 3)]
+    trainer.to_engines(("generate", 1))
+    trainer.to_engines(("refit", 2))
+    engines[1].send(("samples", "b"), 0)
+    engines[0].send(("samples", "a"), 0)
+    assert [engines[0].recv(0), engines[0].recv(0)] == [("generate", 1), ("refit", 2)]
+    assert engines[1].recv(0) == ("generate", 1)
+    assert [trainer.recv(1), trainer.recv(2)] == [("samples", "a"), ("samples", "b")]
+    assert store.num_keys() == 1  # engine 2's unread ("refit", 2)
+    assert engines[1].recv(0) == ("refit", 2) and store.num_keys() == 0
