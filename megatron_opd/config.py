@@ -557,6 +557,12 @@ class ERPDConfig:
     """With ensemble_with: "sum" (each signal whitened, then summed; default) or "sequential" (distil
     one signal after the other, stage2_steps each)."""
 
+    ensemble_strategies: Optional[List[int]] = None
+    """With ensemble_with: the stage-2 strategy of each member, in the order [stage1.loss, *ensemble_with]:
+    1 = the member over pi_old, 2 = the member over its early candidate `unlearned_step` (MSE members
+    only). The paper's best row (Table 8: an MSE-unlearned signal plus a CE old-policy signal) is
+    stage1.loss=mse, ensemble_with=[ce], ensemble_strategies=[2, 1]. null: stage2.strategy for every member."""
+
     stage1_steps: int = 40
     """Optimizer steps of stage 1 on the fixed batch: each is one update on one of its
     train.mini_batches mini-batches, in turn (mini_batches = 1: the whole batch every step)."""
@@ -611,6 +617,9 @@ class ERPDConfig:
         candidates = set(range(self.candidate_every, self.stage1_steps + 1, self.candidate_every))
         candidates.add(self.stage1_steps)
         strategy = self.stage2.strategy
+        if self.ensemble_strategies is not None:
+            self._check_member_strategies(candidates)
+            return
         if strategy == 3:
             for name in ("teacher_step", "unlearned_step"):
                 if getattr(self, name) is not None:
@@ -640,9 +649,45 @@ class ERPDConfig:
         elif self.unlearned_step is not None:
             raise ValueError(f"objective.erpd.unlearned_step is used by strategy 2 only; remove it")
 
+    def _check_member_strategies(self, candidates: set) -> None:
+        members = self.stage1_losses
+        if not self.ensemble_with:
+            raise ValueError("objective.erpd.ensemble_strategies gives each ensemble member its strategy: it "
+                             "needs ensemble_with (or use objective.erpd.stage2.strategy for one teacher)")
+        if self.stage2.strategy != 1:
+            raise ValueError("objective.erpd.stage2.strategy is replaced by ensemble_strategies; remove it")
+        if len(self.ensemble_strategies) != len(members):
+            raise ValueError(f"objective.erpd.ensemble_strategies={self.ensemble_strategies}: give one strategy "
+                             f"per member of {members} (stage1.loss, then ensemble_with)")
+        for loss, strategy in zip(members, self.ensemble_strategies):
+            if strategy not in (1, 2):
+                raise ValueError(f"objective.erpd.ensemble_strategies: {strategy} for {loss}: use 1 or 2 (strategy "
+                                 "3 trains no stage-1 teacher)")
+            if strategy == 2 and loss != "mse":
+                raise ValueError(f"objective.erpd.ensemble_strategies: strategy 2 for {loss}: it distils an "
+                                 "MSE-trained policy over its early candidate; give it to an mse member")
+        if self.weak_checkpoint is not None:
+            raise ValueError("objective.erpd.weak_checkpoint is used by strategy 3 only; remove it")
+        if self.teacher_step is not None and self.teacher_step not in candidates:
+            raise ValueError(f"objective.erpd.teacher_step={self.teacher_step} is not a kept candidate: use one "
+                             f"of {sorted(candidates)} (multiples of candidate_every, and stage1_steps)")
+        if 2 in self.ensemble_strategies:
+            if self.unlearned_step is None or self.unlearned_step not in candidates:
+                raise ValueError("objective.erpd.ensemble_strategies: strategy 2 needs objective.erpd."
+                                 f"unlearned_step = an early kept candidate (one of {sorted(candidates)})")
+            if self.unlearned_step >= (self.teacher_step or self.stage1_steps):
+                raise ValueError("objective.erpd.unlearned_step must come before the teacher step")
+        elif self.unlearned_step is not None:
+            raise ValueError("objective.erpd.unlearned_step is used by strategy 2 only; remove it")
+
     @property
     def stage1_losses(self) -> list[str]:
         return [self.stage1.loss, *self.ensemble_with]
+
+    @property
+    def member_strategies(self) -> list[int]:
+        """The stage-2 strategy of each stage-1 member (`stage1_losses` order)."""
+        return list(self.ensemble_strategies or [self.stage2.strategy] * len(self.stage1_losses))
 
     def needs(self) -> ObjectiveNeeds:
         # pi_old's log-probs (stage-1 ratios, stage-2 trust region) and the verifier's rewards

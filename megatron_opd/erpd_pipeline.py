@@ -91,7 +91,8 @@ class ERPDPipeline:
                "rollout_acc": rollout_metrics["rollout/accuracy"], "teachers": []}
         signals = []  # one [b, s] tensor per micro-batch, per stage-1 teacher
         # strategy 3 trains no stage-1 teacher: its signal is pi_old over a weaker policy
-        for loss_name in erpd.stage1_losses if erpd.stage2.strategy != 3 else ():
+        members = zip(erpd.stage1_losses, erpd.member_strategies) if erpd.stage2.strategy != 3 else ()
+        for loss_name, strategy in members:
             restore(tr.student.module, pi_old)
             stage1 = dataclasses.replace(erpd.stage1, loss=loss_name) if loss_name != erpd.stage1.loss \
                 else erpd.stage1
@@ -100,10 +101,10 @@ class ERPDPipeline:
             teacher = next(c for c in curve if c["step"] == teacher_step)
             row["teachers"].append({"loss": loss_name, "curve": curve, "teacher_step": teacher_step,
                                     "acc": teacher["acc"], "kl": teacher["kl"]})
-            signals.append(self.signal(micro, candidates, pi_old))
+            signals.append(self.signal(micro, candidates, pi_old, strategy))
             del candidates
         if erpd.stage2.strategy == 3:
-            signals.append(self.signal(micro, {}, pi_old))
+            signals.append(self.signal(micro, {}, pi_old, 3))
         restore(tr.student.module, pi_old)
         self.stage2(micro, signals)
         after = self.evaluate()
@@ -148,13 +149,12 @@ class ERPDPipeline:
         return candidates, curve
 
     @torch.no_grad()
-    def signal(self, micro: list[MicroBatch], candidates: dict, pi_old: dict) -> list[torch.Tensor]:
+    def signal(self, micro: list[MicroBatch], candidates: dict, pi_old: dict, strategy: int) -> list[torch.Tensor]:
         """S = lp_numerator - lp_denominator per micro-batch (strategy 1: teacher over pi_old; 2: teacher
         over its early candidate; 3: pi_old over objective.erpd.weak_checkpoint)."""
         from megatron_opd.objectives.erpd import strategy_signal
 
         erpd, student = self.erpd, self.tr.student.module
-        strategy = erpd.stage2.strategy
         teacher_step = erpd.teacher_step or erpd.stage1_steps
         roles = {}
         if strategy in (1, 2):

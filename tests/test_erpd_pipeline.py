@@ -121,3 +121,49 @@ def test_signal_strategies_on_hand_built_log_probs():
     torch.testing.assert_close(strategy_signal(3, old, weak=weak), torch.tensor([[3.0, 0.0, -0.4]]))
     with pytest.raises(ValueError, match="strategy 2 needs"):
         strategy_signal(2, old, teacher=teacher)
+
+
+def _stage2_losses(out) -> list:
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r["erpd/stage2_loss"] for r in rows if "erpd/stage2_loss" in r]
+
+
+@pytest.mark.slow  # two ERPD runs (make test's time budget); the config rules are checked in make test
+def test_each_ensemble_member_has_its_own_strategy(student, tmp_path):
+    """The paper's best row (an MSE-unlearned signal plus a CE old-policy signal): with
+    ensemble_strategies=[2, 1] and a sequential ensemble, the first round distils exactly the signal of the
+    MSE member alone under strategy 2 (same stage-2 losses, update by update), and not its strategy-1 signal."""
+    mse = ["objective.erpd.stage1.loss=mse", "objective.erpd.unlearned_step=2"]
+    _, alone = erpd(student, tmp_path / "alone", *mse, "objective.erpd.stage2.strategy=2")
+    _, paired = erpd(student, tmp_path / "paired", *mse, "objective.erpd.ensemble_with=[ce]",
+                     "objective.erpd.ensemble=sequential", "objective.erpd.ensemble_strategies=[2,1]")
+    assert [t["loss"] for t in paired["iterations"][0]["teachers"]] == ["mse", "ce"]
+    first_round = _stage2_losses(tmp_path / "paired")[:2]
+    assert first_round == _stage2_losses(tmp_path / "alone")
+    _, strategy1 = erpd(student, tmp_path / "strategy1", "objective.erpd.stage1.loss=mse")
+    assert first_round != _stage2_losses(tmp_path / "strategy1")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective.erpd.ensemble_strategies=[2]"], "needs ensemble_with"),
+    (["objective.erpd.ensemble_with=[ce]", "objective.erpd.ensemble_strategies=[1]"], "one strategy per member"),
+    (["objective.erpd.stage1.loss=ce", "objective.erpd.ensemble_with=[mse]", "objective.erpd.ensemble_strategies=[2,1]",
+      "objective.erpd.unlearned_step=2"], "strategy 2 for ce"),
+    (["objective.erpd.ensemble_with=[ce]", "objective.erpd.ensemble_strategies=[3,1]"], "use 1 or 2"),
+    (["objective.erpd.stage1.loss=mse", "objective.erpd.ensemble_with=[ce]", "objective.erpd.ensemble_strategies=[2,1]"],
+     "strategy 2 needs objective.erpd.unlearned_step"),
+    (["objective.erpd.ensemble_with=[ce]", "objective.erpd.ensemble_strategies=[1,1]", "objective.erpd.unlearned_step=2"],
+     "unlearned_step is used by strategy 2 only"),
+    (["objective.erpd.stage1.loss=mse", "objective.erpd.ensemble_with=[ce]", "objective.erpd.ensemble_strategies=[2,1]",
+      "objective.erpd.unlearned_step=2", "objective.erpd.stage2.strategy=2"], "replaced by ensemble_strategies"),
+], ids=["no-ensemble", "count", "strategy2-not-mse", "strategy3", "no-unlearned-step", "unused-unlearned-step",
+        "stage2-strategy-too"])
+def test_ensemble_strategies_are_checked_naming_the_field(overrides, message):
+    from megatron_opd.config import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config(RECIPE, overrides, require_teachers=False)
+    ok = load_config(RECIPE, ["objective.erpd.stage1.loss=mse", "objective.erpd.ensemble_with=[ce]",
+                              "objective.erpd.ensemble_strategies=[2,1]", "objective.erpd.unlearned_step=2"],
+                     require_teachers=False)
+    assert ok.objective.settings.member_strategies == [2, 1]
