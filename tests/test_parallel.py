@@ -37,8 +37,11 @@ def _oracle(cases):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_recipe_layout_is_valid_for_its_gpu_count(recipe):
+    from megatron_opd.rollout.dedicated import trainer_world
+
     cfg = _load(recipe)
     world = cfg.launch.nodes * cfg.launch.gpus_per_node if cfg.parallel.model_parallel_size > 1 else 1
+    world = trainer_world(cfg, world)  # without dedicated engine GPUs
     layout = validate_layout(cfg.parallel, world)
     assert layout.dp * layout.tp * layout.pp == world
 
@@ -49,7 +52,9 @@ def test_validator_agrees_with_megatron_core_on_recipes_and_a_grid():
     for recipe in RECIPES:
         cfg = _load(recipe)
         p = cfg.parallel
-        for world in (cfg.launch.nodes * cfg.launch.gpus_per_node, 8):
+        from megatron_opd.rollout.dedicated import trainer_world
+
+        for world in (trainer_world(cfg, cfg.launch.nodes * cfg.launch.gpus_per_node), 8):
             cases.add((world, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                        p.expert_model_parallel_size, p.etp))
             # the layout these recipes had before ETP was exposed (ETP = TP): refused at 32 GPUs

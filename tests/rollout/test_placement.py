@@ -40,6 +40,8 @@ def test_every_gpu_of_a_cluster_recipe_hosts_exactly_one_engine_shard(recipe, en
     from megatron_opd.config import load_config
     from megatron_opd.models.spec import ModelSpec
 
+    if load_config(recipe, require_teachers=False).rollout.placement == "dedicated":
+        pytest.skip("dedicated engine ranks: checked by test_a_dedicated_recipe_trains_on_the_first_gpus")
     cfg = load_config(recipe, [f"rollout.tensor_parallel_size={engine_tp}"], require_teachers=False)
     nodes, per_node = cfg.launch.nodes, cfg.launch.gpus_per_node
     world = nodes * per_node
@@ -56,6 +58,25 @@ def test_every_gpu_of_a_cluster_recipe_hosts_exactly_one_engine_shard(recipe, en
         assert set(e.ranks) <= replicas[e.replica]  # an engine serves the replica whose GPUs it uses
         assert all(r // per_node == e.node and r % per_node == d for r, d in zip(e.ranks, e.devices))
         assert engine_of_rank(plan, e.owner) == e
+
+
+def test_a_dedicated_recipe_trains_on_the_first_gpus_and_generates_on_the_last():
+    """exopd_30b_a3b_to_4b_async.yaml: the colocated recipe's 32-GPU layout on nodes 0-3, one engine on each
+    GPU of node 4; launch.submit and the memory estimate accept it."""
+    from launch.submit import check_layout
+    from megatron_opd.config import load_config
+    from megatron_opd.parallel import validate_layout
+    from megatron_opd.rollout.dedicated import is_engine_rank, trainer_world
+    from tools.estimate_memory import estimate_recipe
+
+    recipe = REPO_ROOT / "configs" / "recipes" / "exopd_30b_a3b_to_4b_async.yaml"
+    cfg = load_config(recipe, require_teachers=False)
+    world = cfg.launch.nodes * cfg.launch.gpus_per_node
+    assert check_layout(cfg, cfg.launch.gpus_per_node) == world == 40
+    assert validate_layout(cfg.parallel, trainer_world(cfg, world)).dp == 4
+    assert [r // 8 for r in range(world) if is_engine_rank(cfg, r, world)] == [4] * 8
+    est = estimate_recipe(str(recipe))
+    assert est["engine_awake"] == 0.0 and est["engine_gpu"] < 80.0 and est["total"] < 80.0
 
 
 def test_replica_ranks_follow_megatron_rank_order():

@@ -134,7 +134,12 @@ def test_recipe_memory_comments_match_the_estimator():
         if "30b" in recipe.name or "4b" in recipe.name:
             assert m, f"{recipe.name}: cluster recipes state the estimator's per-GPU memory"
         if m:
-            assert float(m.group(1)) == round(estimate_recipe(str(recipe))["total"], 1), recipe.name
+            est = estimate_recipe(str(recipe))
+            assert float(m.group(1)) == round(est["total"], 1), recipe.name
             assert float(m.group(1)) <= 80, f"{recipe.name} does not fit an 80 GiB H100"
+            engine = re.search(r"^# GPU ([\d.]+) GiB \(vLLM's budget", recipe.read_text(), re.M)
+            assert (engine is None) == ("engine_gpu" not in est), f"{recipe.name}: state the engine GPU's memory"
+            if engine:  # dedicated engine ranks: the second kind of GPU
+                assert float(engine.group(1)) == round(est["engine_gpu"], 1) <= 80, recipe.name
             checked += 1
-    assert checked == 7
+    assert checked == 8
