@@ -93,6 +93,21 @@ def run_overrides(models, out_dir, *extra) -> list[str]:
             f"train.out_dir={out_dir}", *extra]
 
 
+def wandb_rows(run_dir: Path, count: int, timeout: float = 30.0) -> list[dict]:
+    """The logged steps of every offline W&B run file under `run_dir`/wandb (oldest run first), once
+    there are `count` of them: wandb-core writes the files from its own process, and `finish()` can return
+    before its last records reach the disk (a resumed run's one step was missing once, read at once)."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        files = sorted(Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb"))
+        rows = [row for f in files for row in wandb_history(f)]
+        if len(rows) >= count or time.time() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
 def wandb_history(run_file: Path) -> list[dict]:
     """The logged steps of an offline W&B run file (run-<id>.wandb): {"_step": n, key: value, ...} each.
     wandb 0.31 has no Python reader (its Go core writes the file), so this reads the format itself: a

@@ -6,7 +6,7 @@ import pytest
 
 from megatron_opd.config import WandbConfig, load_config
 from megatron_opd.metrics import MetricsLogger
-from mopd_testing import REPO_ROOT, wandb_history
+from mopd_testing import REPO_ROOT, wandb_rows
 
 RECIPE = REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml"
 
@@ -37,7 +37,7 @@ def test_offline_wandb_run_holds_the_step_metrics_and_a_resume_continues_it(tmp_
     files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2
     rows = [{k: v for k, v in row.items() if not k.startswith("_") or k == "_step"}
-            for f in files for row in wandb_history(f)]
+            for row in wandb_rows(tmp_path, 3)]
     assert rows == [{"_step": 1, "loss": 0.5}, {"_step": 2, "loss": 0.25}, {"_step": 3, "loss": 0.125}]
     fresh = MetricsLogger(tmp_path / "other", wandb=cfg, resume_step=-1)
     fresh.close()

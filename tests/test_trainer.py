@@ -15,7 +15,7 @@ import pytest
 
 from megatron_opd.data.tokenizer import train_tokenizer
 from megatron_opd.models.hf_tiny import save_tiny_checkpoint
-from mopd_testing import REPO_ROOT, last_json, run_overrides, run_ranks, tiny_spec, wandb_history
+from mopd_testing import REPO_ROOT, last_json, run_overrides, run_ranks, tiny_spec, wandb_rows
 
 WORKER = Path(__file__).parent / "workers" / "train_run.py"
 RECIPE = str(REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml")
@@ -41,9 +41,11 @@ def metrics(out_dir):
 
 
 @pytest.mark.parametrize("layout", [
-    # slow (make test's time budget): a TP = 2 trainer runs in make test in the resharded TP2 -> TP1 resume
+    # slow (make test's time budget): in make test a TP = 2 trainer runs in the resharded TP2 -> TP1 resume,
+    # a PP = 2 trainer step in tests/test_trainer_exact_kl.py, the PP = 2 export of every HF tensor in
+    # tests/models/test_hf_mapping.py
     pytest.param(["parallel.tensor_model_parallel_size=2"], marks=pytest.mark.slow),
-    ["parallel.pipeline_model_parallel_size=2"]], ids=["tp2", "pp2"])
+    pytest.param(["parallel.pipeline_model_parallel_size=2"], marks=pytest.mark.slow)], ids=["tp2", "pp2"])
 def test_two_step_run_completes(models, tmp_path, layout):
     out = tmp_path / "run"
     run_ranks(WORKER, 2, "--config", RECIPE, *overrides(models, out, *layout), timeout=500)
@@ -286,7 +288,7 @@ def test_lr_schedule_counts_mini_batches_and_extends_on_resume(models, tmp_path)
     run_id = (out / "wandb_run_id").read_text()
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2
-    logged = {row["_step"]: row for f in files for row in wandb_history(f)}
+    logged = {row["_step"]: row for row in wandb_rows(out, 5)}
     assert sorted(logged) == [r["step"] for r in metrics(out)] == [0, 1, 2, 3, 4]
     for r in metrics(out):
         assert all(logged[r["step"]][k] == pytest.approx(v) for k, v in r.items()

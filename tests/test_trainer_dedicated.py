@@ -57,17 +57,21 @@ def assert_same_run(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("layout", [
-    pytest.param((1, [], 2), id="2-ranks-1-trainer-1-engine"),
-    pytest.param((2, ["parallel.tensor_model_parallel_size=2"], 3), id="3-ranks-tp2-trainer-1-engine",
-                 marks=pytest.mark.slow),  # make test's time budget; the 2-rank case stays in it
+    pytest.param((1, [], 2, 1), id="2-ranks-1-trainer-1-engine"),
+    # slow: make test's time budget; the 2-rank case stays in it
+    pytest.param((2, ["parallel.tensor_model_parallel_size=2"], 3, 1), id="3-ranks-tp2-trainer-1-engine",
+                 marks=pytest.mark.slow),
+    pytest.param((2, [], 4, 2), id="4-ranks-dp2-trainer-2-engines", marks=pytest.mark.slow),
 ])
 def test_dedicated_at_staleness_0_equals_the_colocated_run(models, tmp_path, layout):
     """The same samples, held-out evaluations, losses and final weights, bit for bit, as the colocated
-    run of the same training layout with one engine (rollout.engines_per_replica=1)."""
-    colocated_ranks, layout_overrides, dedicated_ranks = layout
+    run of the same training layout with one engine per replica (rollout.engines_per_replica=1): one
+    dedicated engine serves a TP = 2 replica, two serve the two replicas' halves of the prompts at DP = 2."""
+    colocated_ranks, layout_overrides, dedicated_ranks, engines = layout
     steps = ["train.steps=3", "train.eval_every=2"]
     colocated = run(models, tmp_path / "colocated", colocated_ranks, *steps, *layout_overrides)
-    dedicated = run(models, tmp_path / "dedicated", dedicated_ranks, *steps, *layout_overrides, *DEDICATED)
+    dedicated = run(models, tmp_path / "dedicated", dedicated_ranks, *steps, *layout_overrides, *DEDICATED,
+                    f"rollout.dedicated_ranks={engines}")
     assert [colocated["metrics"][s]["rollout/staleness"] for s in (1, 2, 3)] == [0.0] * 3
     assert_same_run(colocated, dedicated)
     assert dedicated["metrics"][3]["mismatch/max_abs"] < 1e-3  # the engine serves the trainer's weights
