@@ -634,20 +634,26 @@ class ERPDConfig:
         if self.weak_checkpoint is not None:
             raise ValueError(f"objective.erpd.weak_checkpoint is used by strategy 3 only (strategy {strategy}); "
                              "remove it")
+        if strategy == 2 and (self.stage1.loss != "mse" or self.ensemble_with):
+            raise ValueError("objective.erpd.stage2.strategy=2 distils an MSE-trained policy over its early "
+                             "checkpoint: set objective.erpd.stage1.loss=mse and no ensemble_with")
+        self._check_candidate_steps(candidates, "objective.erpd.stage2.strategy=2" if strategy == 2 else None)
+
+    def _check_candidate_steps(self, candidates: set, strategy_2: Optional[str]) -> None:
+        """teacher_step must be a kept candidate, and unlearned_step an earlier one, used only where
+        strategy 2 is (`strategy_2`: the setting that asks for it, named in the message; None: nowhere)."""
         if self.teacher_step is not None and self.teacher_step not in candidates:
             raise ValueError(f"objective.erpd.teacher_step={self.teacher_step} is not a kept candidate: use one "
                              f"of {sorted(candidates)} (multiples of candidate_every, and stage1_steps)")
-        if strategy == 2:
-            if self.stage1.loss != "mse" or self.ensemble_with:
-                raise ValueError("objective.erpd.stage2.strategy=2 distils an MSE-trained policy over its early "
-                                 "checkpoint: set objective.erpd.stage1.loss=mse and no ensemble_with")
-            if self.unlearned_step is None or self.unlearned_step not in candidates:
-                raise ValueError("objective.erpd.stage2.strategy=2 needs objective.erpd.unlearned_step = an early "
-                                 f"kept candidate (one of {sorted(candidates)}), e.g. {min(candidates)}")
-            if self.unlearned_step >= (self.teacher_step or self.stage1_steps):
-                raise ValueError("objective.erpd.unlearned_step must come before the teacher step")
-        elif self.unlearned_step is not None:
-            raise ValueError(f"objective.erpd.unlearned_step is used by strategy 2 only; remove it")
+        if strategy_2 is None:
+            if self.unlearned_step is not None:
+                raise ValueError("objective.erpd.unlearned_step is used by strategy 2 only; remove it")
+            return
+        if self.unlearned_step is None or self.unlearned_step not in candidates:
+            raise ValueError(f"{strategy_2} needs objective.erpd.unlearned_step = an early kept candidate (one of "
+                             f"{sorted(candidates)}), e.g. {min(candidates)}")
+        if self.unlearned_step >= (self.teacher_step or self.stage1_steps):
+            raise ValueError("objective.erpd.unlearned_step must come before the teacher step")
 
     def _check_member_strategies(self, candidates: set) -> None:
         members = self.stage1_losses
@@ -668,17 +674,8 @@ class ERPDConfig:
                                  "MSE-trained policy over its early candidate; give it to an mse member")
         if self.weak_checkpoint is not None:
             raise ValueError("objective.erpd.weak_checkpoint is used by strategy 3 only; remove it")
-        if self.teacher_step is not None and self.teacher_step not in candidates:
-            raise ValueError(f"objective.erpd.teacher_step={self.teacher_step} is not a kept candidate: use one "
-                             f"of {sorted(candidates)} (multiples of candidate_every, and stage1_steps)")
-        if 2 in self.ensemble_strategies:
-            if self.unlearned_step is None or self.unlearned_step not in candidates:
-                raise ValueError("objective.erpd.ensemble_strategies: strategy 2 needs objective.erpd."
-                                 f"unlearned_step = an early kept candidate (one of {sorted(candidates)})")
-            if self.unlearned_step >= (self.teacher_step or self.stage1_steps):
-                raise ValueError("objective.erpd.unlearned_step must come before the teacher step")
-        elif self.unlearned_step is not None:
-            raise ValueError("objective.erpd.unlearned_step is used by strategy 2 only; remove it")
+        self._check_candidate_steps(
+            candidates, "objective.erpd.ensemble_strategies: strategy 2" if 2 in self.ensemble_strategies else None)
 
     @property
     def stage1_losses(self) -> list[str]:
