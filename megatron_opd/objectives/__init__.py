@@ -27,8 +27,8 @@ from megatron_opd.objectives.policy_loss import (
     aggregate_loss,
     clipped_surrogate,
     global_counts,
+    off_policy_weights,
     policy_gradient_loss,
-    truncated_is_weights,
 )
 from megatron_opd.objectives.reopold import (
     clipped_reward,

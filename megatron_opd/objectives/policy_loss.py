@@ -154,30 +154,16 @@ def clipped_surrogate(
     return loss, metrics
 
 
-def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
-    """Token-level truncated importance sampling (rollout correction), no grad:
-    w_t = min(exp(lp_old - lp_rollout), C)."""
-    if cap <= 0:
-        raise ValueError(f"tis_cap must be > 0, got {cap}")
-    check_same_shape("old_logprobs", old_logprobs, rollout_logprobs=rollout_logprobs)
-    with torch.no_grad():
-        return (old_logprobs - rollout_logprobs).clamp(max=math.log(cap)).exp()
-
-
 def prefix_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
                       cap: float) -> torch.Tensor:
     """Truncated importance weights of each response position's *prefix*, no grad: w_t = min(prod_{j<t}
     pi_old(y_j) / pi_rollout(y_j), C) over the response tokens before t (1 at the first). What corrects a
     per-position quantity that does not depend on the token sampled at t (the exact KL over the
     vocabulary): position t is reached through the engine's earlier samples; its own sample's ratio does
-    not enter the value and would only add variance. All `[b, s]`."""
-    if cap <= 0:
+    not enter the value and would only add variance. All `[b, s]` (`off_policy_weights` with prefix=True)."""
+    if cap is None or cap <= 0:
         raise ValueError(f"tis_cap must be > 0, got {cap}")
-    check_same_shape("old_logprobs", old_logprobs, rollout_logprobs=rollout_logprobs, mask=mask)
-    with torch.no_grad():
-        log_ratio = (old_logprobs - rollout_logprobs) * mask  # 0 off the response
-        before = log_ratio.cumsum(-1) - log_ratio  # [b, s] the sum over the response tokens before t
-        return before.clamp(max=math.log(cap)).exp()
+    return off_policy_weights(old_logprobs, rollout_logprobs, mask, cap, prefix=True)[0]
 
 
 def off_policy_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,

@@ -126,11 +126,8 @@ class ColocatedRollout:
     def collect(self, step: int) -> StepSamples:
         """This replica's share of `step`'s batch, generated now (collective)."""
         if step in self.restored:
-            from megatron.core import parallel_state as ps
-
             rollout = self.restored[step]
-            n, dp, r = len(rollout.prompts), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-            return rollout.part(r * n // dp, (r + 1) * n // dp)
+            return rollout.part(*replica_share(len(rollout.prompts)))
         return self.generate(self.submitted[step], step)
 
     def release(self, step: int) -> None:

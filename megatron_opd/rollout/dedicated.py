@@ -45,7 +45,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_opd.rollout.colocated import StepSamples
+from megatron_opd.rollout.colocated import StepSamples, replica_share
 from megatron_opd.rollout.engine import RolloutBatch, RolloutEngineError
 from megatron_opd.rollout.placement import engine_share
 
@@ -307,9 +307,8 @@ class _BridgeSender:
     """What `rollout.refit.refit` needs of "the engine" on trainer rank 0: the transport slots are local
     buffers whose bytes are broadcast to every engine rank, which loads them into its engine."""
 
-    def __init__(self, bridge: Bridge, manifest: dict, dtype: str):
+    def __init__(self, bridge: Bridge, manifest: dict):
         self.bridge, self.manifest = bridge, manifest
-        self.cfg = type("EngineDtype", (), {"dtype": dtype})
         self._slots: list[torch.Tensor] = []
         self._work: list = [None, None]
 
@@ -351,9 +350,6 @@ class _BridgeSender:
         if failed is not None:
             raise RefitError(f"dedicated engine {failed[0]} failed to load the weights: {failed[1]}")
 
-    def reset_prefix_cache(self) -> None:
-        """Each engine resets its own after a complete refit (`_receive_refit`)."""
-
 
 def _expect(reply, kind: str):
     if reply[0] == "error":
@@ -369,14 +365,11 @@ class DedicatedRollout:
     reaches every trainer rank by a broadcast over the trainer's world."""
 
     def __init__(self, cfg, spec, step: int = 0):
-        from megatron.core import parallel_state as ps
-
         self.cfg, self.spec = cfg, spec
         self.count = cfg.rollout.engine_ranks
         self.rank = dist.get_rank()
         self.version = step
         """Optimizer steps of the weights the engines hold."""
-        self.dp, self.replica = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.submitted: dict[int, tuple[int, list[dict]]] = {}
         """step -> (weights version, prompts) of batches asked of the engines and not yet received."""
         self.ready: dict[int, Rollout] = {}
@@ -388,7 +381,7 @@ class DedicatedRollout:
             replies = [self.bridge.objects.recv(e) for e in range(1, self.count + 1)]
             error = next((r[1] for r in replies if r[0] == "error"), None)
             if error is None:
-                self.sender = _BridgeSender(self.bridge, replies[0][1], cfg.rollout.dtype)
+                self.sender = _BridgeSender(self.bridge, replies[0][1])
         box = [error]
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
@@ -416,8 +409,7 @@ class DedicatedRollout:
         if step not in self.ready:
             self._receive(step)
         rollout = self.ready[step]
-        n = len(rollout.prompts)
-        return rollout.part(self.replica * n // self.dp, (self.replica + 1) * n // self.dp)
+        return rollout.part(*replica_share(len(rollout.prompts)))
 
     def _receive(self, step: int) -> None:
         """Collective: the engines' parts of the submitted batch `step`, on every trainer rank."""
@@ -490,6 +482,7 @@ class DedicatedRollout:
         generation they are running."""
         from megatron_opd.rollout.refit import refit
 
+        # each engine resets its own prefix cache after a complete refit (`_receive_refit`)
         stats = refit(self.sender, model, spec, self.cfg.rollout.refit_bucket_mb,
                       dtype=getattr(torch, self.cfg.rollout.dtype), receivers={0}, reset_cache=False)
         self.version = version
