@@ -119,6 +119,10 @@ class MicroBatch(ForwardBatch):
     teacher_tokens: tuple = ()
     """Per teacher, the response tokens of its rows."""
 
+    teacher_positions: tuple = ()
+    """Per teacher (with several), [n_k] the indices of its rows' response positions among the n of this
+    micro-batch (row-major, as `forward.gather_response` orders them), host-built; () with one teacher."""
+
     global_tokens: float = 0.0
     """Response tokens of the whole update (all micro-batches, all data-parallel replicas): the loss
     normaliser, so micro-batch losses and replica gradients sum to the full-batch objective."""
@@ -130,11 +134,12 @@ class MicroBatch(ForwardBatch):
     teacher_logprobs: Optional[torch.Tensor] = None
     """[b, s-1] the routed teacher's log p(sampled token) (needs.teachers, sampled estimator)."""
 
-    teacher_hidden: Optional[torch.Tensor] = None
-    """[n, H_t] the teacher's final hidden states at the n response positions (needs.teacher_hidden)."""
+    teacher_hidden: tuple = ()
+    """Per teacher, [n_k, H_k] its final hidden states at its rows' response positions (all n with one
+    teacher; None where it has no row in this micro-batch) (needs.teacher_hidden)."""
 
-    teacher_lm_head: Optional[torch.Tensor] = None
-    """[V/tp, H_t] the teacher's LM-head shard (needs.teacher_hidden)."""
+    teacher_lm_head: tuple = ()
+    """Per teacher, [V/tp, H_k] its LM-head shard (needs.teacher_hidden)."""
 
     reference_logprobs: Optional[torch.Tensor] = None
     """[b, s-1] the reference's log p(sampled token) (needs.reference)."""

@@ -955,9 +955,6 @@ class OPDConfig:
                     "teachers: with several teachers each needs a distinct `domain` "
                     f"(got {domains})"
                 )
-            if needs.teacher_hidden:
-                raise ValueError("objective.gopd.estimator=full/topk takes one teacher's LM head; routed "
-                                 "multi-teacher runs use estimator=sampled")
         if self.reference is not None and not needs.reference and _REQUIRE_TEACHERS.get():
             raise ValueError(
                 f"reference is set but objective.name={name} with these settings runs no reference (G-OPD: "

@@ -100,13 +100,34 @@ class GOPDObjective(Objective):
 
     def student_outputs(self, mb, hidden, lm_head, target):
         """Exact KL: the KL, the student's log-prob (and entropy) and the teacher's log-prob of each
-        sampled token from one pass over both LM heads (`vocab_parallel_kl_and_logprobs`)."""
+        sampled token from one pass over both LM heads (`vocab_parallel_kl_and_logprobs`).
+
+        With several teachers each sample's KL is to its own (domain's) teacher: each teacher's LM head
+        runs only over its rows' positions (`mb.teacher_positions`, host-built), and the per-teacher
+        results are put back in place; a teacher without a row in this micro-batch is skipped."""
         from megatron_opd.vocab_kl import vocab_parallel_kl_and_logprobs
 
         cfg = self.cfg
-        kl, lp, ent, lp_t = vocab_parallel_kl_and_logprobs(
-            hidden, lm_head, mb.teacher_hidden, mb.teacher_lm_head, target, self.tp_group,
-            self.vocab_size, cfg.direction, cfg.top_k, compute_entropy=self.needs.update_entropy)  # [n] each
+
+        def pass_over(h_s, h_t, w_t, y):  # -> (kl, lp, entropy or None, teacher lp), [m] each
+            return vocab_parallel_kl_and_logprobs(
+                h_s, lm_head, h_t, w_t, y, self.tp_group, self.vocab_size, cfg.direction, cfg.top_k,
+                compute_entropy=self.needs.update_entropy)
+
+        if not mb.teacher_positions:  # one teacher: every position
+            kl, lp, ent, lp_t = pass_over(hidden, mb.teacher_hidden[0], mb.teacher_lm_head[0], target)
+        else:
+            n = hidden.shape[0]
+            kl, lp, lp_t = (hidden.new_zeros(n, dtype=torch.float32) for _ in range(3))  # [n]
+            ent = hidden.new_zeros(n, dtype=torch.float32) if self.needs.update_entropy else None
+            for h_t, w_t, pos in zip(mb.teacher_hidden, mb.teacher_lm_head, mb.teacher_positions):
+                if h_t is None:
+                    continue
+                kl_k, lp_k, ent_k, lp_t_k = pass_over(hidden.index_select(0, pos), h_t, w_t,
+                                                      target.index_select(0, pos))  # [n_k] each
+                kl, lp, lp_t = kl.index_copy(0, pos, kl_k), lp.index_copy(0, pos, lp_k), lp_t.index_copy(0, pos, lp_t_k)
+                if ent is not None:
+                    ent = ent.index_copy(0, pos, ent_k)
         mask = mb.mask.bool()  # [b, s]
 
         def at_positions(values):  # [n] -> [b, s], 0 elsewhere, differentiable

@@ -332,11 +332,16 @@ class OPDTrainer:
                 # sizes known here, on the host, so the device never has to be asked for them
                 # (forward.response_positions): response tokens, and each teacher's rows
                 teacher_rows = tuple((teacher_index == k).nonzero().squeeze(1) for k in range(len(self.teachers)))
+                positions = ()
+                if len(self.teachers) > 1:  # each teacher's response positions among the micro-batch's n
+                    position_teacher = teacher_index[mask.nonzero()[:, 0]]  # [n]
+                    positions = tuple((position_teacher == k).nonzero().squeeze(1) for k in range(len(self.teachers)))
                 micro.append(MicroBatch(
                     input_ids=batch.input_ids[idx, :width], mask=mask, response_tokens=int(mask.sum()),
                     rollout_logprobs=batch.rollout_logprobs[idx, :width - 1], teacher_index=teacher_index,
                     outcome_rewards=batch.rewards[idx], group=batch.groups[idx], mini=m,
-                    teacher_rows=teacher_rows, teacher_tokens=tuple(int(mask[r].sum()) for r in teacher_rows)))
+                    teacher_rows=teacher_rows, teacher_tokens=tuple(int(mask[r].sum()) for r in teacher_rows),
+                    teacher_positions=positions))
         # Global counts over each update's micro-batches and the DP ranks: losses normalise by these, so
         # summing micro-batch losses and DP gradients gives exactly the full-batch objective.
         micro = [platform.to_device(mb) for mb in micro]  # the one host -> device move of the step's data
@@ -374,8 +379,14 @@ class OPDTrainer:
 
                     teacher_lm_head = lm_head_weight(teacher).detach().clone()
             for i, out in enumerate(outs):  # last pipeline stage only
-                if needs.teacher_hidden:  # one teacher (config): [n, H_t] at the response positions
-                    micro[i] = replace(micro[i], teacher_hidden=out["hidden"], teacher_lm_head=teacher_lm_head)
+                if needs.teacher_hidden:  # [n_k, H_k] at the response positions of teacher k's rows
+                    j, hidden = (parts[i][0], out["hidden"]) if routed else (i, out["hidden"])
+                    if len(self.teachers) > 1 and not routed:  # scored every sample: keep its own
+                        hidden = hidden.index_select(0, micro[j].teacher_positions[k])
+                    held = list(micro[j].teacher_hidden) or [None] * len(self.teachers)
+                    heads = list(micro[j].teacher_lm_head) or [None] * len(self.teachers)
+                    held[k], heads[k] = hidden, teacher_lm_head
+                    micro[j] = replace(micro[j], teacher_hidden=tuple(held), teacher_lm_head=tuple(heads))
                 elif routed:
                     j, rows, _ = parts[i]
                     lp = micro[j].teacher_logprobs

@@ -4,7 +4,10 @@ and update, without a rollout engine, against two dense references (rank 0 print
 - the same step with the KL computed densely: both models' logits all-gathered over TP to the whole
   vocabulary, log_softmax, KL, autograd (loss and every gradient of the student);
 - the loss from transformers' own forward of the HF checkpoints (float64 log_softmax over the
-  vocabulary at the response positions), an implementation that shares no code with ours.
+  vocabulary at the response positions), an implementation that shares no code with ours;
+- with several teachers (routed by domain), the same step with every teacher scoring every sample and
+  each position keeping its own teacher's hidden states (the path where expert groups span replicas),
+  and the HF reference computing every teacher's KL and selecting each sample's own.
 """
 
 import argparse
@@ -41,8 +44,14 @@ def main():
                 local = copy_to_tensor_model_parallel_region(hidden) @ weight.t()  # [n, V/tp]
                 return gather_from_tensor_model_parallel_region(local)[:, :self.vocab_size].double()
 
-            z_s = full_logits(out.hidden, out.lm_head)
-            z_t = full_logits(mb.teacher_hidden, mb.teacher_lm_head)
+            z_s = full_logits(out.hidden, out.lm_head)  # [n, V]
+            if mb.teacher_positions:  # several teachers: each position's teacher's logits, put in place
+                z_t = torch.zeros_like(z_s)
+                for h, w, pos in zip(mb.teacher_hidden, mb.teacher_lm_head, mb.teacher_positions):
+                    if h is not None:
+                        z_t = z_t.index_copy(0, pos, full_logits(h, w))
+            else:
+                z_t = full_logits(mb.teacher_hidden[0], mb.teacher_lm_head[0])
             ls, lt = z_s.log_softmax(-1), z_t.log_softmax(-1)
             if self.cfg.top_k is not None:  # the teacher's top-k and one tail bucket
                 ls, lt = coarsen_to_top_k(ls, lt, self.cfg.top_k)
@@ -59,18 +68,24 @@ def main():
     try:
         batch, _ = tr.rollout()
 
-        def run():
+        def run(route=True):
             micro = tr.micro_batches(batch)
+            span = tr.experts_span_replicas
+            tr.experts_span_replicas = not route  # every teacher scores every sample where groups span
             micro, _ = tr.score(micro)
+            tr.experts_span_replicas = span
             metrics = tr.update(micro)
-            return metrics.get("loss"), captured["grads"]
+            return metrics.get("loss"), captured["grads"].clone(), tr.teacher_sequences
 
-        loss_ours, grads_ours = run()
+        def rel(a, b):
+            return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+        loss_ours, grads_ours, sequences = run()
+        loss_unrouted, grads_unrouted, sequences_unrouted = run(route=False)
         ours = tr.objective
         tr.objective = DenseKL(ours.cfg, parallel.tp_group(), ours.vocab_size)
-        loss_dense, grads_dense = run()
-        rel = ((grads_ours - grads_dense).abs().max() / grads_dense.abs().max().clamp_min(1e-30)).item()
-        t = torch.tensor([rel], dtype=torch.float64)
+        loss_dense, grads_dense, _ = run()
+        t = torch.tensor([rel(grads_ours, grads_dense), rel(grads_ours, grads_unrouted)], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if dist.get_rank() == 0:
             from transformers import AutoModelForCausalLM
@@ -80,7 +95,9 @@ def main():
                 with torch.no_grad():
                     return model(input_ids=batch.input_ids).logits[:, :-1].double().log_softmax(-1)
 
-            ls, lt = hf_logprobs(cfg.student.checkpoint), hf_logprobs(cfg.teachers[0].checkpoint)
+            ls = hf_logprobs(cfg.student.checkpoint)
+            each = torch.stack([hf_logprobs(t.checkpoint) for t in cfg.teachers])  # [K, B, S-1, V]
+            lt = each[batch.teacher_index, torch.arange(each.shape[1])]  # each sample's own teacher
             settings = cfg.objective.settings
             if settings.top_k is not None:  # [B, S-1, V] -> [B, S-1, k + 1]: top-k and the tail bucket
                 shape = ls.shape
@@ -90,9 +107,12 @@ def main():
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B, S-1]
             mask = batch.response_mask.double()
             loss_hf = float((kl * mask).sum() / mask.sum())
-            print(json.dumps({"exact_kl": {"loss": loss_ours, "loss_dense": loss_dense, "loss_hf": loss_hf,
-                                           "grad_rel": t.item(), "grad_max": grads_dense.abs().max().item(),
-                                           "tokens": int(mask.sum())}}), flush=True)
+            print(json.dumps({"exact_kl": {
+                "loss": loss_ours, "loss_dense": loss_dense, "loss_hf": loss_hf, "loss_unrouted": loss_unrouted,
+                "grad_rel": t[0].item(), "routed_vs_all_grad": t[1].item(),
+                "grad_max": grads_dense.abs().max().item(), "tokens": int(mask.sum()),
+                "teacher_index": batch.teacher_index.tolist(), "sequences": sequences,
+                "sequences_unrouted": sequences_unrouted}}), flush=True)
     finally:
         tr.cleanup()
 
