@@ -84,8 +84,10 @@ class ForwardBatch:
         def move(v):
             if isinstance(v, torch.Tensor):
                 return v.to(device, non_blocking=True)
-            if isinstance(v, tuple) and v and all(isinstance(x, torch.Tensor) for x in v):
-                return tuple(x.to(device, non_blocking=True) for x in v)
+            if isinstance(v, ForwardBatch):
+                return v.to(device)
+            if isinstance(v, tuple):
+                return tuple(move(x) for x in v)
             return v
 
         return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
@@ -118,6 +120,10 @@ class MicroBatch(ForwardBatch):
 
     teacher_tokens: tuple = ()
     """Per teacher, the response tokens of its rows."""
+
+    teacher_views: tuple = ()
+    """Per teacher, its `cross_tokenizer.CrossBatch` of the rows it scores (teachers[i].tokenizer: cross;
+    None for a teacher with the student's tokenizer); () without cross-tokenizer teachers."""
 
     teacher_positions: tuple = ()
     """Per teacher (with several), [n_k] the indices of its rows' response positions among the n of this

@@ -62,8 +62,10 @@ def check_run(cfg: OPDConfig, models: RunModels):
     from megatron_opd.rollout.engine import check_rollout_capacity
     from megatron_opd.trainer import check_batch_split, check_resumable, check_tokenizers, check_vocabularies
 
-    check_vocabularies(models.spec, models.teacher_specs, models.reference_spec, cfg)
-    check_tokenizers(models.student.path, [(f"teachers[{i}]", c.path) for i, c in enumerate(models.teachers)]
+    same = [i for i, t in enumerate(cfg.teachers) if t.tokenizer == "same"]  # cross: build_cross_tokenizers
+    check_vocabularies(models.spec, [models.teacher_specs[i] for i in same], models.reference_spec, cfg,
+                       roles=[f"teachers[{i}]" for i in same])
+    check_tokenizers(models.student.path, [(f"teachers[{i}]", models.teachers[i].path) for i in same]
                      + ([("reference", models.reference.path)] if models.reference else []))
     check_rollout_capacity(cfg.rollout, models.spec)
     p = cfg.parallel
@@ -146,3 +148,29 @@ def build_rollout(cfg: OPDConfig, models: RunModels, verify, needs):
 
     return ColocatedRollout(cfg, models.student.path, models.spec, verify=verify,
                             sampler_dir=models.teachers[0].path if needs.teacher_samples else None)
+
+
+def build_cross_tokenizers(cfg: OPDConfig, models: RunModels, system_prompt: Optional[str]) -> list:
+    """Per teacher, a `cross_tokenizer.CrossTokenizer` (teachers[i].tokenizer: cross) or None. Both
+    tokenizers are checked here (byte-level, an end-of-turn token), before any weight is built."""
+    from transformers import AutoTokenizer
+
+    from megatron_opd.cross_tokenizer import CrossTokenizer
+    from megatron_opd.rollout.engine import chat_template_kwargs
+
+    out = []
+    for i, (t, ckpt) in enumerate(zip(cfg.teachers, models.teachers)):
+        if t.tokenizer != "cross":
+            out.append(None)
+            continue
+        cross = CrossTokenizer(AutoTokenizer.from_pretrained(str(models.student.path)),
+                               AutoTokenizer.from_pretrained(str(ckpt.path)), chat_template_kwargs(cfg.rollout),
+                               system_prompt)
+        if parallel.launched_rank() == 0:
+            print(f"[megatron_opd] teachers[{i}].tokenizer=cross: "
+                  + ("it has the student's vocabulary; responses are re-tokenized anyway (one-token spans "
+                     "where the student's tokenization is the canonical one)" if cross.same_vocabulary() else
+                     f"its own tokenizer ({len(cross.teacher)} tokens, the student's {len(cross.student)}): "
+                     "responses re-tokenized and aligned on byte offsets"), flush=True)
+        out.append(cross)
+    return out

@@ -20,6 +20,9 @@ from megatron_opd.models.student import OptimConfig
 from megatron_opd.parallel import ParallelConfig
 
 
+TOKENIZER_MODES = ("same", "cross")
+
+
 @dataclass
 class ModelRoleConfig:
     """One model role: where its architecture and weights come from."""
@@ -37,9 +40,17 @@ class ModelRoleConfig:
     """Teachers / reference: keep the weights in pinned host memory except while the model scores
     (GPU; the same calls run and do nothing on CPU). Refused for the student."""
 
+    tokenizer: str = "same"
+    """Teachers: "same" (the student's token ids are scored as they are; a different tokenizer is refused)
+    or "cross" (another tokenizer: the response is decoded, re-tokenized and re-templated for the teacher,
+    and per-span log-ratios become the token rewards; sampled-token objectives only; see
+    megatron_opd/cross_tokenizer.py). The student and the reference are always "same"."""
+
     def __post_init__(self):
         if self.spec is not None and not Path(self.spec).is_file():
             raise ValueError(f"model spec file {self.spec!r} does not exist (see configs/models/)")
+        if self.tokenizer not in TOKENIZER_MODES:
+            raise ValueError(f"tokenizer={self.tokenizer!r}: use one of {TOKENIZER_MODES}")
 
 
 @dataclass
@@ -955,6 +966,16 @@ class OPDConfig:
                     "teachers: with several teachers each needs a distinct `domain` "
                     f"(got {domains})"
                 )
+        for role, m in [("student", self.student), ("reference", self.reference)]:
+            if m is not None and m.tokenizer != "same":
+                raise ValueError(f"{role}.tokenizer={m.tokenizer!r}: only teachers may have another tokenizer "
+                                 f"(the {role} scores the student's own token ids); remove it")
+        cross = [i for i, t in enumerate(self.teachers) if t.tokenizer == "cross"]
+        if cross and (not needs.teachers or needs.teacher_hidden):
+            why = ("the exact KL (estimator full / topk) compares two distributions over one vocabulary; use "
+                   "objective.gopd.estimator=sampled" if needs.teacher_hidden else
+                   f"objective.name={name} scores no teacher's log-probs of the student's samples")
+            raise ValueError(f"teachers[{cross[0]}].tokenizer=cross is not supported here: {why}")
         if self.reference is not None and not needs.reference and _REQUIRE_TEACHERS.get():
             raise ValueError(
                 f"reference is set but objective.name={name} with these settings runs no reference (G-OPD: "

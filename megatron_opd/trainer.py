@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,7 @@ class StepBatch:
     groups: torch.Tensor  # [B] which prompt of the replica's share each sample answers
     response_lengths: torch.Tensor  # [B]
     seq_lengths: torch.Tensor  # [B] prompt + response tokens of each row
+    teacher_views: tuple = ()  # per teacher, [B] cross_tokenizer.TeacherView (tokenizer: cross) or None
 
 
 class StepAbandoned(Exception):
@@ -86,7 +87,7 @@ class OPDTrainer:
     # ------------------------------------------------------------------------------------------
     def setup(self) -> None:
         """Set up a run, step by step; everything checkable without compute is checked first."""
-        from megatron_opd.builders import build_models, build_rollout, check_run, resolve_models
+        from megatron_opd.builders import build_cross_tokenizers, build_models, build_rollout, check_run, resolve_models
         from megatron_opd.checkpoint import start_writer_helpers
         from megatron_opd.models.student import build_optimizer
         from megatron_opd.rollout.dedicated import claim_cores
@@ -97,7 +98,9 @@ class OPDTrainer:
         layout, ckpt = check_run(cfg, models)  # before any process group or weight exists
         claim_cores(cfg)  # dedicated engine ranks compute beside this rank: keep to its own cores (CPU)
         self.spec, self.student_dir, self.has_moe = models.spec, models.student.path, models.has_moe
+        self.teacher_vocab = [s.vocab_size for s in models.teacher_specs]  # a cross teacher's is its own
         self.data = build_data(cfg, models.student.path)  # bad data paths/fields fail here, cheaply
+        self.cross = build_cross_tokenizers(cfg, models, cfg.data.system_prompt)  # per teacher, or None
         self._init_parallel(layout)
         self.preempt = PreemptionFlag().install()
         start_writer_helpers()  # before any signal can arrive (see checkpoint.start_writer_helpers)
@@ -291,10 +294,11 @@ class OPDTrainer:
         if not self.engines.has(self.step):  # not asked for during the previous step
             self.engines.submit(self.data.train.next_batch(cfg.train.prompts_per_step), self.step)  # same everywhere
         out = self.engines.collect(self.step)
-        batch = make_step_batch(out.batch, out.prompts, out.rewards, self.data.teacher_domains,
-                                pad_id=self.data.pad_id, max_len=cfg.rollout.max_model_len,
-                                length=self._common_length(out.batch))
-        return batch, {**rollout_metrics(out.batch, out.rewards), "rollout/staleness": float(self.step - out.version)}
+        batch, cross_metrics = make_step_batch(out.batch, out.prompts, out.rewards, self.data.teacher_domains,
+                                               pad_id=self.data.pad_id, max_len=cfg.rollout.max_model_len,
+                                               length=self._common_length(out.batch), cross=self.cross)
+        return batch, {**rollout_metrics(out.batch, out.rewards), **cross_metrics,
+                       "rollout/staleness": float(self.step - out.version)}
 
     def _common_length(self, result) -> Optional[int]:
         """When the MoE layers' expert groups span data-parallel replicas (`experts_span_replicas`),
@@ -322,6 +326,7 @@ class OPDTrainer:
         plan = plan_micro_batches(lengths, train.mini_batches, train.micro_batch_size,
                                   train.max_tokens_per_micro_batch)
         micro = []
+        routed = len(self.teachers) > 1 and not self.experts_span_replicas
         for m, mini in enumerate(plan):
             for rows in mini:
                 idx = torch.tensor(rows)
@@ -332,6 +337,11 @@ class OPDTrainer:
                 # sizes known here, on the host, so the device never has to be asked for them
                 # (forward.response_positions): response tokens, and each teacher's rows
                 teacher_rows = tuple((teacher_index == k).nonzero().squeeze(1) for k in range(len(self.teachers)))
+                views = ()
+                if any(self.cross):  # each cross-tokenizer teacher's forward batch of the rows it scores
+                    views = tuple(
+                        None if c is None else self._cross_rows(batch, k, idx[teacher_rows[k]] if routed else idx, width)
+                        for k, c in enumerate(self.cross))
                 positions = ()
                 if len(self.teachers) > 1:  # each teacher's response positions among the micro-batch's n
                     position_teacher = teacher_index[mask.nonzero()[:, 0]]  # [n]
@@ -341,11 +351,19 @@ class OPDTrainer:
                     rollout_logprobs=batch.rollout_logprobs[idx, :width - 1], teacher_index=teacher_index,
                     outcome_rewards=batch.rewards[idx], group=batch.groups[idx], mini=m,
                     teacher_rows=teacher_rows, teacher_tokens=tuple(int(mask[r].sum()) for r in teacher_rows),
-                    teacher_positions=positions))
+                    teacher_positions=positions, teacher_views=views))
         # Global counts over each update's micro-batches and the DP ranks: losses normalise by these, so
         # summing micro-batch losses and DP gradients gives exactly the full-batch objective.
         micro = [platform.to_device(mb) for mb in micro]  # the one host -> device move of the step's data
         return with_global_counts(micro, parallel.dp_group())
+
+    def _cross_rows(self, batch: StepBatch, k: int, rows: torch.Tensor, width: int):
+        """Teacher k's CrossBatch of some rows of the step batch (host), aligned with student width `width`."""
+        from megatron_opd.cross_tokenizer import cross_batch
+
+        rows = rows.tolist()
+        prompts = (batch.seq_lengths[rows] - batch.response_lengths[rows]).tolist()
+        return cross_batch([batch.teacher_views[k][r] for r in rows], prompts, width, self.data.pad_id)
 
     @torch.no_grad()
     def score(self, micro: list[MicroBatch]) -> tuple[list[MicroBatch], dict]:
@@ -361,23 +379,27 @@ class OPDTrainer:
         self.teacher_sequences = 0
         routed = len(self.teachers) > 1 and not self.experts_span_replicas
         for k, teacher in enumerate(self.teachers):
+            cross = self.cross[k] is not None  # its own tokens (micro_batches built them for its rows)
             if routed:  # each micro-batch's rows of teacher k, known on the host (micro_batches)
                 parts = [(i, mb.teacher_rows[k], mb.teacher_tokens[k]) for i, mb in enumerate(micro)]
                 parts = [(i, rows, n) for i, rows, n in parts if len(rows)]
-                inputs = [ForwardBatch(input_ids=micro[i].input_ids[rows], mask=micro[i].mask[rows],
-                                       response_tokens=n) for i, rows, n in parts]
+                inputs = [micro[i].teacher_views[k] if cross else
+                          ForwardBatch(input_ids=micro[i].input_ids[rows], mask=micro[i].mask[rows], response_tokens=n)
+                          for i, rows, n in parts]
             else:
-                inputs = micro
+                inputs = [mb.teacher_views[k] for mb in micro] if cross else micro
             self.teacher_sequences += sum(int(mb.input_ids.shape[0]) for mb in inputs)
             with self.on_device(f"teachers[{k}]", teacher, self.cfg.teachers[k].offload):
                 # the exact KL needs only the teacher's hidden states: its LM head runs in the update's
                 # one pass over both heads (which also gives the teacher's sampled-token log-probs)
                 outs = self.run_logprobs(teacher, inputs, hidden=needs.teacher_hidden,
-                                         logprobs=not needs.teacher_hidden)
+                                         logprobs=not needs.teacher_hidden, vocab_size=self.teacher_vocab[k])
                 if needs.teacher_hidden and outs:  # last stage; a copy: an offloaded teacher's weights move
                     from megatron_opd.models.forward import lm_head_weight
 
                     teacher_lm_head = lm_head_weight(teacher).detach().clone()
+            if cross:  # [b, S_T-1] its own tokens -> [b, s-1] each student token's share of its span
+                outs = [{**out, "logprobs": view.to_student(out["logprobs"])} for view, out in zip(inputs, outs)]
             for i, out in enumerate(outs):  # last pipeline stage only
                 if needs.teacher_hidden:  # [n_k, H_k] at the response positions of teacher k's rows
                     j, hidden = (parts[i][0], out["hidden"]) if routed else (i, out["hidden"])
@@ -410,10 +432,11 @@ class OPDTrainer:
         return self.objective.prepare(micro, self.step, parallel.dp_group())
 
     def run_logprobs(self, model, micro: list[ForwardBatch], entropy: bool = False, hidden: bool = False,
-                     logprobs: bool = True) -> list[dict]:
+                     logprobs: bool = True, vocab_size: Optional[int] = None) -> list[dict]:
         """Forward-only log-probs (and entropy, and the final hidden states [n, H] at the response
         positions; with logprobs=False only those, and the LM head does not run) of each micro-batch
-        (last pipeline stage; [] elsewhere)."""
+        (last pipeline stage; [] elsewhere). `vocab_size`: the model's valid vocabulary (default the
+        student's; a teacher with tokenizer: cross has its own)."""
         from megatron_opd.models import forward
 
         impl = "fused" if hidden else self.logprob_impl  # hidden states: the LM head runs here
@@ -422,7 +445,7 @@ class OPDTrainer:
             result = {"hidden": forward.gather_response(out, mb)[0]} if hidden else {}
             if logprobs:
                 lp, ent = forward.response_logprobs(
-                    model, out, mb, impl, tp_group=parallel.tp_group(), valid_vocab_size=self.spec.vocab_size,
+                    model, out, mb, impl, tp_group=parallel.tp_group(), valid_vocab_size=vocab_size or self.spec.vocab_size,
                     compute_entropy=entropy, fp8=self.lm_head_fp8 and impl == "fused")  # [b, s-1]
                 result.update(logprobs=lp, entropy=ent)
             return out.new_zeros(()), result
@@ -594,10 +617,11 @@ class OPDTrainer:
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def check_vocabularies(student, teachers, reference, cfg: OPDConfig) -> None:
+def check_vocabularies(student, teachers, reference, cfg: OPDConfig, roles: Optional[list] = None) -> None:
     """Token-level distillation compares log-probs of the *same* token ids: every model must share
-    the student's vocabulary. Refused at start-up, before any process group or weight exists."""
-    roles = [(f"teachers[{i}]", s) for i, s in enumerate(teachers)]
+    the student's vocabulary (teachers with tokenizer: cross are not passed here). Refused at start-up,
+    before any process group or weight exists. `roles`: the teachers' names (default teachers[i])."""
+    roles = list(zip(roles or [f"teachers[{i}]" for i in range(len(teachers))], teachers))
     if reference is not None:
         roles.append(("reference", reference))
     for role, spec in roles:
@@ -605,7 +629,8 @@ def check_vocabularies(student, teachers, reference, cfg: OPDConfig) -> None:
             raise ValueError(
                 f"{role} ({spec.name}) has vocab_size={spec.vocab_size} but the student ({student.name}) "
                 f"has {student.vocab_size}: token-level OPD needs one shared tokenizer/vocabulary. "
-                "Use a teacher from the student's family (e.g. Qwen3 -> Qwen3)."
+                "Use a teacher from the student's family (e.g. Qwen3 -> Qwen3), or set "
+                f"{role}.tokenizer: cross for a teacher with its own tokenizer."
             )
 
 
@@ -634,7 +659,8 @@ def check_tokenizers(student_dir, others: list[tuple[str, object]]) -> None:
             raise ValueError(
                 f"{role} ({path}) has a different tokenizer from the student ({student_dir}): token "
                 f"{token!r} is id {o_vocab.get(token)} there and {vocab.get(token)} in the student. "
-                "Token-level OPD needs the student's exact vocabulary; use a teacher of the same family.")
+                "Token-level OPD needs the student's exact vocabulary; use a teacher of the same family, "
+                f"or set {role}.tokenizer: cross for a teacher with its own tokenizer.")
         if o_special != special:
             key = sorted(k for k in set(special) | set(o_special) if special.get(k) != o_special.get(k))[0]
             raise ValueError(
@@ -769,8 +795,11 @@ def build_data(cfg: OPDConfig, tokenizer_dir):
 
 
 def make_step_batch(result, samples, rewards, teacher_domains, pad_id, max_len,
-                    length: Optional[int] = None) -> StepBatch:
-    """RolloutBatch -> StepBatch tensors (every rank of the replica), padded to `length` if given."""
+                    length: Optional[int] = None, cross: Sequence = ()) -> tuple[StepBatch, dict]:
+    """RolloutBatch -> StepBatch tensors (every rank of the replica), padded to `length` if given, and
+    with teachers of another tokenizer (`cross`: per teacher a CrossTokenizer or None) each sample as
+    that teacher sees it; student tokens without a span in their teacher's alignment leave the mask.
+    Returns the batch and the cross-tokenizer metrics of this replica's samples."""
     t = result.to_padded(pad_id=pad_id, max_len=max_len, length=length)
     domains = [samples[s.prompt_index]["domain"] for s in result.samples]
     if len(teacher_domains) <= 1:  # one teacher, or none (an objective without teachers)
@@ -782,12 +811,44 @@ def make_step_batch(result, samples, rewards, teacher_domains, pad_id, max_len,
             raise ValueError(f"prompts with domain(s) {unknown} have no teacher; teachers[*].domain "
                              f"are {teacher_domains}")
         index = torch.tensor([lookup[d] for d in domains])
+    views, metrics = (), {}
+    if any(c is not None for c in cross):
+        views, metrics = cross_views(result, samples, index, cross, t["response_mask"])
     return StepBatch(
         input_ids=t["input_ids"], response_mask=t["response_mask"],
         rollout_logprobs=t["rollout_logprobs"], teacher_index=index,
         rewards=torch.tensor(rewards, dtype=torch.float32), response_lengths=t["response_lengths"],
         seq_lengths=t["seq_lengths"], groups=torch.tensor([s.prompt_index for s in result.samples]),
-    )
+        teacher_views=views,
+    ), metrics
+
+
+def cross_views(result, samples, index: torch.Tensor, cross: Sequence, response_mask: torch.Tensor):
+    """Every sample as each cross-tokenizer teacher sees it (per teacher a list, or None), and the
+    metrics. Masks out (in place) the student tokens that have no span with their own teacher."""
+    start = time.perf_counter()
+    views = tuple(None if c is None else [c.view(samples[s.prompt_index]["prompt"], s.response_ids,
+                                                 s.finish_reason == "stop") for s in result.samples]
+                  for c in cross)
+    elapsed = time.perf_counter() - start
+    student = teacher = spans = unaligned = 0
+    prompt_lengths = [len(s.prompt_ids) for s in result.samples]
+    for r, k in enumerate(index.tolist()):
+        if views[k] is None:
+            continue
+        v = views[k][r]
+        for i, span in enumerate(v.student_span):
+            if span < 0:
+                response_mask[r, prompt_lengths[r] - 1 + i] = 0
+        student += len(v.student_span)
+        teacher += sum(1 for x in v.teacher_span if x >= 0)
+        spans += v.n_spans
+        unaligned += sum(1 for x in v.student_span if x < 0)
+    metrics = {"cross/retokenize_s": elapsed,
+               "cross/teacher_tokens_per_student_token": teacher / max(student - unaligned, 1),
+               "cross/student_tokens_per_span": (student - unaligned) / max(spans, 1),
+               "cross/unaligned_fraction": unaligned / max(student, 1)}
+    return views, metrics
 
 
 def rollout_metrics(result, rewards) -> dict:

@@ -19,6 +19,17 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# A Llama-3-like family for cross-tokenizer tests and studies: other special tokens, another chat
+# template, numbers merged (not one token per digit), another vocabulary size.
+LLAMA_SPECIAL_TOKENS = ["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+TOKENIZER_STYLES = ("qwen", "llama")
+
 _ENGLISH = (
     "Compute the following and put the final answer in a box. Solve step by step. The answer is "
     "Reverse the string. Sort the list of numbers. Add the numbers, carry the one, write the sum. "
@@ -38,31 +49,37 @@ def default_corpus(n: int = 4000, seed: int = 0) -> list[str]:
     return texts
 
 
-def train_tokenizer(output_dir: str | Path, texts: Optional[Iterable[str]] = None, vocab_size: int = 384):
-    """Train (or load, if already saved in `output_dir`) the tokenizer; returns a PreTrainedTokenizerFast."""
+def train_tokenizer(output_dir: str | Path, texts: Optional[Iterable[str]] = None, vocab_size: Optional[int] = None,
+                    style: str = "qwen"):
+    """Train (or load, if already saved in `output_dir`) a byte-level BPE tokenizer; returns a
+    PreTrainedTokenizerFast. `style`: "qwen" (ChatML, one token per digit, 384 tokens by default) or
+    "llama" (Llama-3-like header tokens and template, numbers merged, 640 tokens by default)."""
     from transformers import PreTrainedTokenizerFast
 
     output_dir = Path(output_dir)
     if (output_dir / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(str(output_dir))
+    if style not in TOKENIZER_STYLES:
+        raise ValueError(f"tokenizer style {style!r}: use one of {TOKENIZER_STYLES}")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    llama = style == "llama"
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = byte_level if llama else pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), byte_level])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size or (640 if llama else 384), special_tokens=LLAMA_SPECIAL_TOKENS if llama else SPECIAL_TOKENS,
+        show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(list(texts) if texts is not None else default_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        bos_token=None, unk_token=None, model_max_length=4096,
+        tokenizer_object=tok, eos_token="<|eot_id|>" if llama else "<|im_end|>",
+        pad_token="<|end_of_text|>" if llama else "<|endoftext|>", bos_token=None, unk_token=None,
+        model_max_length=4096,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = LLAMA_CHAT_TEMPLATE if llama else CHAT_TEMPLATE
     output_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(output_dir))
     return PreTrainedTokenizerFast.from_pretrained(str(output_dir))
