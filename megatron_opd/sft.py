@@ -51,7 +51,9 @@ class SFTConfig:
 def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_len: int) -> list[tuple[list[int], int]]:
     """Chat-format each (prompt, response) pair -> (token ids, prompt length)."""
     out = []
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = tokenizer.eos_token_id  # the chat's end of turn (<|im_end|> in ChatML, <|eot_id|> in Llama 3)
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token: SFT ends every response with it")
     for prompt, response in pairs:
         prompt_ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True

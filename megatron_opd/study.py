@@ -50,6 +50,14 @@ class StudyModel:
     """Synthetic task of an `sft_error_rate` model's SFT data: "arithmetic", "string" or "mixed" (a
     two-domain student, e.g. the start of domain teachers; the mistake is each task's typical one)."""
 
+    sft_hidden: Optional[int] = None
+    """Width of an `sft_error_rate` model (default: the demo student's)."""
+
+    sft_tokenizer: str = "qwen"
+    """Tokenizer of an `sft_error_rate` model: "qwen" (the demo's) or "llama" (another vocabulary size,
+    merge list, special tokens and chat template, `data.tokenizer.train_tokenizer(style="llama")`). A
+    teacher whose tokenizer differs from the student's is passed with `tokenizer: cross`."""
+
     start: Optional[str] = None
     """Train from this study model with `recipe` + `overrides` (e.g. GRPO) and export the result to HF."""
 
@@ -78,6 +86,13 @@ class StudyModel:
         if self.sft_task != "arithmetic" and self.sft_error_rate is None:
             raise ValueError(f"study.models.{name}.sft_task is read only with sft_error_rate (a model the "
                              "study builds by SFT); remove it")
+        from megatron_opd.data.tokenizer import TOKENIZER_STYLES
+
+        if self.sft_tokenizer not in TOKENIZER_STYLES:
+            raise ValueError(f"study.models.{name}.sft_tokenizer={self.sft_tokenizer!r}: use one of {TOKENIZER_STYLES}")
+        if (self.sft_tokenizer != "qwen" or self.sft_hidden is not None) and self.sft_error_rate is None:
+            raise ValueError(f"study.models.{name}.sft_tokenizer / sft_hidden are read only with sft_error_rate "
+                             "(a model the study builds by SFT); remove them")
 
 
 @dataclass
@@ -359,8 +374,14 @@ class Study:
             return demo[m.demo]
         if m.sft_error_rate is not None:
             dcfg = demo["config"]
-            return build_sft_model(demo_spec(f"study-{name}", dcfg.student_hidden, demo["vocab"]),
-                                   demo["tokenizer"], self.out / "models" / name, m.sft_steps,
+            tok_dir, vocab = demo["tokenizer"], demo["vocab"]
+            if m.sft_tokenizer != "qwen":  # another tokenizer, trained here once
+                from megatron_opd.data.tokenizer import train_tokenizer
+
+                tok_dir = self.out / "models" / f"tokenizer_{m.sft_tokenizer}"
+                vocab = ((len(train_tokenizer(tok_dir, style=m.sft_tokenizer)) + 63) // 64) * 64
+            return build_sft_model(demo_spec(f"study-{name}", m.sft_hidden or dcfg.student_hidden, vocab),
+                                   tok_dir, self.out / "models" / name, m.sft_steps,
                                    dcfg.sft_batch_size, dcfg.digits, m.sft_seed, error_rate=m.sft_error_rate,
                                    task=m.sft_task)
         out = self.out / "models" / name
@@ -409,8 +430,11 @@ class Study:
         c = self.cfg
         run_dir = self.out / "runs" / method.name / f"seed{seed}"
         done = run_dir / "study_run.json"
+        def tokenizer(t):  # a teacher with another tokenizer than the student's: the cross-tokenizer path
+            return ", tokenizer: cross" if c.models[t].sft_tokenizer != c.models["student"].sft_tokenizer else ""
+
         teachers = ", ".join(
-            f"{{checkpoint: {self.paths[t]}" + (f", domain: {method.domains[i]}}}" if method.domains else "}")
+            f"{{checkpoint: {self.paths[t]}{tokenizer(t)}" + (f", domain: {method.domains[i]}}}" if method.domains else "}")
             for i, t in enumerate(method.teachers))
         launcher = [self.py] if method.nproc == 1 else \
             [self.py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={method.nproc}"]

@@ -98,6 +98,12 @@ TINY = REPO_ROOT / "configs" / "recipes" / "tiny_opd.yaml"
     (["objective.name=grpo", "objective.gopd=null", "rollout.n=4"], "objective.name=grpo uses no teacher"),
     (["objective.name=grpo", "objective.gopd=null", "teachers=[]", "rollout.n=1"], "rollout.n >= 2"),
     (["reference={checkpoint: /somewhere}"], "reference is set but objective.name=gopd"),
+    # a teacher with another tokenizer: only through the sampled-token log-ratio
+    (["teachers=[{checkpoint: /t, tokenizer: cross}]", "objective.gopd.estimator=full"],
+     "teachers[0].tokenizer=cross is not supported here: the exact KL"),
+    (["teachers=[{checkpoint: /t, tokenizer: bpe}]"], "tokenizer='bpe': use one of"),
+    (["objective.gopd.lam=1.25", "reference={checkpoint: /r, tokenizer: cross}"],
+     "reference.tokenizer='cross': only teachers"),
     # SFT on teacher samples and ERPD
     (["objective.name=sft", "objective.gopd=null", "teachers=[]"], "give exactly one teacher"),
     (["objective.name=sft", "objective.gopd=null", "teachers=[{checkpoint: /t, offload: true}]"],
