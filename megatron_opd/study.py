@@ -54,9 +54,10 @@ class StudyModel:
     """Width of an `sft_error_rate` model (default: the demo student's)."""
 
     sft_tokenizer: str = "qwen"
-    """Tokenizer of an `sft_error_rate` model: "qwen" (the demo's) or "llama" (another vocabulary size,
-    merge list, special tokens and chat template, `data.tokenizer.train_tokenizer(style="llama")`). A
-    teacher whose tokenizer differs from the student's is passed with `tokenizer: cross`."""
+    """Tokenizer of an `sft_error_rate` model: "qwen" (the demo's), "llama" or "llama_digits" (another
+    vocabulary size, merge list, special tokens and chat template; numbers merged or one token per digit:
+    `data.tokenizer.train_tokenizer`). A teacher whose tokenizer differs from the student's is passed with
+    `tokenizer: cross`."""
 
     start: Optional[str] = None
     """Train from this study model with `recipe` + `overrides` (e.g. GRPO) and export the result to HF."""

@@ -45,7 +45,7 @@ def test_cross_path_with_the_students_tokenizer_equals_the_same_tokenizer_path(c
     assert r["teacher_seq_logprob"] == pytest.approx(r["teacher_seq_logprob_hf"], abs=1e-4)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])  # TP = 2: make test's time budget
 def test_teacher_with_another_tokenizer_scores_its_own_rendering(ckpts, tmp_path, tp):
     student, _, other = ckpts
     r = run(student, other, tmp_path, nproc=tp)

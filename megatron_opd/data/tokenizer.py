@@ -28,7 +28,7 @@ LLAMA_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-TOKENIZER_STYLES = ("qwen", "llama")
+TOKENIZER_STYLES = ("qwen", "llama", "llama_digits")  # llama_digits: the llama family, one token per digit
 
 _ENGLISH = (
     "Compute the following and put the final answer in a box. Solve step by step. The answer is "
@@ -52,8 +52,10 @@ def default_corpus(n: int = 4000, seed: int = 0) -> list[str]:
 def train_tokenizer(output_dir: str | Path, texts: Optional[Iterable[str]] = None, vocab_size: Optional[int] = None,
                     style: str = "qwen"):
     """Train (or load, if already saved in `output_dir`) a byte-level BPE tokenizer; returns a
-    PreTrainedTokenizerFast. `style`: "qwen" (ChatML, one token per digit, 384 tokens by default) or
-    "llama" (Llama-3-like header tokens and template, numbers merged, 640 tokens by default)."""
+    PreTrainedTokenizerFast. `style`: "qwen" (ChatML, one token per digit, 384 tokens by default),
+    "llama" (Llama-3-like header tokens and template, numbers merged, 640 tokens by default) or
+    "llama_digits" (the same with one token per digit: a small model learns addition from it as fast as
+    from "qwen"; with merged numbers the demo's 1000-step teacher reached 0.19 held-out accuracy)."""
     from transformers import PreTrainedTokenizerFast
 
     output_dir = Path(output_dir)
@@ -63,10 +65,10 @@ def train_tokenizer(output_dir: str | Path, texts: Optional[Iterable[str]] = Non
         raise ValueError(f"tokenizer style {style!r}: use one of {TOKENIZER_STYLES}")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    llama = style == "llama"
+    llama = style.startswith("llama")
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.pre_tokenizer = byte_level if llama else pre_tokenizers.Sequence([
+    tok.pre_tokenizer = byte_level if style == "llama" else pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True), byte_level])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
