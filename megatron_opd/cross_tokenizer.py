@@ -25,7 +25,6 @@ Llama 3, DeepSeek, GPT-2 families), whose tokens map to exact bytes; others are 
 
 from __future__ import annotations
 
-import bisect
 import json
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -75,25 +74,20 @@ def align_spans(student_lengths: Sequence[int], teacher_lengths: Sequence[int]) 
         past the last common boundary (the two texts differ in length, or a token straddles its end). A
         zero-length token belongs to the span that ends at its offset.
     """
-    def ends(lengths):
-        out, total = [], 0
-        for n in lengths:
-            total += n
-            out.append(total)
-        return out
+    import numpy as np
 
-    e_s, e_t = ends(student_lengths), ends(teacher_lengths)
-    common = sorted(set(e_s) & set(e_t) - {0})  # span k = (common[k-1], common[k]]
-    zero_only = not common and (e_s or e_t)
+    e_s = np.cumsum(np.asarray(student_lengths, dtype=np.int64))  # [n_s] each token's end offset
+    e_t = np.cumsum(np.asarray(teacher_lengths, dtype=np.int64))  # [n_t]
+    common = np.intersect1d(e_s, e_t)
+    common = common[common > 0]  # span k = (common[k-1], common[k]]
+    if not len(common) and (len(e_s) or len(e_t)):  # every token empty: one span at offset 0
+        return [0 if e == 0 else -1 for e in e_s.tolist()], [0 if e == 0 else -1 for e in e_t.tolist()], 1
 
-    def span_of(end: int) -> int:
-        if zero_only:  # every token empty: one span at offset 0
-            return 0 if end == 0 else -1
-        k = bisect.bisect_left(common, end)
-        return k if k < len(common) else -1
+    def span_of(ends):
+        k = np.searchsorted(common, ends, side="left")
+        return np.where(k < len(common), k, -1).tolist()
 
-    n_spans = len(common) or (1 if zero_only else 0)
-    return [span_of(e) for e in e_s], [span_of(e) for e in e_t], n_spans
+    return span_of(e_s), span_of(e_t), len(common)
 
 
 def valid_utf8_prefix(data: bytes) -> int:
@@ -136,16 +130,24 @@ class CrossTokenizer:
             raise ValueError(f"teacher tokenizer {teacher_tokenizer.name_or_path!r} has no eos_token: "
                              "tokenizer: cross pairs the student's stop token with the teacher's end of turn")
         self.student_stops = set(student_tokenizer.all_special_ids)
+        self._prompts: dict = {}
 
     def same_vocabulary(self) -> bool:
         return self.student.get_vocab() == self.teacher.get_vocab()
 
     def prompt_ids(self, prompt) -> list[int]:
+        """The prompt through the teacher's chat template (the last step's prompts cached: a prompt's
+        rollout.n samples render it once)."""
         from megatron_opd.rollout.engine import chat_messages
 
-        ids = self.teacher.apply_chat_template(chat_messages(prompt, self.system_prompt), add_generation_prompt=True,
-                                               tokenize=True, **self.chat_kwargs)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        key = json.dumps(prompt)
+        if key not in self._prompts:
+            if len(self._prompts) > 4096:
+                self._prompts.clear()
+            ids = self.teacher.apply_chat_template(chat_messages(prompt, self.system_prompt),
+                                                   add_generation_prompt=True, tokenize=True, **self.chat_kwargs)
+            self._prompts[key] = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return list(self._prompts[key])
 
     def view(self, prompt, response_ids: Sequence[int], stopped: bool) -> TeacherView:
         """`prompt`: the data's prompt (text or messages); `response_ids`: the student's sampled tokens;
