@@ -55,8 +55,8 @@ class StudyModel:
 
     sft_tokenizer: str = "qwen"
     """Tokenizer of an `sft_error_rate` model: "qwen" (the demo's), "llama" or "llama_digits" (another
-    vocabulary size, merge list, special tokens and chat template; numbers merged or one token per digit:
-    `data.tokenizer.train_tokenizer`). A teacher whose tokenizer differs from the student's is passed with
+    vocabulary size, merge list, special tokens and chat template; numbers merged, or one token per digit
+    with merges across spaces and punctuation: `data.tokenizer.train_tokenizer`). A teacher whose tokenizer differs from the student's is passed with
     `tokenizer: cross`."""
 
     start: Optional[str] = None
