@@ -18,8 +18,9 @@ unchanged on these per-token values.
 
 What it cannot do: the exact KL over the vocabulary (estimator full / topk) needs one vocabulary and is
 refused with `cross`; a response's stop token is paired with the teacher's end-of-turn token as a span of
-its own; student tokens past the last whole UTF-8 character (a response cut inside a character) have no
-span and are left out of the loss (`cross/unaligned_fraction`). Tokenizers: byte-level BPE (the Qwen,
+its own; student tokens from the first byte that is not part of a whole UTF-8 character on (a response
+cut inside a character, or a stray byte token sampled from a byte-level vocabulary: the teacher's
+tokenizer takes text) have no span and are left out of the loss (`cross/unaligned_fraction`). Tokenizers: byte-level BPE (the Qwen,
 Llama 3, DeepSeek, GPT-2 families), whose tokens map to exact bytes; others are refused at start-up.
 """
 
