@@ -10,10 +10,15 @@ the exact log-ratio
     log p_T(span) - log p_S(span) = sum_{teacher tokens j in span} lp_T(j) - sum_{student tokens i in span} lp_S(i)
 
 (each model's probability of that text in its own tokenization). The teacher's span log-prob is shared
-evenly by the span's m student tokens: the student token i of span k gets the "teacher log-prob"
-lp_T(span k) / m, so the OPD token reward lp_T - lp_S of the span's tokens sums to the span's exact
-log-ratio, and with identical tokenizations (every span one token) it is the same-tokenizer reward
-exactly. Everything downstream (G-OPD / ExOPD lambda, the reference, TIS, routing, REOPOLD) runs
+by the span's student tokens in proportion to each one's surprisal under the policy that sampled it,
+w_i = (-lp_rollout(i) + eps) / sum_span (-lp_rollout + eps): the student token i of span k gets the
+"teacher log-prob" w_i lp_T(span k), so the OPD token rewards lp_T - lp_S of a span sum to its exact
+log-ratio, and with identical tokenizations (every span one token, w = 1) they are the same-tokenizer
+rewards exactly. Why not an even split: in ". \\boxed{" (one teacher token, four student tokens, the last
+three forced by the first) an even split charged a quarter of the teacher's verdict on "." to each of the
+forced tokens, and the demo's student learned to stop writing "\\boxed{" (held-out accuracy 0.21 -> 0.04
+in 60 steps, against 0.50 with the same-tokenizer teacher); the surprisal weights charge the token the
+student chose. Everything downstream (G-OPD / ExOPD lambda, the reference, TIS, routing, REOPOLD) runs
 unchanged on these per-token values.
 
 What it cannot do: the exact KL over the vocabulary (estimator full / topk) needs one vocabulary and is
@@ -186,7 +191,8 @@ class CrossBatch(ForwardBatch):
     """[b, s-1] 1 + the span of the student token each position predicts (0: none)."""
 
     student_share: torch.Tensor
-    """[b, s-1] 1 / (the student tokens of that span) (0 where there is no span)."""
+    """[b, s-1] each student token's share of its span's teacher log-prob (summing to 1 over a span; 0
+    where there is no span)."""
 
     span_slots: int
     """1 + the most spans of a row (the width of the per-row span sums)."""
@@ -199,11 +205,17 @@ class CrossBatch(ForwardBatch):
         return sums.gather(1, self.student_span) * self.student_share  # [b, s-1]
 
 
+SURPRISAL_EPS = 1e-3
+"""Added to each token's surprisal before the span's shares are taken (a span of tokens the student was
+sure of is split about evenly)."""
+
+
 def cross_batch(views: Sequence[TeacherView], student_prompt_lengths: Sequence[int], student_width: int,
-                pad_id: int) -> CrossBatch:
+                pad_id: int, student_logprobs: Optional[torch.Tensor] = None) -> CrossBatch:
     """Rows of teacher views as one right-padded CrossBatch. `student_prompt_lengths` [b] place each
     student response in the student's rows (response token i predicted at position prompt_len - 1 + i);
-    `student_width` = the student rows' width (s)."""
+    `student_width` = the student rows' width (s); `student_logprobs` [b, s-1] the sampling policy's
+    log-probs of the student's tokens (the shares' weights; None: an even split)."""
     b = len(views)
     lengths = [len(v.prompt_ids) + len(v.response_ids) for v in views]
     width = max(lengths, default=1)
@@ -220,10 +232,13 @@ def cross_batch(views: Sequence[TeacherView], student_prompt_lengths: Sequence[i
         mask[r, p_t - 1:p_t - 1 + n_t] = (t_span >= 0).long()
         teacher_span[r, p_t - 1:p_t - 1 + n_t] = t_span + 1
         s_span = torch.tensor(v.student_span, dtype=torch.long)
-        counts = torch.bincount(s_span[s_span >= 0], minlength=max(v.n_spans, 1)).float()
-        student_span[r, p_s - 1:p_s - 1 + len(s_span)] = s_span + 1
-        share[r, p_s - 1:p_s - 1 + len(s_span)] = torch.where(
-            s_span >= 0, 1.0 / counts[s_span.clamp_min(0)].clamp_min(1.0), torch.zeros(()))
+        at = slice(p_s - 1, p_s - 1 + len(s_span))  # the student's response positions of this row
+        weight = (torch.ones(len(s_span)) if student_logprobs is None
+                  else (-student_logprobs[r, at].float()).clamp_min(0.0) + SURPRISAL_EPS)  # [n_s]
+        valid = s_span >= 0
+        totals = torch.zeros(max(v.n_spans, 1)).index_add_(0, s_span[valid], weight[valid])  # [spans]
+        student_span[r, at] = s_span + 1
+        share[r, at] = torch.where(valid, weight / totals[s_span.clamp_min(0)].clamp_min(1e-30), torch.zeros(()))
         slots = max(slots, v.n_spans + 1)
     return CrossBatch(input_ids=input_ids, mask=mask, response_tokens=int(mask.sum()), teacher_span=teacher_span,
                       student_span=student_span, student_share=share, span_slots=slots)

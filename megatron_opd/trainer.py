@@ -363,7 +363,8 @@ class OPDTrainer:
 
         rows = rows.tolist()
         prompts = (batch.seq_lengths[rows] - batch.response_lengths[rows]).tolist()
-        return cross_batch([batch.teacher_views[k][r] for r in rows], prompts, width, self.data.pad_id)
+        return cross_batch([batch.teacher_views[k][r] for r in rows], prompts, width, self.data.pad_id,
+                           student_logprobs=batch.rollout_logprobs[rows, :width - 1])
 
     @torch.no_grad()
     def score(self, micro: list[MicroBatch]) -> tuple[list[MicroBatch], dict]:

@@ -128,3 +128,23 @@ def test_each_student_token_gets_its_share_of_its_spans_teacher_logprob(tokenize
     assert cb.mask[1].tolist() == [0, 0, 0, 0, 1, 0]
     # each span's student values sum to the teacher's log-prob of that span (the chain rule)
     assert got[0, 2:4].sum() == -1.0 and got[0, 4:7].sum() == -6.0
+
+
+def test_a_spans_teacher_logprob_is_shared_by_the_students_surprisal(tokenizers):
+    """With the sampling log-probs the span's teacher log-prob goes to the tokens the student chose: a
+    span of four student tokens whose last three were forced (log-prob ~0) charges the first; the shares
+    still sum to 1 per span (the span's log-ratio stays exact)."""
+    from megatron_opd.cross_tokenizer import SURPRISAL_EPS, TeacherView
+
+    view = TeacherView(prompt_ids=[1, 1], response_ids=[5, 6], student_span=[0, 0, 0, 0, 1], teacher_span=[0, 1],
+                       n_spans=2)
+    lp_s = torch.zeros(1, 7)
+    lp_s[0, 1:6] = torch.tensor([-1.2, 0.0, -0.0005, 0.0, -0.3])  # the student's 5 tokens at positions 1..5
+    cb = cross_batch([view], student_prompt_lengths=[2], student_width=8, pad_id=0, student_logprobs=lp_s)
+    surprisal = torch.tensor([1.2, 0.0, 0.0005, 0.0]) + SURPRISAL_EPS
+    assert torch.allclose(cb.student_share[0, 1:5], surprisal / surprisal.sum())
+    assert cb.student_share[0, 1] > 0.99 and cb.student_share[0, 5] == 1.0
+    lp_t = torch.zeros(1, 3)
+    lp_t[0, 1], lp_t[0, 2] = -14.0, -0.5  # the teacher's two tokens
+    got = cb.to_student(lp_t)[0]
+    assert torch.isclose(got[1:5].sum(), torch.tensor(-14.0)) and got[1] < -13.9 and got[5] == -0.5
