@@ -131,6 +131,13 @@ class OPDTrainer:
                 f"{cfg.parallel.etp * cfg.parallel.expert_model_parallel_size} ranks) span data-parallel "
                 "replicas, which must then feed micro-batches of one shape; set it to null (fixed "
                 "train.micro_batch_size rows) or use ETP x EP <= TP")
+        cross = [i for i, t in enumerate(cfg.teachers) if t.tokenizer == "cross"]
+        if self.experts_span_replicas and cross:
+            raise ValueError(
+                f"teachers[{cross[0]}].tokenizer=cross: the MoE layers' expert groups (ETP x EP = "
+                f"{cfg.parallel.etp * cfg.parallel.expert_model_parallel_size} ranks) span data-parallel replicas, "
+                "which must then feed the teacher sequences of one length, and a teacher's re-tokenized rows differ "
+                "in length between replicas (not supported); use ETP x EP <= TP")
         self.objective = build_objective(cfg.objective, tp_group=parallel.tp_group(),
                                          vocab_size=self.spec.vocab_size)
         self.logprob_impl = resolve_logprob_impl(
