@@ -131,13 +131,7 @@ class OPDTrainer:
                 f"{cfg.parallel.etp * cfg.parallel.expert_model_parallel_size} ranks) span data-parallel "
                 "replicas, which must then feed micro-batches of one shape; set it to null (fixed "
                 "train.micro_batch_size rows) or use ETP x EP <= TP")
-        cross = [i for i, t in enumerate(cfg.teachers) if t.tokenizer == "cross"]
-        if self.experts_span_replicas and cross:
-            raise ValueError(
-                f"teachers[{cross[0]}].tokenizer=cross: the MoE layers' expert groups (ETP x EP = "
-                f"{cfg.parallel.etp * cfg.parallel.expert_model_parallel_size} ranks) span data-parallel replicas, "
-                "which must then feed the teacher sequences of one length, and a teacher's re-tokenized rows differ "
-                "in length between replicas (not supported); use ETP x EP <= TP")
+        check_cross_layout(cfg, self.experts_span_replicas)
         self.objective = build_objective(cfg.objective, tp_group=parallel.tp_group(),
                                          vocab_size=self.spec.vocab_size)
         self.logprob_impl = resolve_logprob_impl(
@@ -625,6 +619,19 @@ class OPDTrainer:
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+def check_cross_layout(cfg: OPDConfig, experts_span: bool) -> None:
+    """Teachers with another tokenizer where the MoE layers' expert groups span data-parallel replicas
+    (`experts_span_replicas`): every replica would have to feed teacher sequences of one length, and the
+    re-tokenized rows differ in length between replicas. Refused (not supported)."""
+    cross = [i for i, t in enumerate(cfg.teachers) if t.tokenizer == "cross"]
+    if experts_span and cross:
+        raise ValueError(
+            f"teachers[{cross[0]}].tokenizer=cross: the MoE layers' expert groups (ETP x EP = "
+            f"{cfg.parallel.etp * cfg.parallel.expert_model_parallel_size} ranks) span data-parallel replicas, "
+            "which must then feed teacher sequences of one length, and a teacher's re-tokenized rows differ in "
+            "length between replicas (not supported); use ETP x EP <= TP")
+
+
 def check_vocabularies(student, teachers, reference, cfg: OPDConfig, roles: Optional[list] = None) -> None:
     """Token-level distillation compares log-probs of the *same* token ids: every model must share
     the student's vocabulary (teachers with tokenizer: cross are not passed here). Refused at start-up,

@@ -54,3 +54,13 @@ def test_teacher_with_another_tokenizer_scores_its_own_rendering(ckpts, tmp_path
     m = r["metrics"]
     assert m["cross/teacher_tokens_per_student_token"] < 0.95  # the teacher merges digits the student splits
     assert m["cross/student_tokens_per_span"] > 1.0 and m["cross/unaligned_fraction"] == 0.0
+
+
+def test_cross_teacher_is_refused_where_expert_groups_span_replicas():
+    from megatron_opd.config import load_config
+    from megatron_opd.trainer import check_cross_layout
+
+    cfg = load_config(RECIPE, ["teachers=[{checkpoint: /t, tokenizer: cross}]", "parallel.expert_model_parallel_size=2"])
+    check_cross_layout(cfg, experts_span=False)
+    with pytest.raises(ValueError, match=r"teachers\[0\].tokenizer=cross: the MoE layers' expert groups \(ETP x EP = 2"):
+        check_cross_layout(cfg, experts_span=True)
