@@ -254,7 +254,8 @@ def test_colocated_step_phase_order(models, tmp_path):
     import yaml
 
     resolved = yaml.safe_load((tmp_path / "phases" / "config.yaml").read_text())
-    assert resolved["reference"] == {"checkpoint": str(student), "spec": None, "domain": None, "offload": True}
+    assert resolved["reference"] == {"checkpoint": str(student), "spec": None, "domain": None, "offload": True,
+                                     "tokenizer": "same"}
     # what the step did, recorded at the engine's, platform's and models' own entry points
     assert result["calls"] == [
         "generate", "engine.sleep",
