@@ -56,6 +56,22 @@ def test_teacher_with_another_tokenizer_scores_its_own_rendering(ckpts, tmp_path
     assert m["cross/student_tokens_per_span"] > 1.0 and m["cross/unaligned_fraction"] == 0.0
 
 
+def test_routed_teachers_one_with_another_tokenizer(ckpts, tmp_path):
+    """Math prompts to a same-tokenizer teacher, code prompts to one with its own tokenizer: each sample
+    scored by its own teacher, its own way (routing and the cross path together)."""
+    student, teacher, other = ckpts
+    out = run_ranks(WORKER, 1, "--config", RECIPE, f"student.checkpoint={student}",
+                    f"teachers=[{{checkpoint: {teacher}, domain: math}}, "
+                    f"{{checkpoint: {other}, domain: code, tokenizer: cross}}]", "data.synthetic=mixed",
+                    "train.prompts_per_step=8", "train.micro_batch_size=4", f"train.out_dir={tmp_path}",
+                    timeout=600)
+    r = last_json(out, "cross_step")["cross_step"]
+    ours, hf = r["teacher_seq_logprob"], r["teacher_seq_logprob_hf"]
+    assert len(ours) == len(hf) >= 8 and ours == pytest.approx(hf, abs=1e-4), (ours, hf)
+    assert {"math", "code"} == set(r["domains"]), r["domains"]  # both teachers scored some samples
+    assert 0 < r["metrics"]["cross/teacher_tokens_per_student_token"] < 0.95  # the code samples' teacher
+
+
 def test_cross_teacher_is_refused_where_expert_groups_span_replicas():
     from megatron_opd.config import load_config
     from megatron_opd.trainer import check_cross_layout

@@ -5,7 +5,8 @@ batch, scoring and update, without a rollout engine (rank 0 prints one JSON line
   rendered by the student's chat template, half stopped on the student's end-of-turn, half cut at the cap;
 - the teacher's log-prob of each whole response, summed over the student's positions, against
   transformers' own forward of the teacher's HF checkpoint on the text re-rendered with the teacher's
-  tokenizer and chat template in this file (float64);
+  tokenizer and chat template in this file (float64); with several teachers, each sample's own (routed by
+  its domain);
 - with --compare-same (a teacher with the student's tokenizer): the same step scored the same-tokenizer
   way (the student's ids as they are); the loss and every gradient must be equal.
 """
@@ -38,7 +39,7 @@ def canonical_generate(self, samples, first_index, step=0):
                 response_ids=ids, response_logprobs=[-1.0 - 0.01 * i for i in range(len(ids))],
                 finish_reason="stop" if stopped else "length", text="")
             batch.samples.append(sample)
-            GENERATED.append((s["prompt"], sample))
+            GENERATED.append((s["prompt"], s["domain"], sample))
     return batch
 
 
@@ -81,12 +82,14 @@ def main():
             ours = []
             for mb in micro:
                 ours += (mb.teacher_logprobs.double() * mb.mask).sum(1).tolist()
-            path = cfg.teachers[0].checkpoint
-            teacher_tok = AutoTokenizer.from_pretrained(path)
             student_tok = AutoTokenizer.from_pretrained(cfg.student.checkpoint)
-            model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+            by_domain = {t.domain: t.checkpoint for t in cfg.teachers}  # one teacher: {None: its path}
+            loaded = {path: (AutoTokenizer.from_pretrained(path),
+                             AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32))
+                      for path in by_domain.values()}
             rows = []
-            for prompt, s in GENERATED:
+            for prompt, domain, s in GENERATED:
+                teacher_tok, model = loaded[by_domain[domain] if len(by_domain) > 1 else cfg.teachers[0].checkpoint]
                 stopped = s.finish_reason == "stop"
                 text = student_tok.decode(s.response_ids[:-1] if stopped else s.response_ids)
                 rendered = teacher_tok.apply_chat_template([{"role": "user", "content": prompt}],
@@ -98,7 +101,8 @@ def main():
                     lp = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)  # [S-1, V]
                 rows.append(lp.gather(1, ids[0, 1:, None])[len(p_ids) - 1:, 0].sum().item())
             # micro-batches may order rows differently: compare the sorted per-sequence values
-            result.update({"teacher_seq_logprob": sorted(ours), "teacher_seq_logprob_hf": sorted(rows)})
+            result.update({"teacher_seq_logprob": sorted(ours), "teacher_seq_logprob_hf": sorted(rows),
+                           "domains": [d for _, d, _ in GENERATED]})
         if dist.get_rank() == 0:
             print(json.dumps({"cross_step": result}), flush=True)
     finally:
