@@ -94,6 +94,24 @@ def test_same_tokenizer_gives_one_token_spans_and_the_same_ids(tokenizers):
     assert qwen.decode(v.prompt_ids) == "<|im_start|>user\nWhat is 47 + 385?<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_a_teacher_tokenizer_that_rewrites_the_text_leaves_that_sample_out(tokenizers):
+    """A normalizer (here: lower-casing) makes the teacher's tokens spell another text: no offsets are
+    shared, so the sample has no span at all (its tokens leave the loss) instead of a wrong alignment."""
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    qwen, llama = tokenizers
+    backend = llama.backend_tokenizer.__class__.from_str(llama.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.Lowercase()
+    lowering = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eot_id|>")
+    lowering.chat_template = llama.chat_template
+    cross = CrossTokenizer(qwen, lowering)
+    ids = qwen("The answer is 12")["input_ids"] + [qwen.eos_token_id]
+    v = cross.view("q", ids, stopped=True)
+    assert v.student_span == [-1] * len(ids) and v.response_ids == [] and v.n_spans == 0
+    assert min(cross.view("q", qwen("the answer is 12")["input_ids"], stopped=False).student_span) == 0
+
+
 def test_non_byte_level_tokenizer_is_refused(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
