@@ -156,7 +156,6 @@ def build_cross_tokenizers(cfg: OPDConfig, models: RunModels, system_prompt: Opt
     from transformers import AutoTokenizer
 
     from megatron_opd.cross_tokenizer import CrossTokenizer
-    from megatron_opd.rollout.engine import chat_template_kwargs
 
     out = []
     for i, (t, ckpt) in enumerate(zip(cfg.teachers, models.teachers)):
@@ -164,8 +163,7 @@ def build_cross_tokenizers(cfg: OPDConfig, models: RunModels, system_prompt: Opt
             out.append(None)
             continue
         cross = CrossTokenizer(AutoTokenizer.from_pretrained(str(models.student.path)),
-                               AutoTokenizer.from_pretrained(str(ckpt.path)), chat_template_kwargs(cfg.rollout),
-                               system_prompt)
+                               AutoTokenizer.from_pretrained(str(ckpt.path)), cfg.rollout, system_prompt)
         if parallel.launched_rank() == 0:
             print(f"[megatron_opd] teachers[{i}].tokenizer=cross: "
                   + ("it has the student's vocabulary; responses are re-tokenized anyway (one-token spans "

@@ -32,6 +32,7 @@ Llama 3, DeepSeek, GPT-2 families), whose tokens map to exact bytes; others are 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -128,33 +129,31 @@ class TeacherView:
 class CrossTokenizer:
     """Renders a student sample for a teacher with another tokenizer and aligns the two tokenizations."""
 
-    def __init__(self, student_tokenizer, teacher_tokenizer, chat_kwargs: Optional[dict] = None,
-                 system_prompt: Optional[str] = None):
+    def __init__(self, student_tokenizer, teacher_tokenizer, rollout=None, system_prompt: Optional[str] = None):
+        """`rollout`: the run's `config.RolloutConfig` (its chat-template variables; None: the defaults)."""
+        from megatron_opd.config import RolloutConfig
+
         self.student, self.teacher = student_tokenizer, teacher_tokenizer
         self.student_bytes, self.teacher_bytes = TokenBytes(student_tokenizer), TokenBytes(teacher_tokenizer)
-        self.chat_kwargs, self.system_prompt = dict(chat_kwargs or {}), system_prompt
+        self.rollout, self.system_prompt = rollout or RolloutConfig(), system_prompt
         if teacher_tokenizer.eos_token_id is None:
             raise ValueError(f"teacher tokenizer {teacher_tokenizer.name_or_path!r} has no eos_token: "
                              "tokenizer: cross pairs the student's stop token with the teacher's end of turn")
         self.student_stops = set(student_tokenizer.all_special_ids)
-        self._prompts: dict = {}
+        # a prompt's rollout.n samples render it once (keyed by its JSON: text or a message list)
+        self._render = functools.lru_cache(maxsize=4096)(self._render_prompt)
 
     def same_vocabulary(self) -> bool:
         return self.student.get_vocab() == self.teacher.get_vocab()
 
-    def prompt_ids(self, prompt) -> list[int]:
-        """The prompt through the teacher's chat template (the last step's prompts cached: a prompt's
-        rollout.n samples render it once)."""
-        from megatron_opd.rollout.engine import chat_messages
+    def _render_prompt(self, key: str) -> tuple[int, ...]:
+        from megatron_opd.rollout.engine import chat_prompt_ids
 
-        key = json.dumps(prompt)
-        if key not in self._prompts:
-            if len(self._prompts) > 4096:
-                self._prompts.clear()
-            ids = self.teacher.apply_chat_template(chat_messages(prompt, self.system_prompt),
-                                                   add_generation_prompt=True, tokenize=True, **self.chat_kwargs)
-            self._prompts[key] = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return list(self._prompts[key])
+        return tuple(chat_prompt_ids(self.teacher, [json.loads(key)], self.rollout, self.system_prompt)[0])
+
+    def prompt_ids(self, prompt) -> list[int]:
+        """The prompt through the teacher's chat template, with its generation prompt."""
+        return list(self._render(json.dumps(prompt)))
 
     def view(self, prompt, response_ids: Sequence[int], stopped: bool) -> TeacherView:
         """`prompt`: the data's prompt (text or messages); `response_ids`: the student's sampled tokens;

@@ -56,7 +56,8 @@ class StudyModel:
     sft_tokenizer: str = "qwen"
     """Tokenizer of an `sft_error_rate` model: "qwen" (the demo's), "llama" or "llama_digits" (another
     vocabulary size, merge list, special tokens and chat template; numbers merged, or one token per digit
-    with merges across spaces and punctuation: `data.tokenizer.train_tokenizer`). A teacher whose tokenizer differs from the student's is passed with
+    with merges across spaces and punctuation: `data.tokenizer.train_tokenizer`). A model trained from it
+    (`start`) keeps it. A teacher whose tokenizer differs from the student's is passed with
     `tokenizer: cross`."""
 
     start: Optional[str] = None
@@ -406,6 +407,11 @@ class Study:
         tmp.rename(out)  # last: an interrupted export leaves no model that looks finished
         return out
 
+    def tokenizer_of(self, name: str) -> str:
+        """The tokenizer style of a study model (a model trained by a run keeps its start's)."""
+        m = self.cfg.models[name]
+        return self.tokenizer_of(m.start) if m.start is not None else m.sft_tokenizer
+
     # ---- evaluation of fixed models
     def data_overrides(self, seed: int) -> List[str]:
         c = self.cfg
@@ -431,8 +437,9 @@ class Study:
         c = self.cfg
         run_dir = self.out / "runs" / method.name / f"seed{seed}"
         done = run_dir / "study_run.json"
+
         def tokenizer(t):  # a teacher with another tokenizer than the student's: the cross-tokenizer path
-            return ", tokenizer: cross" if c.models[t].sft_tokenizer != c.models["student"].sft_tokenizer else ""
+            return ", tokenizer: cross" if self.tokenizer_of(t) != self.tokenizer_of("student") else ""
 
         teachers = ", ".join(
             f"{{checkpoint: {self.paths[t]}{tokenizer(t)}" + (f", domain: {method.domains[i]}}}" if method.domains else "}")

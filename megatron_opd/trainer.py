@@ -327,7 +327,6 @@ class OPDTrainer:
         plan = plan_micro_batches(lengths, train.mini_batches, train.micro_batch_size,
                                   train.max_tokens_per_micro_batch)
         micro = []
-        routed = len(self.teachers) > 1 and not self.experts_span_replicas
         for m, mini in enumerate(plan):
             for rows in mini:
                 idx = torch.tensor(rows)
@@ -340,9 +339,10 @@ class OPDTrainer:
                 teacher_rows = tuple((teacher_index == k).nonzero().squeeze(1) for k in range(len(self.teachers)))
                 views = ()
                 if any(self.cross):  # each cross-tokenizer teacher's forward batch of the rows it scores
-                    views = tuple(
-                        None if c is None else self._cross_rows(batch, k, idx[teacher_rows[k]] if routed else idx, width)
-                        for k, c in enumerate(self.cross))
+                    # (the rows routed to it: check_cross_layout refuses every-teacher-scores-every-row)
+                    views = tuple(None if c is None or not len(teacher_rows[k]) else
+                                  self._cross_rows(batch, k, idx[teacher_rows[k]], width)
+                                  for k, c in enumerate(self.cross))
                 positions = ()
                 if len(self.teachers) > 1:  # each teacher's response positions among the micro-batch's n
                     position_teacher = teacher_index[mask.nonzero()[:, 0]]  # [n]
@@ -839,16 +839,18 @@ def make_step_batch(result, samples, rewards, teacher_domains, pad_id, max_len,
 
 
 def cross_views(result, samples, index: torch.Tensor, cross: Sequence, response_mask: torch.Tensor):
-    """Every sample as each cross-tokenizer teacher sees it (per teacher a list, or None), and the
-    metrics. Masks out (in place) the student tokens that have no span with their own teacher."""
+    """Each sample as its own (routed) teacher sees it where that teacher has another tokenizer: per
+    teacher a list over the samples (None for the samples routed elsewhere), or None for a teacher with
+    the student's tokenizer; and the metrics. Masks out (in place) the student tokens without a span."""
     start = time.perf_counter()
-    views = tuple(None if c is None else [c.view(samples[s.prompt_index]["prompt"], s.response_ids,
-                                                 s.finish_reason == "stop") for s in result.samples]
-                  for c in cross)
+    routed_to = index.tolist()
+    views = tuple(None if c is None else [
+        c.view(samples[s.prompt_index]["prompt"], s.response_ids, s.finish_reason == "stop")
+        if routed_to[r] == k else None for r, s in enumerate(result.samples)] for k, c in enumerate(cross))
     elapsed = time.perf_counter() - start
     student = teacher = spans = unaligned = 0
     prompt_lengths = [len(s.prompt_ids) for s in result.samples]
-    for r, k in enumerate(index.tolist()):
+    for r, k in enumerate(routed_to):
         if views[k] is None:
             continue
         v = views[k][r]

@@ -20,7 +20,7 @@ CHAT_TEMPLATE = (
 )
 
 # A Llama-3-like family for cross-tokenizer tests and studies: other special tokens, another chat
-# template, numbers merged (not one token per digit), another vocabulary size.
+# template, another vocabulary size (styles "llama" and "llama_digits", `train_tokenizer`).
 LLAMA_SPECIAL_TOKENS = ["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 LLAMA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
