@@ -94,11 +94,11 @@ class DemoConfig:
         return cls(**kwargs)
 
 
-def demo_spec(name: str, hidden: int, vocab_size: int) -> ModelSpec:
-    """A small Qwen3: 4 layers, heads of width 32 (the smallest vLLM's CPU attention supports) in
-    2 KV groups (divisible by TP = 2)."""
+def demo_spec(name: str, hidden: int, vocab_size: int, layers: int = 4) -> ModelSpec:
+    """A small Qwen3: 4 layers (the demo's), heads of width 32 (the smallest vLLM's CPU attention
+    supports) in 2 KV groups (divisible by TP = 2)."""
     return ModelSpec(
-        name=name, architecture="qwen3", vocab_size=vocab_size, hidden_size=hidden, num_layers=4,
+        name=name, architecture="qwen3", vocab_size=vocab_size, hidden_size=hidden, num_layers=layers,
         num_attention_heads=max(2, hidden // 32), num_query_groups=2, head_dim=32,
         ffn_hidden_size=3 * hidden,
         rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,

@@ -51,7 +51,11 @@ class StudyModel:
     two-domain student, e.g. the start of domain teachers; the mistake is each task's typical one)."""
 
     sft_hidden: Optional[int] = None
-    """Width of an `sft_error_rate` model (default: the demo student's)."""
+    """Width of an `sft_error_rate` model (default: the demo student's); a multiple of 64 (heads of width
+    32 in 2 KV groups)."""
+
+    sft_layers: int = 4
+    """Depth of an `sft_error_rate` model (the demo's models have 4 layers)."""
 
     sft_tokenizer: str = "qwen"
     """Tokenizer of an `sft_error_rate` model: "qwen" (the demo's), "llama" or "llama_digits" (another
@@ -92,9 +96,15 @@ class StudyModel:
 
         if self.sft_tokenizer not in TOKENIZER_STYLES:
             raise ValueError(f"study.models.{name}.sft_tokenizer={self.sft_tokenizer!r}: use one of {TOKENIZER_STYLES}")
-        if (self.sft_tokenizer != "qwen" or self.sft_hidden is not None) and self.sft_error_rate is None:
-            raise ValueError(f"study.models.{name}.sft_tokenizer / sft_hidden are read only with sft_error_rate "
-                             "(a model the study builds by SFT); remove them")
+        if (self.sft_tokenizer != "qwen" or self.sft_hidden is not None or self.sft_layers != 4) \
+                and self.sft_error_rate is None:
+            raise ValueError(f"study.models.{name}.sft_tokenizer / sft_hidden / sft_layers are read only with "
+                             "sft_error_rate (a model the study builds by SFT); remove them")
+        if self.sft_hidden is not None and (self.sft_hidden < 64 or self.sft_hidden % 64):
+            raise ValueError(f"study.models.{name}.sft_hidden={self.sft_hidden}: use a multiple of 64 (heads of "
+                             "width 32 in 2 KV groups)")
+        if self.sft_layers < 1:
+            raise ValueError(f"study.models.{name}.sft_layers={self.sft_layers} must be >= 1")
 
 
 @dataclass
@@ -143,6 +153,49 @@ class StudyMethod:
             raise ValueError(f"{where}: several teachers need `domains`")
 
 
+CLAIM_KINDS = ("better", "faster", "above_model")
+
+
+@dataclass
+class StudyClaim:
+    """A paper's claim, checked on the study's numbers at its end (a verdict with the numbers behind it)."""
+
+    claim: str
+    """The claim in words, with its source (e.g. "ExOPD (lambda 1.25) beats OPD strong-to-weak (G-OPD Table 3)")."""
+
+    kind: str
+    """"better": `method`'s final accuracy above `baseline`'s (a method) — yes when their mean +- std intervals
+    over seeds are apart, no when apart the other way, else within noise; "faster": `method` reaches
+    `baseline`'s (a method's) final mean accuracy `at_least` times sooner than `baseline` does (steps of the
+    mean curves); "above_model": `method`'s final accuracy above a fixed study model's (`baseline`, e.g. the
+    teacher), by the same rule as "better"."""
+
+    method: str
+    """The method the claim is about."""
+
+    baseline: str
+    """What it is compared with: a method ("better", "faster") or a study model ("above_model")."""
+
+    at_least: Optional[float] = None
+    """"faster": the claimed ratio's low end (REOPOLD: 6.7x the sample efficiency of RL); yes at or above it,
+    partly when faster but below it."""
+
+    def validate(self, methods: List[str], models: List[str]) -> None:
+        where = f"study.claims[{self.method}: {self.kind}]"
+        if self.kind not in CLAIM_KINDS:
+            raise ValueError(f"{where}.kind={self.kind!r}: use one of {CLAIM_KINDS}")
+        if self.method not in methods:
+            raise ValueError(f"{where}.method={self.method!r}: name one of the methods {methods}")
+        pool, what = (models, "study.models") if self.kind == "above_model" else (methods, "the methods")
+        if self.baseline not in pool:
+            raise ValueError(f"{where}.baseline={self.baseline!r}: name one of {what} {pool}")
+        if (self.at_least is not None) != (self.kind == "faster"):
+            raise ValueError(f"{where}.at_least is the claimed ratio of a \"faster\" claim: set it there (> 1), "
+                             "and only there")
+        if self.at_least is not None and self.at_least <= 1:
+            raise ValueError(f"{where}.at_least={self.at_least} must be > 1 (how many times sooner)")
+
+
 @dataclass
 class StudyConfig:
     """A grid of methods x seeds with one student, data and budget."""
@@ -174,6 +227,11 @@ class StudyConfig:
     steps_to_teacher: List[str] = field(default_factory=lambda: ["opd", "grpo"])
     """Two methods whose steps-to-threshold are compared (the ratio is second / first); [] = none."""
 
+    reference_method: Optional[str] = None
+    """A method (e.g. "grpo") whose final mean accuracy is every method's target: each row gets the steps its
+    mean curve needs to reach it and the reference's own steps to it over those (a sample-efficiency ratio at
+    equal samples per step; measured at `eval_every` resolution)."""
+
     common_overrides: List[str] = field(default_factory=list)
     """key=value overrides given to every run (e.g. optim.lr)."""
 
@@ -188,6 +246,10 @@ class StudyConfig:
 
     methods: List[StudyMethod] = field(default_factory=list)
     """The grid's rows."""
+
+    claims: List[StudyClaim] = field(default_factory=list)
+    """Papers' claims checked at the study's end: each gets a verdict and its numbers (results "claims",
+    study_table.md, the printed lines `claim: ...`)."""
 
     def __post_init__(self):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -209,6 +271,11 @@ class StudyConfig:
         if self.steps_to_teacher and (len(self.steps_to_teacher) != 2 or set(self.steps_to_teacher) - set(names)):
             raise ValueError(f"study.steps_to_teacher={self.steps_to_teacher}: name two of the methods {names} "
                              "(or [] for none)")
+        for claim in self.claims:
+            claim.validate(names, sorted(self.models))
+        if self.reference_method is not None and self.reference_method not in names:
+            raise ValueError(f"study.reference_method={self.reference_method!r}: name one of the methods {names} "
+                             "(or null for none)")
 
     @classmethod
     def load(cls, path: str, overrides: Optional[List[str]] = None) -> "StudyConfig":
@@ -232,7 +299,11 @@ class StudyConfig:
         for m in raw.pop("methods", None) or []:
             _refuse_unknown(f"study.methods[{m.get('name')}]", m, StudyMethod)
             methods.append(StudyMethod(**m))
-        return cls(models=models, methods=methods, **raw)
+        claims = []
+        for m in raw.pop("claims", None) or []:
+            _refuse_unknown(f"study.claims[{m.get('method')}]", m, StudyClaim)
+            claims.append(StudyClaim(**m))
+        return cls(models=models, methods=methods, claims=claims, **raw)
 
 
 def _refuse_unknown(where: str, raw: dict, cls) -> None:
@@ -289,6 +360,48 @@ def aggregate_method(curves: Dict[int, List[tuple[int, float, float]]], target: 
 def steps_to_match(curve: List[dict], target: float) -> Optional[int]:
     """First step of a mean curve (aggregate_method's "curve") whose mean accuracy is >= target."""
     return steps_to_reach([(p["step"], p["acc_mean"]) for p in curve], target)
+
+
+def reach_ratio(curve: List[dict], reference_curve: List[dict], target: float) -> dict:
+    """Steps of a mean curve (aggregate_method's "curve") to reach `target`, the reference curve's steps to
+    it, and their ratio (reference / this: how many times sooner). A method that is there at its first
+    evaluation after step 0 may be faster still: the ratio is then a lower bound (`lower_bound`)."""
+    steps, ref = steps_to_match(curve, target), steps_to_match(reference_curve, target)
+    first = min((p["step"] for p in curve if p["step"] > 0), default=None)
+    ratio = ref / steps if steps and ref is not None else None
+    return {"target": target, "steps": steps, "reference_steps": ref, "ratio": ratio,
+            "lower_bound": steps is not None and steps == first}
+
+
+def verdict_better(a: List[float], b: List[float]) -> dict:
+    """Is `a` (one accuracy per seed) above `b` (per seed, the same seeds)? "yes" when the mean +- std
+    intervals are apart, "no" when they are apart the other way, "within noise" when they overlap."""
+    ma, sa = mean_std(a)
+    mb, sb = mean_std(b)
+    verdict = "yes" if ma - sa > mb + sb else "no" if ma + sa < mb - sb else "within noise"
+    above = sum(x > y for x, y in zip(a, b))
+    return {"verdict": verdict, "diff": ma - mb, "seeds_above": above,
+            "text": f"{ma:.3f} ± {sa:.3f} vs {mb:.3f} ± {sb:.3f} ({ma - mb:+.3f}; above in {above}/{len(a)} seeds)"}
+
+
+def verdict_faster(reach: dict, at_least: float) -> dict:
+    """A `reach_ratio` against a claimed ratio: "yes" at or above it, "partly" when sooner but by less,
+    "no" when not sooner or never, "undecided" when only a lower bound below the claim is known."""
+    t, s, ref, ratio = reach["target"], reach["steps"], reach["reference_steps"], reach["ratio"]
+    if s is None:
+        return {"verdict": "no", "text": f"never reached {t:.3f} (the baseline's final accuracy)"}
+    if s == 0:
+        return {"verdict": "undefined", "text": f"at {t:.3f} before training (step 0)"}
+    if ref is None:  # a mean final accuracy the mean curve never met: cannot happen for the curve's own end
+        return {"verdict": "undefined", "text": f"the baseline's mean curve never met {t:.3f}"}
+    text = f"reaches {t:.3f} at step {s} vs the baseline's {ref}: {'>= ' if reach['lower_bound'] else ''}{ratio:.2f}x"
+    if ratio >= at_least:
+        verdict = "yes"
+    elif reach["lower_bound"]:
+        verdict, text = "undecided", text + f" (there by its first evaluation: evaluate more often to test {at_least}x)"
+    else:
+        verdict = "partly" if ratio > 1 else "no"
+    return {"verdict": verdict, "text": text + f" (claimed >= {at_least}x)"}
 
 
 def domain_accuracies(metrics: dict) -> Dict[str, float]:
@@ -382,7 +495,8 @@ class Study:
 
                 tok_dir = self.out / "models" / f"tokenizer_{m.sft_tokenizer}"
                 vocab = ((len(train_tokenizer(tok_dir, style=m.sft_tokenizer)) + 63) // 64) * 64
-            return build_sft_model(demo_spec(f"study-{name}", m.sft_hidden or dcfg.student_hidden, vocab),
+            return build_sft_model(demo_spec(f"study-{name}", m.sft_hidden or dcfg.student_hidden, vocab,
+                                             layers=m.sft_layers),
                                    tok_dir, self.out / "models" / name, m.sft_steps,
                                    dcfg.sft_batch_size, dcfg.digits, m.sft_seed, error_rate=m.sft_error_rate,
                                    task=m.sft_task)
@@ -470,13 +584,16 @@ class Study:
         t0 = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
         self.build_models()
-        used = sorted({t for m in c.methods for t in [*m.teachers, *([m.reference] if m.reference else [])]}
-                      | ({"teacher"} & set(c.models)) - {"student"})
+        used = sorted(({t for m in c.methods for t in [*m.teachers, *([m.reference] if m.reference else [])]}
+                       | ({"teacher"} & set(c.models))
+                       | {cl.baseline for cl in c.claims if cl.kind == "above_model"}) - {"student"})
         # each fixed model at every seed's sampling: its accuracy carries the same noise as the runs'
         evals = {name: [self.evaluate_model(name, seed) for seed in c.seeds] for name in ["student", *used]}
         model_acc, model_acc_std, model_domain_acc, model_domain_acc_std = {}, {}, {}, {}
+        model_acc_per_seed = {}
         for name, runs in evals.items():
-            model_acc[name], model_acc_std[name] = mean_std([e["eval/accuracy"] for e in runs])
+            model_acc_per_seed[name] = [e["eval/accuracy"] for e in runs]
+            model_acc[name], model_acc_std[name] = mean_std(model_acc_per_seed[name])
             doms = [domain_accuracies(e) for e in runs]
             for d in sorted(doms[0]):
                 m, sd = mean_std([x[d] for x in doms])
@@ -500,7 +617,7 @@ class Study:
                               for t, d in zip(method.teachers, method.domains)}
                 rows[method.name]["domains"] = aggregate_domains(finals, teacher_of)
             # rewritten after every method: an interrupted study still has the rows it finished
-            results = self.summarise(model_acc, rows)
+            results = self.summarise(model_acc, rows, model_acc_per_seed)
             results["model_acc_std"] = model_acc_std
             if model_domain_acc:
                 results.update(model_domain_acc=model_domain_acc, model_domain_acc_std=model_domain_acc_std)
@@ -509,11 +626,18 @@ class Study:
             self.write(results)
         return results
 
-    def summarise(self, model_acc: dict, rows: dict) -> dict:
+    def summarise(self, model_acc: dict, rows: dict, model_acc_per_seed: Optional[dict] = None) -> dict:
         c = self.cfg
         pct = round(c.threshold * 100)
         out = {"model_acc": model_acc, "seeds": c.seeds, "steps": c.steps, "eval_size": c.eval_size,
                "eval_samples": c.eval_samples, "threshold": c.threshold, "methods": rows}
+        ref = rows.get(c.reference_method)
+        if ref is not None:
+            # ERPD's x axis is updates on one fixed batch, not steps of the same samples: not compared
+            out["reference"] = {"method": c.reference_method, "target": ref["final_acc_mean"], "methods": {
+                name: reach_ratio(r["curve"], ref["curve"], ref["final_acc_mean"])
+                for name, r in rows.items() if r["command"] != "erpd"}}
+        out["claims"] = [self.check_claim(claim, rows, model_acc_per_seed or {}) for claim in c.claims]
         if not c.steps_to_teacher:
             return out
         first, second = c.steps_to_teacher
@@ -531,6 +655,21 @@ class Study:
         if at:
             out[f"steps_ratio_{second}_over_{first}_at_{second}_final_acc"] = rows[second]["curve"][-1]["step"] / at
         return out
+
+    @staticmethod
+    def check_claim(claim: StudyClaim, rows: dict, model_acc_per_seed: dict) -> dict:
+        out = {"claim": claim.claim, "kind": claim.kind, "method": claim.method, "baseline": claim.baseline}
+        baselines = model_acc_per_seed if claim.kind == "above_model" else rows
+        if claim.method not in rows or claim.baseline not in baselines:
+            return {**out, "verdict": "pending", "text": "not run yet"}
+        row = rows[claim.method]
+        if claim.kind == "faster":
+            base = rows[claim.baseline]
+            reach = reach_ratio(row["curve"], base["curve"], base["final_acc_mean"])
+            return {**out, **reach, **verdict_faster(reach, claim.at_least)}
+        baseline = (model_acc_per_seed[claim.baseline] if claim.kind == "above_model"
+                    else rows[claim.baseline]["final_acc_per_seed"])
+        return {**out, **verdict_better(row["final_acc_per_seed"], baseline)}
 
     def write(self, results: dict) -> None:
         (self.out / "study_results.json").write_text(json.dumps(results, indent=2))
@@ -588,14 +727,23 @@ def results_table(results: dict) -> str:
              "| model | accuracy |", "|---|---|"]
     std = results.get("model_acc_std", {})  # absent in results written before fixed models had every seed
     lines += [f"| {k} | {v:.3f}" + (f" ± {std[k]:.3f} |" if k in std else " |") for k, v in results["model_acc"].items()]
-    lines += ["", f"| method | final accuracy | at step | steps to {pct}% of teacher | train wall s |",
-              "|---|---|---|---|---|"]
+    ref = results.get("reference")
+    ref_head = (f" steps to {ref['method']}'s final {ref['target']:.3f} ({ref['method']}'s steps / these) |"
+                if ref else "")
+    lines += ["", f"| method | final accuracy | at step | steps to {pct}% of teacher |{ref_head} train wall s |",
+              "|---|---|---|---|---|" + ("---|" if ref else "")]
     for name, r in results["methods"].items():
         last = r["curve"][-1] if r["curve"] else {"step": "-", "wall_s": float("nan")}
         s = r["steps_to_target"]
         reach = f"{s:.0f}" if s is not None else f"not reached ({r['seeds_reaching_target']}/{len(r['seeds'])} seeds)"
-        lines.append(f"| {name} | {r['final_acc_mean']:.3f} ± {r['final_acc_std']:.3f} | {last['step']} | {reach} | "
-                     f"{last['wall_s']:.0f} |")
+        cell = ""
+        if ref:
+            rr = ref["methods"].get(name)
+            cell = (" - (another budget) |" if rr is None else " not reached |" if rr["steps"] is None else
+                    f" {rr['steps']} (" + ("undefined" if rr["ratio"] is None else
+                                            f"{'>= ' if rr['lower_bound'] else ''}{rr['ratio']:.2f}x") + ") |")
+        lines.append(f"| {name} | {r['final_acc_mean']:.3f} ± {r['final_acc_std']:.3f} | {last['step']} | {reach} |"
+                     f"{cell} {last['wall_s']:.0f} |")
     with_domains = {n: r["domains"] for n, r in results["methods"].items() if r.get("domains")}
     if with_domains:
         lines += ["", "Per domain (final accuracy; a multi-teacher method against each teacher in its domain):", "",
@@ -610,6 +758,9 @@ def results_table(results: dict) -> str:
                 else:
                     vs = "| - | - | - |"
                 lines.append(f"| {name} | {d} | {r['acc_mean']:.3f} ± {r['acc_std']:.3f} {vs}")
+    if results.get("claims"):
+        lines += ["", "| claim | verdict | numbers |", "|---|---|---|"]
+        lines += [f"| {cl['claim']} | **{cl['verdict']}** | {cl['text']} |" for cl in results["claims"]]
     if results.get("model_domain_acc"):
         doms = sorted({d for accs in results["model_domain_acc"].values() for d in accs})
         lines += ["", "| model | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
@@ -702,5 +853,12 @@ def run_study(cfg: StudyConfig) -> dict:
     for k, v in results.items():
         if k.startswith((f"steps_to_{pct}pct_teacher", "steps_for_", "steps_ratio_")):
             print(f"{k}: {v}")
+    ref = results.get("reference")
+    for name, rr in (ref or {}).get("methods", {}).items():
+        ratio = "" if rr["ratio"] is None else f" ({'>= ' if rr['lower_bound'] else ''}{rr['ratio']:.2f}x)"
+        print(f"steps_to_{ref['method']}_final_acc_{name}: {rr['steps'] if rr['steps'] is not None else 'not reached'}"
+              f"{ratio}")
+    for cl in results.get("claims", []):
+        print(f"claim: {cl['claim']} -> {cl['verdict']}: {cl['text']}")
     print(f"study_seconds: {results['study_seconds']}")
     return results

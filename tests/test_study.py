@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from megatron_opd.study import (Study, StudyConfig, aggregate_domains, aggregate_method, domain_accuracies,
-                                mean_std, read_domain_curves, results_table, steps_ratio, steps_to_match,
-                                steps_to_reach)
+                                mean_std, reach_ratio, read_domain_curves, results_table, steps_ratio,
+                                steps_to_match, steps_to_reach, verdict_better, verdict_faster)
 from mopd_testing import REPO_ROOT
 
 
@@ -48,6 +48,72 @@ def test_steps_ratio_says_what_was_not_reached():
     assert ratio is None and text.startswith("> 10.0")
     assert steps_ratio(None, 40.0, 200)[0] is None
     assert steps_ratio(0.0, 40.0, 200)[1].startswith("undefined")
+
+
+def _curve(*points):
+    return [{"step": s, "acc_mean": a} for s, a in points]
+
+
+def test_reach_ratio_and_verdict_faster_by_hand():
+    grpo = _curve((0, 0.2), (10, 0.22), (20, 0.25), (30, 0.3), (40, 0.31))
+    opd = _curve((0, 0.2), (10, 0.26), (20, 0.31), (30, 0.5), (40, 0.6))
+    r = reach_ratio(opd, grpo, 0.31)  # GRPO's final: there at 40; OPD at 20
+    assert (r["steps"], r["reference_steps"], r["ratio"], r["lower_bound"]) == (20, 40, 2.0, False)
+    assert verdict_faster(r, 6.7)["verdict"] == "partly" and verdict_faster(r, 2.0)["verdict"] == "yes"
+    assert "2.00x" in verdict_faster(r, 2.0)["text"]
+    # there by the first evaluation: only a lower bound (4x here), below the claim -> undecided, above -> yes
+    fast = reach_ratio(_curve((0, 0.2), (10, 0.4), (20, 0.5)), grpo, 0.31)
+    assert fast["lower_bound"] and fast["ratio"] == 4.0
+    assert verdict_faster(fast, 6.7)["verdict"] == "undecided" and ">= 4.00x" in verdict_faster(fast, 6.7)["text"]
+    assert verdict_faster(fast, 3.0)["verdict"] == "yes"
+    # slower, never, or already there at step 0
+    slow = reach_ratio(_curve((0, 0.2), (10, 0.2), (20, 0.2), (30, 0.2), (40, 0.35)), grpo, 0.31)
+    assert slow["ratio"] == 1.0 and verdict_faster(slow, 6.7)["verdict"] == "no"
+    never = reach_ratio(_curve((0, 0.2), (40, 0.3)), grpo, 0.31)
+    assert never["steps"] is None and verdict_faster(never, 6.7)["verdict"] == "no"
+    assert verdict_faster(reach_ratio(_curve((0, 0.5), (10, 0.6)), grpo, 0.31), 6.7)["verdict"] == "undefined"
+
+
+def test_verdict_better_by_hand():
+    # means 0.5 and 0.4, stds 0.02 and 0.01 (hand-computed): intervals [0.48, 0.52] and [0.39, 0.41] apart
+    r = verdict_better([0.48, 0.5, 0.52], [0.39, 0.4, 0.41])
+    assert r["verdict"] == "yes" and r["diff"] == pytest.approx(0.1) and r["seeds_above"] == 3
+    assert r["text"] == "0.500 ± 0.020 vs 0.400 ± 0.010 (+0.100; above in 3/3 seeds)"
+    assert verdict_better([0.39, 0.4, 0.41], [0.48, 0.5, 0.52])["verdict"] == "no"
+    # means 0.45 vs 0.40 but stds 0.07 and 0.01: [0.38, 0.52] overlaps [0.39, 0.41]; seed 1 below
+    r = verdict_better([0.38, 0.45, 0.52], [0.39, 0.4, 0.41])
+    assert r["verdict"] == "within noise" and r["seeds_above"] == 2
+
+
+def test_claims_and_reference_method_in_the_summary_and_table(tmp_path):
+    raw = _study_dict(out_dir=str(tmp_path), reference_method="grpo", claims=[
+        {"claim": "OPD beats GRPO", "kind": "better", "method": "opd", "baseline": "grpo"},
+        {"claim": "OPD is 5x faster than GRPO", "kind": "faster", "method": "opd", "baseline": "grpo", "at_least": 5},
+        {"claim": "OPD passes its teacher", "kind": "above_model", "method": "opd", "baseline": "teacher"}])
+    raw["methods"].append({"name": "erpd", "recipe": "configs/recipes/erpd_demo.yaml", "command": "erpd",
+                           "teachers": []})
+    study = Study(StudyConfig.from_dict(raw))
+    opd = aggregate_method({1: [(0, 0.0, 0.2), (10, 1.0, 0.3), (20, 2.0, 0.5)],
+                            2: [(0, 0.0, 0.2), (10, 1.0, 0.32), (20, 2.0, 0.52)]}, 0.9)
+    grpo = aggregate_method({1: [(0, 0.0, 0.2), (10, 1.0, 0.25), (20, 2.0, 0.3)],
+                             2: [(0, 0.0, 0.2), (10, 1.0, 0.24), (20, 2.0, 0.32)]}, 0.9)
+    erpd = aggregate_method({1: [(0, 0.0, 0.2), (56, 9.0, 0.25)], 2: [(0, 0.0, 0.2), (56, 9.0, 0.26)]}, 0.9)
+    rows = {"opd": {"command": "train", **opd}, "grpo": {"command": "train", **grpo}, "erpd": {"command": "erpd", **erpd}}
+    out = study.summarise({"student": 0.2, "teacher": 0.8}, rows, {"student": [0.2, 0.2], "teacher": [0.79, 0.81]})
+    ref = out["reference"]
+    assert ref["target"] == pytest.approx(0.31) and set(ref["methods"]) == {"opd", "grpo"}  # ERPD: another budget
+    assert ref["methods"]["opd"]["steps"] == 10 and ref["methods"]["grpo"]["steps"] == 20
+    assert ref["methods"]["opd"]["ratio"] == 2.0 and ref["methods"]["opd"]["lower_bound"]
+    better, faster, above = out["claims"]
+    assert better["verdict"] == "yes" and better["text"].startswith("0.510 ± 0.014 vs 0.310 ± 0.014")
+    assert faster["verdict"] == "undecided" and faster["steps"] == 10
+    assert above["verdict"] == "no" and "vs 0.800 ± 0.014" in above["text"]
+    # a claim whose methods have not run yet
+    assert study.summarise({}, {"opd": rows["opd"]}, {})["claims"][0]["verdict"] == "pending"
+    table = results_table({**out, "model_acc_std": {"student": 0.0, "teacher": 0.014}})
+    assert "| opd | 0.510 ± 0.014 | 20 | not reached (0/2 seeds) | 10 (>= 2.00x) | 2 |" in table
+    assert "| erpd | 0.255 ± 0.007 | 56 | not reached (0/2 seeds) | - (another budget) | 9 |" in table
+    assert "| OPD beats GRPO | **yes** | 0.510 ± 0.014 vs 0.310 ± 0.014 (+0.200; above in 2/2 seeds) |" in table
 
 
 def test_domain_accuracies_and_curves_read_the_per_domain_keys(tmp_path):
@@ -106,6 +172,23 @@ def _study_dict(**kw):
     ({"models": {"student": {"demo": "student_base", "sft_task": "mixed"}, "teacher": {"demo": "teacher"}}},
      "study.models.student.sft_task is read only with sft_error_rate"),
     ({"lr": 1e-3}, r"study: unknown field\(s\) \['lr'\]"),
+    ({"models": {"student": {"demo": "student_base", "sft_layers": 8}, "teacher": {"demo": "teacher"}}},
+     "sft_layers are read only with sft_error_rate"),
+    ({"models": {"student": {"sft_error_rate": 0.1, "sft_hidden": 96}, "teacher": {"demo": "teacher"}}},
+     "study.models.student.sft_hidden=96: use a multiple of 64"),
+    ({"reference_method": "ppo"}, "study.reference_method='ppo'"),
+    ({"claims": [{"claim": "x", "kind": "cheaper", "method": "opd", "baseline": "grpo"}]},
+     r"study.claims\[opd: cheaper\].kind"),
+    ({"claims": [{"claim": "x", "kind": "better", "method": "opd", "baseline": "teacher"}]},
+     r"baseline='teacher': name one of the methods"),
+    ({"claims": [{"claim": "x", "kind": "above_model", "method": "opd", "baseline": "grpo"}]},
+     r"baseline='grpo': name one of study.models"),
+    ({"claims": [{"claim": "x", "kind": "faster", "method": "opd", "baseline": "grpo"}]},
+     r"at_least is the claimed ratio"),
+    ({"claims": [{"claim": "x", "kind": "better", "method": "opd", "baseline": "grpo", "at_least": 2}]},
+     r"at_least is the claimed ratio"),
+    ({"claims": [{"claim": "x", "kind": "better", "method": "opd", "baseline": "grpo", "verdict": "yes"}]},
+     r"study.claims\[opd\]: unknown field\(s\) \['verdict'\]"),
     ({"models": {"teacher": {"demo": "teacher"}}}, "study.models needs `student`"),
     ({"models": {"student": {"demo": "student_base"}, "teacher": {"demo": "teacher", "sft_error_rate": 0.1}}},
      "study.models.teacher: set exactly one"),
@@ -144,7 +227,7 @@ def test_a_finished_run_made_with_other_settings_is_refused_not_reused(tmp_path)
     assert study.run_method(method, 1) == {"curve": [(0, 0.0, 0.1)], "domain_curve": {}}
 
 
-@pytest.mark.parametrize("name", ["small", "domains"])
+@pytest.mark.parametrize("name", ["small", "domains", "cross_tokenizer", "async", "bf16", "strong_to_weak"])
 def test_shipped_study_configs_load(name):
     cfg = StudyConfig.load(str(REPO_ROOT / "configs" / "studies" / f"{name}.yaml"))
     assert len(cfg.seeds) >= 3 and cfg.eval_size >= 256
@@ -162,6 +245,11 @@ eval_every: 1
 eval_size: 4
 eval_samples: 1
 steps_to_teacher: [opd, exopd_rc]
+reference_method: exopd_rc
+claims:
+  - {{claim: "ExOPD with reward correction beats OPD", kind: better, method: exopd_rc, baseline: opd}}
+  - {{claim: "OPD reaches exopd_rc's final accuracy 2x sooner", kind: faster, method: opd, baseline: exopd_rc, at_least: 2}}
+  - {{claim: "ERPD improves on the student", kind: above_model, method: erpd, baseline: student}}
 common_overrides: [train.prompts_per_step=4, rollout.max_new_tokens=8, train.micro_batch_size=4,
                    optim.lr_warmup_steps=0, train.save_every=1, data.synthetic=mixed]
 models:
@@ -225,6 +313,10 @@ def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path):
     assert "steps_to_90pct_teacher_opd" in results and "steps_to_90pct_teacher_exopd_rc" in results
     assert "steps_to_90pct_teacher_opd:" in proc.stdout and "steps_for_opd_to_reach_exopd_rc_final_acc" in results
     assert (out / "study.png").stat().st_size > 0 and "| opd |" in (out / "study_table.md").read_text()
+    # every row but ERPD's (another budget) against exopd_rc's final accuracy; a verdict per claim
+    assert set(results["reference"]["methods"]) == {"opd", "exopd_rc", "multi_exopd"}
+    assert [c["verdict"] != "pending" for c in results["claims"]] == [True, True, True]
+    assert "claim: ERPD improves on the student -> " in proc.stdout and "steps_to_exopd_rc_final_acc_opd:" in proc.stdout
 
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
