@@ -787,14 +787,17 @@ def plot_study(results: dict, path: Path) -> None:
             line, = ax.plot(x, m, marker="o", ms=3, label=name)
             ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
                             color=line.get_color(), alpha=0.15)
+    ref = results.get("reference")
     for ax, label in ((axes[0], "optimizer step"), (axes[1], "training wall time (s)")):
         ax.axhline(results["model_acc"].get("teacher", float("nan")), color="k", ls="--", lw=1)
+        if ref:
+            ax.axhline(ref["target"], color="gray", ls=":", lw=1)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out accuracy (mean ± std over seeds)")
     axes[0].set_ylim(0, 1.02)
     axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("megatron_opd study (dashed: teacher)")
+    fig.suptitle("megatron_opd study (dashed: teacher" + (f"; dotted: {ref['method']}'s final accuracy)" if ref else ")"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from megatron_opd.study import (Study, StudyConfig, aggregate_domains, aggregate_method, domain_accuracies,
-                                mean_std, reach_ratio, read_domain_curves, results_table, steps_ratio,
+                                mean_std, plot_study, reach_ratio, read_domain_curves, results_table, steps_ratio,
                                 steps_to_match, steps_to_reach, verdict_better, verdict_faster)
 from mopd_testing import REPO_ROOT
 
@@ -114,6 +114,8 @@ def test_claims_and_reference_method_in_the_summary_and_table(tmp_path):
     assert "| opd | 0.510 ± 0.014 | 20 | not reached (0/2 seeds) | 10 (>= 2.00x) | 2 |" in table
     assert "| erpd | 0.255 ± 0.007 | 56 | not reached (0/2 seeds) | - (another budget) | 9 |" in table
     assert "| OPD beats GRPO | **yes** | 0.510 ± 0.014 vs 0.310 ± 0.014 (+0.200; above in 2/2 seeds) |" in table
+    plot_study(out, tmp_path / "study.png")  # GRPO's final accuracy drawn as the target line
+    assert (tmp_path / "study.png").stat().st_size > 0
 
 
 def test_domain_accuracies_and_curves_read_the_per_domain_keys(tmp_path):
