@@ -861,6 +861,7 @@ def run_study(cfg: StudyConfig) -> dict:
         ratio = "" if rr["ratio"] is None else f" ({'>= ' if rr['lower_bound'] else ''}{rr['ratio']:.2f}x)"
         print(f"steps_to_{ref['method']}_final_acc_{name}: {rr['steps'] if rr['steps'] is not None else 'not reached'}"
               f"{ratio}")
+    print("\n" + results_table(results))  # the same table as <out_dir>/study_table.md
     for cl in results.get("claims", []):
         print(f"claim: {cl['claim']} -> {cl['verdict']}: {cl['text']}")
     print(f"study_seconds: {results['study_seconds']}")

@@ -318,6 +318,7 @@ def test_tiny_study_end_to_end_then_resumes_without_rerunning(tmp_path):
     # every row but ERPD's (another budget) against exopd_rc's final accuracy; a verdict per claim
     assert set(results["reference"]["methods"]) == {"opd", "exopd_rc", "multi_exopd"}
     assert [c["verdict"] != "pending" for c in results["claims"]] == [True, True, True]
+    assert "| ExOPD with reward correction beats OPD | **" in proc.stdout  # the table, then the verdicts
     assert "claim: ERPD improves on the student -> " in proc.stdout and "steps_to_exopd_rc_final_acc_opd:" in proc.stdout
 
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
