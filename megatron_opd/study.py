@@ -271,11 +271,18 @@ class StudyConfig:
         if self.steps_to_teacher and (len(self.steps_to_teacher) != 2 or set(self.steps_to_teacher) - set(names)):
             raise ValueError(f"study.steps_to_teacher={self.steps_to_teacher}: name two of the methods {names} "
                              "(or [] for none)")
+        # ERPD's curve is in updates on one fixed batch, not steps of the same samples: no step comparisons
+        stepped = [m.name for m in self.methods if m.command != "erpd"]
+        if self.claims and len(self.seeds) < 2:
+            raise ValueError(f"study.claims need >= 2 seeds for a verdict against the noise (seeds={self.seeds})")
         for claim in self.claims:
             claim.validate(names, sorted(self.models))
-        if self.reference_method is not None and self.reference_method not in names:
-            raise ValueError(f"study.reference_method={self.reference_method!r}: name one of the methods {names} "
-                             "(or null for none)")
+            if claim.kind == "faster" and {claim.method, claim.baseline} - set(stepped):
+                raise ValueError(f"study.claims[{claim.method}: faster]: compares steps to a target; name methods "
+                                 f"trained in steps of the same samples ({stepped}), not ERPD's")
+        if self.reference_method is not None and self.reference_method not in stepped:
+            raise ValueError(f"study.reference_method={self.reference_method!r}: name one of the methods trained in "
+                             f"steps of the same samples {stepped} (or null for none)")
 
     @classmethod
     def load(cls, path: str, overrides: Optional[List[str]] = None) -> "StudyConfig":
@@ -300,6 +307,8 @@ class StudyConfig:
             _refuse_unknown(f"study.methods[{m.get('name')}]", m, StudyMethod)
             methods.append(StudyMethod(**m))
         claims = []
+        if not isinstance(raw.get("claims") or [], list):
+            raise ValueError("study.claims: give a list of {claim, kind, method, baseline[, at_least]}")
         for m in raw.pop("claims", None) or []:
             _refuse_unknown(f"study.claims[{m.get('method')}]", m, StudyClaim)
             claims.append(StudyClaim(**m))
@@ -346,7 +355,8 @@ def aggregate_method(curves: Dict[int, List[tuple[int, float, float]]], target: 
         accs = [next(a for s, _, a in curves[k] if s == step) for k in seeds]
         walls = [next(w for s, w, _ in curves[k] if s == step) for k in seeds]
         m, sd = mean_std(accs)
-        curve.append({"step": step, "wall_s": mean_std(walls)[0], "acc_mean": m, "acc_std": sd})
+        curve.append({"step": step, "wall_s": mean_std(walls)[0], "acc_mean": m, "acc_std": sd,
+                      "acc_per_seed": accs})
     final = [max(curves[k])[2] for k in seeds]
     reached = [steps_to_reach([(s, a) for s, _, a in curves[k]], target) for k in seeds]
     done = [r for r in reached if r is not None]
@@ -364,18 +374,38 @@ def steps_to_match(curve: List[dict], target: float) -> Optional[int]:
 
 def reach_ratio(curve: List[dict], reference_curve: List[dict], target: float) -> dict:
     """Steps of a mean curve (aggregate_method's "curve") to reach `target`, the reference curve's steps to
-    it, and their ratio (reference / this: how many times sooner). A method that is there at its first
-    evaluation after step 0 may be faster still: the ratio is then a lower bound (`lower_bound`)."""
+    it, and their ratio (reference / this: how many times sooner), with the bounds the evaluation interval
+    leaves: each curve crossed `target` after its previous evaluation, so the ratio lies in
+    [(ref_prev + 1) / steps, ref / (prev + 1)]. Also each seed's steps to `target` (its own curve)."""
     steps, ref = steps_to_match(curve, target), steps_to_match(reference_curve, target)
-    first = min((p["step"] for p in curve if p["step"] > 0), default=None)
-    ratio = ref / steps if steps and ref is not None else None
-    return {"target": target, "steps": steps, "reference_steps": ref, "ratio": ratio,
-            "lower_bound": steps is not None and steps == first}
+
+    def previous(points, step):
+        return max((p["step"] for p in points if p["step"] < step), default=0)
+
+    out = {"target": target, "steps": steps, "reference_steps": ref, "ratio": None, "ratio_low": None,
+           "ratio_high": None, "steps_per_seed": None}
+    if curve and "acc_per_seed" in curve[0]:
+        out["steps_per_seed"] = [steps_to_reach([(p["step"], p["acc_per_seed"][i]) for p in curve], target)
+                                 for i in range(len(curve[0]["acc_per_seed"]))]
+    if steps and ref is not None:
+        out.update(ratio=ref / steps, ratio_low=(previous(reference_curve, ref) + 1) / steps,
+                   ratio_high=ref / (previous(curve, steps) + 1))
+    return out
+
+
+def format_ratio(reach: dict) -> str:
+    """"5.00x (4.55-9.09x)": the ratio at the evaluated steps and the bounds of the evaluation interval."""
+    if reach["ratio"] is None:
+        return "undefined"
+    return f"{reach['ratio']:.2f}x ({reach['ratio_low']:.2f}-{reach['ratio_high']:.2f}x)"
 
 
 def verdict_better(a: List[float], b: List[float]) -> dict:
-    """Is `a` (one accuracy per seed) above `b` (per seed, the same seeds)? "yes" when the mean +- std
-    intervals are apart, "no" when they are apart the other way, "within noise" when they overlap."""
+    """Is `a` (one accuracy per seed) above `b` (per seed, the same seeds in the same order)? "yes" when the
+    mean +- std intervals are apart, "no" when they are apart the other way, "within noise" when they
+    overlap."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"verdict_better: two equal-length per-seed lists of >= 2 seeds (got {len(a)}, {len(b)})")
     ma, sa = mean_std(a)
     mb, sb = mean_std(b)
     verdict = "yes" if ma - sa > mb + sb else "no" if ma + sa < mb - sb else "within noise"
@@ -385,23 +415,29 @@ def verdict_better(a: List[float], b: List[float]) -> dict:
 
 
 def verdict_faster(reach: dict, at_least: float) -> dict:
-    """A `reach_ratio` against a claimed ratio: "yes" at or above it, "partly" when sooner but by less,
-    "no" when not sooner or never, "undecided" when only a lower bound below the claim is known."""
-    t, s, ref, ratio = reach["target"], reach["steps"], reach["reference_steps"], reach["ratio"]
+    """A `reach_ratio` against a claimed ratio: "yes" when even its lower bound is at or above the claim;
+    "partly" when even its upper bound is below the claim but the method is surely sooner (lower bound > 1);
+    "no" when the upper bound is below the claim otherwise, or the target is never reached; "undecided" when
+    the bounds straddle the claim (evaluate more often); "undefined" when the method is at the target
+    before training, or the baseline's mean curve never meets it."""
+    t, s, ref = reach["target"], reach["steps"], reach["reference_steps"]
     if s is None:
         return {"verdict": "no", "text": f"never reached {t:.3f} (the baseline's final accuracy)"}
     if s == 0:
         return {"verdict": "undefined", "text": f"at {t:.3f} before training (step 0)"}
-    if ref is None:  # a mean final accuracy the mean curve never met: cannot happen for the curve's own end
+    if ref is None:  # seeds evaluated at different last steps: the mean final is not a point of the mean curve
         return {"verdict": "undefined", "text": f"the baseline's mean curve never met {t:.3f}"}
-    text = f"reaches {t:.3f} at step {s} vs the baseline's {ref}: {'>= ' if reach['lower_bound'] else ''}{ratio:.2f}x"
-    if ratio >= at_least:
+    lo, hi = reach["ratio_low"], reach["ratio_high"]
+    per_seed = reach.get("steps_per_seed")
+    text = (f"reaches {t:.3f} at step {s} vs the baseline's {ref}: {format_ratio(reach)}"
+            + (f"; per seed at steps {per_seed}" if per_seed else "") + f" (claimed >= {at_least}x)")
+    if lo >= at_least:
         verdict = "yes"
-    elif reach["lower_bound"]:
-        verdict, text = "undecided", text + f" (there by its first evaluation: evaluate more often to test {at_least}x)"
+    elif hi < at_least:
+        verdict = "partly" if lo > 1 else "no"
     else:
-        verdict = "partly" if ratio > 1 else "no"
-    return {"verdict": verdict, "text": text + f" (claimed >= {at_least}x)"}
+        verdict = "undecided"
+    return {"verdict": verdict, "text": text}
 
 
 def domain_accuracies(metrics: dict) -> Dict[str, float]:
@@ -592,8 +628,8 @@ class Study:
         model_acc, model_acc_std, model_domain_acc, model_domain_acc_std = {}, {}, {}, {}
         model_acc_per_seed = {}
         for name, runs in evals.items():
-            model_acc_per_seed[name] = [e["eval/accuracy"] for e in runs]
-            model_acc[name], model_acc_std[name] = mean_std(model_acc_per_seed[name])
+            model_acc_per_seed[name] = {seed: e["eval/accuracy"] for seed, e in zip(c.seeds, runs)}
+            model_acc[name], model_acc_std[name] = mean_std(list(model_acc_per_seed[name].values()))
             doms = [domain_accuracies(e) for e in runs]
             for d in sorted(doms[0]):
                 m, sd = mean_std([x[d] for x in doms])
@@ -667,9 +703,10 @@ class Study:
             base = rows[claim.baseline]
             reach = reach_ratio(row["curve"], base["curve"], base["final_acc_mean"])
             return {**out, **reach, **verdict_faster(reach, claim.at_least)}
-        baseline = (model_acc_per_seed[claim.baseline] if claim.kind == "above_model"
-                    else rows[claim.baseline]["final_acc_per_seed"])
-        return {**out, **verdict_better(row["final_acc_per_seed"], baseline)}
+        # per seed, in the method's (sorted) seed order: "above in k/n seeds" pairs the same seed's runs
+        base = (model_acc_per_seed[claim.baseline] if claim.kind == "above_model"
+                else dict(zip(rows[claim.baseline]["seeds"], rows[claim.baseline]["final_acc_per_seed"])))
+        return {**out, **verdict_better(row["final_acc_per_seed"], [base[seed] for seed in row["seeds"]])}
 
     def write(self, results: dict) -> None:
         (self.out / "study_results.json").write_text(json.dumps(results, indent=2))
@@ -728,8 +765,8 @@ def results_table(results: dict) -> str:
     std = results.get("model_acc_std", {})  # absent in results written before fixed models had every seed
     lines += [f"| {k} | {v:.3f}" + (f" ± {std[k]:.3f} |" if k in std else " |") for k, v in results["model_acc"].items()]
     ref = results.get("reference")
-    ref_head = (f" steps to {ref['method']}'s final {ref['target']:.3f} ({ref['method']}'s steps / these) |"
-                if ref else "")
+    ref_head = (f" steps to {ref['method']}'s final {ref['target']:.3f}: {ref['method']}'s steps / these "
+                f"(bounds of the evaluation interval) |" if ref else "")
     lines += ["", f"| method | final accuracy | at step | steps to {pct}% of teacher |{ref_head} train wall s |",
               "|---|---|---|---|---|" + ("---|" if ref else "")]
     for name, r in results["methods"].items():
@@ -739,9 +776,8 @@ def results_table(results: dict) -> str:
         cell = ""
         if ref:
             rr = ref["methods"].get(name)
-            cell = (" - (another budget) |" if rr is None else " not reached |" if rr["steps"] is None else
-                    f" {rr['steps']} (" + ("undefined" if rr["ratio"] is None else
-                                            f"{'>= ' if rr['lower_bound'] else ''}{rr['ratio']:.2f}x") + ") |")
+            cell = (" - (another budget) |" if rr is None else " (reference) |" if name == ref["method"] else
+                    " not reached |" if rr["steps"] is None else f" {rr['steps']}: {format_ratio(rr)} |")
         lines.append(f"| {name} | {r['final_acc_mean']:.3f} ± {r['final_acc_std']:.3f} | {last['step']} | {reach} |"
                      f"{cell} {last['wall_s']:.0f} |")
     with_domains = {n: r["domains"] for n, r in results["methods"].items() if r.get("domains")}
@@ -760,7 +796,7 @@ def results_table(results: dict) -> str:
                 lines.append(f"| {name} | {d} | {r['acc_mean']:.3f} ± {r['acc_std']:.3f} {vs}")
     if results.get("claims"):
         lines += ["", "| claim | verdict | numbers |", "|---|---|---|"]
-        lines += [f"| {cl['claim']} | **{cl['verdict']}** | {cl['text']} |" for cl in results["claims"]]
+        lines += [f"| {cl['claim'].replace('|', '/')} | **{cl['verdict']}** | {cl['text']} |" for cl in results["claims"]]
     if results.get("model_domain_acc"):
         doms = sorted({d for accs in results["model_domain_acc"].values() for d in accs})
         lines += ["", "| model | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
@@ -858,7 +894,7 @@ def run_study(cfg: StudyConfig) -> dict:
             print(f"{k}: {v}")
     ref = results.get("reference")
     for name, rr in (ref or {}).get("methods", {}).items():
-        ratio = "" if rr["ratio"] is None else f" ({'>= ' if rr['lower_bound'] else ''}{rr['ratio']:.2f}x)"
+        ratio = "" if rr["ratio"] is None else f" ({format_ratio(rr)})"
         print(f"steps_to_{ref['method']}_final_acc_{name}: {rr['steps'] if rr['steps'] is not None else 'not reached'}"
               f"{ratio}")
     print("\n" + results_table(results))  # the same table as <out_dir>/study_table.md

@@ -57,21 +57,29 @@ def _curve(*points):
 def test_reach_ratio_and_verdict_faster_by_hand():
     grpo = _curve((0, 0.2), (10, 0.22), (20, 0.25), (30, 0.3), (40, 0.31))
     opd = _curve((0, 0.2), (10, 0.26), (20, 0.31), (30, 0.5), (40, 0.6))
-    r = reach_ratio(opd, grpo, 0.31)  # GRPO's final: there at 40; OPD at 20
-    assert (r["steps"], r["reference_steps"], r["ratio"], r["lower_bound"]) == (20, 40, 2.0, False)
-    assert verdict_faster(r, 6.7)["verdict"] == "partly" and verdict_faster(r, 2.0)["verdict"] == "yes"
-    assert "2.00x" in verdict_faster(r, 2.0)["text"]
-    # there by the first evaluation: only a lower bound (4x here), below the claim -> undecided, above -> yes
+    # GRPO's final 0.31: GRPO there at 40 (crossed in 31..40), OPD at 20 (crossed in 11..20)
+    r = reach_ratio(opd, grpo, 0.31)
+    assert (r["steps"], r["reference_steps"], r["ratio"]) == (20, 40, 2.0)
+    assert (r["ratio_low"], r["ratio_high"]) == (31 / 20, 40 / 11)
+    assert verdict_faster(r, 6.7)["verdict"] == "partly"  # surely sooner (> 1.55x), surely below 6.7x (< 3.64x)
+    assert verdict_faster(r, 1.5)["verdict"] == "yes"  # even the lower bound 1.55 is above 1.5
+    assert verdict_faster(r, 3.0)["verdict"] == "undecided"  # 1.55..3.64 straddles 3
+    assert "2.00x (1.55-3.64x)" in verdict_faster(r, 3.0)["text"]
+    # there by the first evaluation: 31/10 .. 40/1
     fast = reach_ratio(_curve((0, 0.2), (10, 0.4), (20, 0.5)), grpo, 0.31)
-    assert fast["lower_bound"] and fast["ratio"] == 4.0
-    assert verdict_faster(fast, 6.7)["verdict"] == "undecided" and ">= 4.00x" in verdict_faster(fast, 6.7)["text"]
+    assert (fast["ratio_low"], fast["ratio_high"]) == (3.1, 40.0) and verdict_faster(fast, 6.7)["verdict"] == "undecided"
     assert verdict_faster(fast, 3.0)["verdict"] == "yes"
-    # slower, never, or already there at step 0
+    # as slow as GRPO (bounds 31/40 .. 40/31 around 1, below the claim), never, or already there at step 0
     slow = reach_ratio(_curve((0, 0.2), (10, 0.2), (20, 0.2), (30, 0.2), (40, 0.35)), grpo, 0.31)
     assert slow["ratio"] == 1.0 and verdict_faster(slow, 6.7)["verdict"] == "no"
     never = reach_ratio(_curve((0, 0.2), (40, 0.3)), grpo, 0.31)
     assert never["steps"] is None and verdict_faster(never, 6.7)["verdict"] == "no"
     assert verdict_faster(reach_ratio(_curve((0, 0.5), (10, 0.6)), grpo, 0.31), 6.7)["verdict"] == "undefined"
+    # each seed's own curve: seed 1 there at 10, seed 2 at 20
+    per_seed = [{"step": 0, "acc_mean": 0.2, "acc_per_seed": [0.2, 0.2]},
+                {"step": 10, "acc_mean": 0.28, "acc_per_seed": [0.33, 0.23]},
+                {"step": 20, "acc_mean": 0.4, "acc_per_seed": [0.4, 0.4]}]
+    assert reach_ratio(per_seed, grpo, 0.31)["steps_per_seed"] == [10, 20]
 
 
 def test_verdict_better_by_hand():
@@ -99,23 +107,36 @@ def test_claims_and_reference_method_in_the_summary_and_table(tmp_path):
                              2: [(0, 0.0, 0.2), (10, 1.0, 0.24), (20, 2.0, 0.32)]}, 0.9)
     erpd = aggregate_method({1: [(0, 0.0, 0.2), (56, 9.0, 0.25)], 2: [(0, 0.0, 0.2), (56, 9.0, 0.26)]}, 0.9)
     rows = {"opd": {"command": "train", **opd}, "grpo": {"command": "train", **grpo}, "erpd": {"command": "erpd", **erpd}}
-    out = study.summarise({"student": 0.2, "teacher": 0.8}, rows, {"student": [0.2, 0.2], "teacher": [0.79, 0.81]})
+    out = study.summarise({"student": 0.2, "teacher": 0.8}, rows,
+                          {"student": {1: 0.2, 2: 0.2}, "teacher": {2: 0.81, 1: 0.79}})
     ref = out["reference"]
     assert ref["target"] == pytest.approx(0.31) and set(ref["methods"]) == {"opd", "grpo"}  # ERPD: another budget
     assert ref["methods"]["opd"]["steps"] == 10 and ref["methods"]["grpo"]["steps"] == 20
-    assert ref["methods"]["opd"]["ratio"] == 2.0 and ref["methods"]["opd"]["lower_bound"]
+    assert (ref["methods"]["opd"]["ratio_low"], ref["methods"]["opd"]["ratio_high"]) == (1.1, 20.0)
     better, faster, above = out["claims"]
     assert better["verdict"] == "yes" and better["text"].startswith("0.510 ± 0.014 vs 0.310 ± 0.014")
-    assert faster["verdict"] == "undecided" and faster["steps"] == 10
+    assert faster["verdict"] == "undecided" and faster["steps"] == 10 and faster["steps_per_seed"] == [20, 10]  # seed 1: 0.30 at step 10
     assert above["verdict"] == "no" and "vs 0.800 ± 0.014" in above["text"]
     # a claim whose methods have not run yet
     assert study.summarise({}, {"opd": rows["opd"]}, {})["claims"][0]["verdict"] == "pending"
     table = results_table({**out, "model_acc_std": {"student": 0.0, "teacher": 0.014}})
-    assert "| opd | 0.510 ± 0.014 | 20 | not reached (0/2 seeds) | 10 (>= 2.00x) | 2 |" in table
+    assert "| opd | 0.510 ± 0.014 | 20 | not reached (0/2 seeds) | 10: 2.00x (1.10-20.00x) | 2 |" in table
+    assert "| grpo | 0.310 ± 0.014 | 20 | not reached (0/2 seeds) | (reference) | 2 |" in table
     assert "| erpd | 0.255 ± 0.007 | 56 | not reached (0/2 seeds) | - (another budget) | 9 |" in table
     assert "| OPD beats GRPO | **yes** | 0.510 ± 0.014 vs 0.310 ± 0.014 (+0.200; above in 2/2 seeds) |" in table
     plot_study(out, tmp_path / "study.png")  # GRPO's final accuracy drawn as the target line
     assert (tmp_path / "study.png").stat().st_size > 0
+
+
+def test_claims_pair_each_seed_with_the_same_seed():
+    """Seeds listed out of order: a fixed model's evaluations are keyed by seed, a method's rows are sorted."""
+    row = {"command": "train", **aggregate_method({3: [(0, 0.0, 0.9)], 1: [(0, 0.0, 0.1)], 2: [(0, 0.0, 0.5)]}, 1.0)}
+    claim = StudyConfig.from_dict(_study_dict(seeds=[3, 1, 2], claims=[
+        {"claim": "c", "kind": "above_model", "method": "opd", "baseline": "student"}])).claims[0]
+    r = Study.check_claim(claim, {"opd": row}, {"student": {3: 0.85, 1: 0.05, 2: 0.45}})
+    assert r["seeds_above"] == 3  # each seed above its own evaluation by 0.05 (unpaired it would be 1/3)
+    with pytest.raises(ValueError, match="equal-length per-seed lists of >= 2 seeds"):
+        verdict_better([0.5], [0.4])
 
 
 def test_domain_accuracies_and_curves_read_the_per_domain_keys(tmp_path):
@@ -189,6 +210,16 @@ def _study_dict(**kw):
      r"at_least is the claimed ratio"),
     ({"claims": [{"claim": "x", "kind": "better", "method": "opd", "baseline": "grpo", "at_least": 2}]},
      r"at_least is the claimed ratio"),
+    ({"seeds": [1], "claims": [{"claim": "x", "kind": "better", "method": "opd", "baseline": "grpo"}]},
+     r"study.claims need >= 2 seeds"),
+    ({"claims": {"claim": "x"}}, r"study.claims: give a list"),
+    ({"reference_method": "erpd", "steps_to_teacher": [], "methods": [
+        {"name": "opd", "recipe": "x.yaml"}, {"name": "erpd", "recipe": "y.yaml", "command": "erpd", "teachers": []}]},
+     r"study.reference_method='erpd': name one of the methods trained in steps"),
+    ({"claims": [{"claim": "x", "kind": "faster", "method": "erpd", "baseline": "opd", "at_least": 2}],
+      "steps_to_teacher": [], "methods": [
+        {"name": "opd", "recipe": "x.yaml"}, {"name": "erpd", "recipe": "y.yaml", "command": "erpd", "teachers": []}]},
+     r"study.claims\[erpd: faster\]: compares steps"),
     ({"claims": [{"claim": "x", "kind": "better", "method": "opd", "baseline": "grpo", "verdict": "yes"}]},
      r"study.claims\[opd\]: unknown field\(s\) \['verdict'\]"),
     ({"models": {"teacher": {"demo": "teacher"}}}, "study.models needs `student`"),
