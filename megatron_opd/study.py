@@ -814,13 +814,15 @@ def plot_study(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for name, r in results["methods"].items():
+    # one colour per method: past matplotlib's 10-colour cycle, 20 colours (light/dark pairs)
+    colors = plt.get_cmap("tab10" if len(results["methods"]) <= 10 else "tab20").colors
+    for i, (name, r) in enumerate(results["methods"].items()):
         xs = [p["step"] for p in r["curve"]]
         ws = [p["wall_s"] for p in r["curve"]]
         m = [p["acc_mean"] for p in r["curve"]]
         sd = [p["acc_std"] for p in r["curve"]]
         for ax, x in ((axes[0], xs), (axes[1], ws)):
-            line, = ax.plot(x, m, marker="o", ms=3, label=name)
+            line, = ax.plot(x, m, marker="o", ms=3, label=name, color=colors[i % len(colors)])
             ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
                             color=line.get_color(), alpha=0.15)
     ref = results.get("reference")
