@@ -27,6 +27,9 @@ from typing import Dict, List, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("train", "sft", "erpd")
+# commands whose curve is in optimizer steps of the same samples per step; ERPD's is in updates on one fixed
+# batch, so it takes no part in step comparisons (reference_method, "faster" claims)
+STEP_COMMANDS = ("train", "sft")
 
 
 @dataclass
@@ -164,11 +167,10 @@ class StudyClaim:
     """The claim in words, with its source (e.g. "ExOPD (lambda 1.25) beats OPD strong-to-weak (G-OPD Table 3)")."""
 
     kind: str
-    """"better": `method`'s final accuracy above `baseline`'s (a method) — yes when their mean +- std intervals
-    over seeds are apart, no when apart the other way, else within noise; "faster": `method` reaches
-    `baseline`'s (a method's) final mean accuracy `at_least` times sooner than `baseline` does (steps of the
-    mean curves); "above_model": `method`'s final accuracy above a fixed study model's (`baseline`, e.g. the
-    teacher), by the same rule as "better"."""
+    """"better": `method`'s final accuracy above `baseline`'s (a method), `verdict_better`'s rule; "faster":
+    `method` reaches `baseline`'s (a method's) final mean accuracy `at_least` times sooner than `baseline`
+    does (steps of the mean curves, with the evaluation interval's bounds: `verdict_faster`); "above_model":
+    `method`'s final accuracy above a fixed study model's (`baseline`, e.g. the student), as "better"."""
 
     method: str
     """The method the claim is about."""
@@ -177,8 +179,7 @@ class StudyClaim:
     """What it is compared with: a method ("better", "faster") or a study model ("above_model")."""
 
     at_least: Optional[float] = None
-    """"faster": the claimed ratio's low end (REOPOLD: 6.7x the sample efficiency of RL); yes at or above it,
-    partly when faster but below it."""
+    """"faster" only: the claimed ratio's low end, > 1 (REOPOLD: 6.7x the sample efficiency of RL)."""
 
     def validate(self, methods: List[str], models: List[str]) -> None:
         where = f"study.claims[{self.method}: {self.kind}]"
@@ -230,7 +231,7 @@ class StudyConfig:
     reference_method: Optional[str] = None
     """A method (e.g. "grpo") whose final mean accuracy is every method's target: each row gets the steps its
     mean curve needs to reach it and the reference's own steps to it over those (a sample-efficiency ratio at
-    equal samples per step; measured at `eval_every` resolution)."""
+    equal samples per step, with the bounds `eval_every` leaves: `reach_ratio`). Not an ERPD method."""
 
     common_overrides: List[str] = field(default_factory=list)
     """key=value overrides given to every run (e.g. optim.lr)."""
@@ -271,8 +272,7 @@ class StudyConfig:
         if self.steps_to_teacher and (len(self.steps_to_teacher) != 2 or set(self.steps_to_teacher) - set(names)):
             raise ValueError(f"study.steps_to_teacher={self.steps_to_teacher}: name two of the methods {names} "
                              "(or [] for none)")
-        # ERPD's curve is in updates on one fixed batch, not steps of the same samples: no step comparisons
-        stepped = [m.name for m in self.methods if m.command != "erpd"]
+        stepped = [m.name for m in self.methods if m.command in STEP_COMMANDS]
         if self.claims and len(self.seeds) < 2:
             raise ValueError(f"study.claims need >= 2 seeds for a verdict against the noise (seeds={self.seeds})")
         for claim in self.claims:
@@ -669,10 +669,9 @@ class Study:
                "eval_samples": c.eval_samples, "threshold": c.threshold, "methods": rows}
         ref = rows.get(c.reference_method)
         if ref is not None:
-            # ERPD's x axis is updates on one fixed batch, not steps of the same samples: not compared
             out["reference"] = {"method": c.reference_method, "target": ref["final_acc_mean"], "methods": {
                 name: reach_ratio(r["curve"], ref["curve"], ref["final_acc_mean"])
-                for name, r in rows.items() if r["command"] != "erpd"}}
+                for name, r in rows.items() if r["command"] in STEP_COMMANDS}}
         out["claims"] = [self.check_claim(claim, rows, model_acc_per_seed or {}) for claim in c.claims]
         if not c.steps_to_teacher:
             return out
